@@ -1,0 +1,38 @@
+"""trime_fairseq: memory-augmented language models as a fairseq plugin.
+
+Install torch first (the build of fairseq-fixed compiles against it), then this
+package without build isolation -- see README.md.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="trime_fairseq",
+    version="0.1.0",
+    description="TRIME, kNN-LM / kNN-MT, Transformer-XL, LaMemo, SPALM, LongMem as a fairseq plugin",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["trime_fairseq", "trime_fairseq.*"]),
+    install_requires=[
+        "fairseq-fixed==0.12.3.1",  # imports as `fairseq`; builds on Python 3.11
+        "torch>=2.0",
+        "numpy",
+        "faiss-cpu>=1.8",
+        "rank-bm25",
+        "sacrebleu",
+        "hydra-core==1.3.2",
+        "omegaconf==2.3.0",
+        "matplotlib",
+    ],
+    extras_require={
+        # official faiss GPU wheels (same API as faiss-cpu); uninstall faiss-cpu after installing
+        "gpu": ["faiss-gpu>=1.15"],
+        "test": ["pytest>=7"],
+    },
+    entry_points={
+        "console_scripts": [
+            "trime-tune = trime_fairseq.cli.tune:cli_main",
+        ],
+    },
+)

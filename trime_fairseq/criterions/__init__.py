@@ -1,0 +1,1 @@
+from trime_fairseq.criterions import trime_loss  # noqa: F401

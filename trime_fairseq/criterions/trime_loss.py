@@ -1,0 +1,159 @@
+"""``trime_loss``: TRIME's training objective with local memory (Eq. 5).
+
+For the target at position t of a segment the memory is
+{(g(c_j), x_{j+1}) : j < t in the same segment}; token logits and memory
+similarities sim(q, k) = q·k/√d share one softmax, and gradients flow into
+every memory representation. Subclasses change only which in-batch entries a
+position sees (:meth:`TrimeLoss.training_memory`).
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from fairseq import metrics, utils
+from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.dataclass import FairseqDataclass
+from omegaconf import II
+
+from trime_fairseq.memory.keys import ensure_key_capture, get_keys
+from trime_fairseq.memory.mixing import joint_target_log_prob
+from trime_fairseq.memory.sources import MemoryBatch, causal_memory, dot_scale
+from trime_fairseq.memory.token_scores import target_token_scores
+
+
+@dataclass
+class TrimeLossConfig(FairseqDataclass):
+    ce_warmup_ratio: float = field(
+        default=0.05,
+        metadata={"help": "train with plain cross-entropy for this fraction of --max-update first (paper: 0.05)"},
+    )
+    ce_warmup_updates: Optional[int] = field(
+        default=None,
+        metadata={"help": "number of cross-entropy warm-up updates; overrides --ce-warmup-ratio"},
+    )
+    max_update: int = II("optimization.max_update")
+    sentence_avg: bool = II("optimization.sentence_avg")
+
+
+@register_criterion("trime_loss", dataclass=TrimeLossConfig)
+class TrimeLoss(FairseqCriterion):
+    def __init__(self, task, ce_warmup_ratio, ce_warmup_updates, max_update, sentence_avg):
+        super().__init__(task)
+        self.sentence_avg = sentence_avg
+        self.warmup_updates = self._warmup_updates(ce_warmup_ratio, ce_warmup_updates, max_update)
+        self.num_updates = 0
+        if self.warmup_updates > 0 and not hasattr(task, "trime_memory_options"):
+            raise ValueError(
+                "the cross-entropy warm-up needs --task trime_lm (it tells the criterion the "
+                "update number); use it, or set --ce-warmup-updates 0"
+            )
+
+    @staticmethod
+    def _warmup_updates(ratio: float, updates: Optional[int], max_update: int) -> int:
+        if updates is not None:
+            if updates < 0:
+                raise ValueError(f"--ce-warmup-updates must be >= 0, got {updates}")
+            return updates
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"--ce-warmup-ratio must lie in [0, 1), got {ratio}")
+        if ratio > 0 and (max_update is None or max_update <= 0):
+            raise ValueError(
+                "--ce-warmup-ratio is a fraction of --max-update, which is not set; "
+                "set --max-update or give --ce-warmup-updates"
+            )
+        return int(round(ratio * max_update)) if ratio > 0 else 0
+
+    def set_num_updates(self, num_updates: int) -> None:
+        self.num_updates = num_updates
+
+    @property
+    def in_warmup(self) -> bool:
+        return self.training and self.num_updates < self.warmup_updates
+
+    def segments_per_stream(self, sample) -> int:
+        """How many consecutive batch rows form one memory stream (local memory: 1)."""
+        return 1
+
+    def training_memory(self, keys, target, valid, sample) -> MemoryBatch:
+        """In-batch memory for every position: MemoryBatch of shape (R, S, M).
+
+        keys: (B, T, d) g of every position; target, valid: (B, T).
+        Rows are grouped into R = B/m streams of S = m·T positions.
+        """
+        m = self.segments_per_stream(sample)
+        bsz, tsz, dim = keys.shape
+        if bsz % m != 0:
+            raise ValueError(f"batch of {bsz} segments does not split into runs of {m}")
+        shape = (bsz // m, m * tsz)
+        return causal_memory(
+            queries=keys.reshape(*shape, dim),
+            keys=keys.reshape(*shape, dim),
+            values=target.reshape(shape),
+            valid=valid.reshape(shape),
+            scale=dot_scale(dim),
+        )
+
+    def token_losses(self, model, sample):
+        """Per-position terms of one batch, each flattened to (B·T,).
+
+        Returns (trime, ce, in_memory, valid): the TRIME loss -log P(x_t),
+        the plain cross-entropy, whether the target occurs in the position's
+        memory, and whether the position has a real (non-pad) target.
+        """
+        ensure_key_capture(model)
+        net_output = model(**sample["net_input"])
+        target = model.get_targets(sample, net_output)  # (B, T)
+        valid = target.ne(self.padding_idx)
+        token_score, token_lse = target_token_scores(model.decoder, net_output, target)  # (B·T,)
+
+        memory = self.training_memory(get_keys(net_output), target, valid, sample)
+        stream_shape = memory.mask.shape[:-1]  # (R, S)
+        stream_target = target.reshape(stream_shape)
+        log_prob = joint_target_log_prob(
+            token_score.view(stream_shape),
+            token_lse.view(stream_shape),
+            memory.scores,
+            memory.values,
+            memory.mask,
+            stream_target,
+        )
+        in_memory = (memory.mask & (memory.values == stream_target.unsqueeze(-1))).any(-1)
+        return -log_prob.reshape(-1), token_lse - token_score, in_memory.reshape(-1), valid.reshape(-1)
+
+    def forward(self, model, sample, reduce=True):
+        trime, ce, in_memory, valid = self.token_losses(model, sample)
+        loss_vec = ce if self.in_warmup else trime
+        ntokens = int(valid.sum())
+        nsentences = sample["target"].size(0)
+        logging_output = {
+            "loss": loss_vec.masked_fill(~valid, 0.0).sum().data,
+            "trime_loss": trime.masked_fill(~valid, 0.0).sum().data,
+            "ce_loss": ce.masked_fill(~valid, 0.0).sum().data,
+            "in_memory": (in_memory & valid).sum().data,
+            "ntokens": ntokens,
+            "nsentences": nsentences,
+            "sample_size": nsentences if self.sentence_avg else ntokens,
+        }
+        loss = loss_vec.masked_fill(~valid, 0.0).sum()
+        return loss, logging_output["sample_size"], logging_output
+
+    @staticmethod
+    def reduce_metrics(logging_outputs) -> None:
+        def total(key):
+            return utils.item(sum(log.get(key, 0) for log in logging_outputs))
+
+        sample_size, ntokens = total("sample_size"), total("ntokens")
+        if sample_size == 0 or ntokens == 0:
+            return
+        metrics.log_scalar("loss", total("loss") / sample_size / math.log(2), sample_size, round=3)
+        metrics.log_scalar("trime_loss", total("trime_loss") / ntokens / math.log(2), ntokens, round=3)
+        metrics.log_scalar("ce_loss", total("ce_loss") / ntokens / math.log(2), ntokens, round=3)
+        metrics.log_scalar("in_memory", total("in_memory") / ntokens, ntokens, round=3)
+        metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["trime_loss"].avg))
+        metrics.log_derived("ce_ppl", lambda meters: utils.get_perplexity(meters["ce_loss"].avg))
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return True
+

@@ -1,0 +1,159 @@
+"""How memory scores are turned into next-token probabilities.
+
+Pure functions on tensors; every reduction runs in float32 log space.
+
+Shapes: ``Q`` query positions, ``M`` memory entries per query, ``V`` vocabulary.
+A memory batch for ``Q`` queries is three tensors of shape (Q, M):
+
+* ``scores``  -- similarity of the query to each entry (already scaled / tempered),
+* ``values``  -- the next-token id stored with each entry,
+* ``mask``    -- bool, True where the entry is visible to that query.
+
+Rows with no visible entry are legal everywhere: their memory terms are ``-inf``
+and every function falls back to the token distribution, with finite gradients.
+"""
+
+import math
+
+import torch
+from torch import Tensor
+
+_FLOAT32_MIN = torch.finfo(torch.float32).min
+
+
+def masked_logsumexp(scores: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
+    """log sum_{mask} exp(scores) along ``dim``; ``-inf`` where nothing is visible.
+
+    Gradients are finite (zero) for rows where nothing is visible.
+    """
+    filled = scores.float().masked_fill(~mask, _FLOAT32_MIN)
+    lse = torch.logsumexp(filled, dim=dim)
+    return lse.masked_fill(~mask.any(dim=dim), float("-inf"))
+
+
+def joint_target_log_prob(
+    token_target: Tensor,
+    token_lse: Tensor,
+    scores: Tensor,
+    values: Tensor,
+    mask: Tensor,
+    target: Tensor,
+) -> Tensor:
+    """Eq. 5 / Eq. 6 of TRIME, evaluated at the target only.
+
+    P(w) ∝ exp(token score of w) + sum_{j visible, values_j = w} exp(scores_j)
+
+    Args:
+        token_target: (Q,) unnormalised log-score of the target token (E_w·f).
+        token_lse: (Q,) log sum_w exp(token score of w).
+        scores, values, mask: (Q, M) memory batch.
+        target: (Q,) target ids.
+    Returns:
+        (Q,) float32 log P(target).
+    """
+    match = mask & (values == target.unsqueeze(-1))
+    numerator = torch.logaddexp(token_target.float(), masked_logsumexp(scores, match))
+    normaliser = torch.logaddexp(token_lse.float(), masked_logsumexp(scores, mask))
+    return numerator - normaliser
+
+
+def grouped_logsumexp(scores: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+    """(Q, M) -> (Q, M): for entry j, log sum exp(scores) over the visible entries
+    of its row that share its value (``-inf`` if none is visible).
+
+    Entries with equal values get identical results, so scattering them into a
+    (Q, V) tensor is deterministic. Works in (Q, M) space (sort + segment sum):
+    no (Q, V) buffer.
+    """
+    scores = scores.float().masked_fill(~mask, _FLOAT32_MIN)
+    row_max = scores.max(dim=-1, keepdim=True).values.clamp(min=-1e30)  # (Q, 1)
+    weights = (scores - row_max).exp() * mask  # (Q, M), exactly 0 where hidden
+    sorted_values, order = values.sort(dim=-1)
+    starts = torch.ones_like(sorted_values, dtype=torch.bool)
+    starts[:, 1:] = sorted_values[:, 1:] != sorted_values[:, :-1]
+    group = starts.long().cumsum(-1) - 1  # (Q, M) group id of each sorted entry
+    totals = torch.zeros_like(weights).scatter_add_(1, group, weights.gather(1, order))
+    per_entry = torch.empty_like(weights).scatter_(1, order, totals.gather(1, group))
+    return per_entry.log() + row_max
+
+
+def logaddexp_at(base: Tensor, values: Tensor, addend: Tensor) -> Tensor:
+    """In place: base[q, values[q, j]] <- logaddexp(base[q, values[q, j]], addend[q, j]).
+
+    ``base`` is (Q, V), ``values``/``addend`` (Q, M); ``addend`` must be equal for
+    equal values of a row (see :func:`grouped_logsumexp`). Only the memory
+    columns are touched. Returns ``base``.
+    """
+    index = values.long().clamp(min=0)
+    return base.scatter_(1, index, torch.logaddexp(base.gather(1, index), addend))
+
+
+def joint_log_probs(
+    token_scores: Tensor, token_lse: Tensor, scores: Tensor, values: Tensor, mask: Tensor
+) -> Tensor:
+    """Eq. 6 over the whole vocabulary: (Q, V) float32 log-probabilities.
+
+    ``token_lse`` is passed explicitly because ``token_scores`` may be exact only
+    at the entries a caller needs (fairseq's adaptive softmax fills only the
+    target's tail cluster when given a target).
+    """
+    normaliser = torch.logaddexp(token_lse.float(), masked_logsumexp(scores, mask)).unsqueeze(-1)
+    by_value = grouped_logsumexp(scores, values, mask)
+    return logaddexp_at(token_scores.float() - normaliser, values, by_value - normaliser)
+
+
+def interpolate_memory(log_p: Tensor, scores: Tensor, values: Tensor, mask: Tensor, lam: float) -> Tensor:
+    """log((1 - λ) p + λ q) with q the memory distribution of (scores, values, mask): (Q, V).
+
+    The memory-only form of :func:`interpolate` (continuous cache, kNN-LM):
+    q is non-zero only at memory values, so only those columns are recomputed.
+    Rows without a visible entry keep ``log_p``.
+    """
+    _check_lambda(lam)
+    log_p = log_p.float()
+    has_memory = mask.any(-1, keepdim=True)  # (Q, 1)
+    log_q = grouped_logsumexp(scores, values, mask) - masked_logsumexp(scores, mask).unsqueeze(-1)
+    base = log_p + torch.where(has_memory, _log_keep(lam), 0.0)
+    addend = torch.where(has_memory, log_q + math.log(lam) if lam > 0 else float("-inf"), float("-inf"))
+    return logaddexp_at(base, values, addend)
+
+
+def memory_log_probs(scores: Tensor, values: Tensor, mask: Tensor, num_classes: int) -> Tensor:
+    """Distribution over the memory alone (Eq. 7, kNN-LM, continuous cache): (Q, V).
+
+    Rows with no visible entry are all ``-inf``; :func:`interpolate` handles them.
+    """
+    log_q = grouped_logsumexp(scores, values, mask) - masked_logsumexp(scores, mask).unsqueeze(-1)
+    base = scores.new_full((scores.size(0), num_classes), float("-inf"), dtype=torch.float32)
+    return logaddexp_at(base, values, log_q)
+
+
+def memory_target_log_prob(scores: Tensor, values: Tensor, mask: Tensor, target: Tensor) -> Tensor:
+    """:func:`memory_log_probs` at the target only: (Q,)."""
+    match = mask & (values == target.unsqueeze(-1))
+    return masked_logsumexp(scores, match) - masked_logsumexp(scores, mask)
+
+
+def interpolate(log_p: Tensor, log_q: Tensor, lam: float, has_memory: Tensor) -> Tensor:
+    """log((1 - λ) p + λ q) in log space (Eq. 8, kNN-LM, cache).
+
+    ``log_p``/``log_q`` are (Q, ...) log-probabilities; ``has_memory`` (Q,) bool.
+    Rows without memory keep ``log_p`` unchanged (q is undefined there).
+    """
+    _check_lambda(lam)
+    log_p = log_p.float()
+    if lam == 0.0:
+        return log_p
+    mixed = torch.logaddexp(log_p + _log_keep(lam), log_q.float() + math.log(lam))
+    keep = has_memory.view(has_memory.shape + (1,) * (log_p.dim() - has_memory.dim()))
+    return torch.where(keep, mixed, log_p)
+
+
+def _check_lambda(lam: float) -> None:
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"interpolation weight λ must lie in [0, 1], got {lam}")
+
+
+def _log_keep(lam: float) -> float:
+    """log(1 - λ), -inf at λ = 1."""
+    return math.log1p(-lam) if lam < 1.0 else float("-inf")

@@ -1,0 +1,74 @@
+"""The token term of TRIME's distribution: unnormalised log-scores E_w·f.
+
+With a full softmax the scores are the output logits. fairseq's adaptive
+softmax has no single set of logits, so the token score of w is
+``log p_AS(w) + log Z_head`` (Z_head: partition function of the head
+cluster). For head words this is exactly the head logit, for tail words the
+cluster logit plus the within-cluster log-probability; the token partition
+function is Z_head. The TRIME loss and evaluation both use these definitions.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def _adaptive_softmax(decoder):
+    return getattr(decoder, "adaptive_softmax", None)
+
+
+def adaptive_target_log_prob(asm, features: Tensor, target: Tensor) -> Tuple[Tensor, Tensor]:
+    """log p_AS(target) and log Z_head for flat features (N, d), target (N,).
+
+    Differentiable; applies the adaptive softmax's dropout like its forward.
+    Targets outside the vocabulary (padding is inside) are not special-cased:
+    mask them out afterwards.
+    """
+    features = asm.dropout_module(features)
+    new_target, target_idxs = asm.adapt_target(target)
+    head = asm.head(features).float()  # (N, head_size)
+    head_lse = torch.logsumexp(head, dim=-1)
+    log_prob = head.gather(1, new_target[0].unsqueeze(1)).squeeze(1) - head_lse
+    for i, idxs in enumerate(target_idxs):
+        if idxs is None:
+            continue
+        tail = asm.tail[i](features.index_select(0, idxs)).float()
+        tail_lp = tail.log_softmax(-1).gather(1, new_target[i + 1].unsqueeze(1)).squeeze(1)
+        log_prob = log_prob.index_add(0, idxs, tail_lp)
+    return log_prob, head_lse
+
+
+def target_token_scores(decoder, net_output, target: Tensor) -> Tuple[Tensor, Tensor]:
+    """(score of the target, log-partition of the token term), both (N,) float32.
+
+    ``net_output[0]`` is (B, T, V) logits or (B, T, d) features (adaptive softmax);
+    ``target`` is (B, T). Outputs are flattened in (B, T) order.
+    """
+    x = net_output[0]
+    flat_target = target.reshape(-1)
+    asm = _adaptive_softmax(decoder)
+    if asm is not None:
+        log_prob, head_lse = adaptive_target_log_prob(asm, x.reshape(-1, x.size(-1)), flat_target)
+        return log_prob + head_lse, head_lse
+    logits = x.reshape(-1, x.size(-1)).float()
+    score = logits.gather(1, flat_target.unsqueeze(1)).squeeze(1)
+    return score, torch.logsumexp(logits, dim=-1)
+
+
+def all_token_scores(decoder, x: Tensor, target: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """(N, V) token log-scores and (N,) log-partition for flat rows of ``x``.
+
+    ``x`` is (..., V) logits or (..., d) features. With an adaptive softmax and a
+    ``target``, only the target's cluster is filled (as fairseq does); the
+    partition is exact regardless.
+    """
+    asm = _adaptive_softmax(decoder)
+    if asm is not None:
+        feats = x.reshape(1, -1, x.size(-1))
+        tgt = target.reshape(1, -1) if target is not None else None
+        log_probs = asm.get_log_prob(feats, tgt).reshape(-1, asm.vocab_size).float()
+        head_lse = torch.logsumexp(asm.head(feats.reshape(-1, x.size(-1))).float(), dim=-1)
+        return log_probs.add_(head_lse.unsqueeze(-1)), head_lse
+    logits = x.reshape(-1, x.size(-1)).float()
+    return logits, torch.logsumexp(logits, dim=-1)

@@ -1,0 +1,1 @@
+from trime_fairseq.tasks import trime_lm  # noqa: F401

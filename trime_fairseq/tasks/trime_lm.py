@@ -1,0 +1,94 @@
+"""``trime_lm``: fairseq's language_modeling plus TRIME's memory options.
+
+Training: unchanged data pipeline; tells the criterion the update number (for
+the cross-entropy warm-up) and makes every model expose its memory keys.
+
+Evaluation: ``fairseq-eval-lm --task trime_lm --eval-memory {none,trime,cache}``
+routes the model's ``get_normalized_probs`` through
+:class:`~trime_fairseq.memory.eval_memory.EvalMemory`.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from fairseq.dataclass import ChoiceEnum
+from fairseq.tasks import register_task
+from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
+
+from trime_fairseq.memory.eval_memory import MODES, EvalMemory, MemoryOptions, attach_eval_memory
+from trime_fairseq.memory.keys import ensure_key_capture
+
+_OPTIONS_OF_MODE = {
+    "none": set(),
+    "trime": {"memory_temperature"},
+    "cache": {"cache_lambda", "cache_theta", "cache_size"},
+}
+
+
+@dataclass
+class TrimeLMConfig(LanguageModelingConfig):
+    eval_memory: ChoiceEnum(list(MODES)) = field(
+        default="none",
+        metadata={
+            "help": "evaluation memory: none (plain LM), trime (Eq. 6 joint softmax over "
+            "vocabulary and memory), cache (continuous cache interpolation)"
+        },
+    )
+    memory_temperature: Optional[float] = field(
+        default=None, metadata={"help": "τ of Eq. 6 dividing memory similarities (trime; default 1.0)"}
+    )
+    cache_lambda: Optional[float] = field(
+        default=None, metadata={"help": "λ: weight of the cache distribution (cache; default 0.1)"}
+    )
+    cache_theta: Optional[float] = field(
+        default=None, metadata={"help": "θ: flatness of the cache distribution (cache; default 0.3)"}
+    )
+    cache_size: Optional[int] = field(
+        default=None, metadata={"help": "number of previous tokens in the cache (cache; default: whole input row)"}
+    )
+
+
+def memory_options(cfg) -> MemoryOptions:
+    """MemoryOptions from a task config; options that the mode does not use are an error."""
+    mode = str(getattr(cfg, "eval_memory", "none"))
+    if mode not in _OPTIONS_OF_MODE:
+        raise ValueError(f"unknown --eval-memory '{mode}', choose one of {MODES}")
+    given = {
+        name for names in _OPTIONS_OF_MODE.values() for name in names if getattr(cfg, name, None) is not None
+    }
+    unused = sorted(given - _OPTIONS_OF_MODE[mode])
+    if unused:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unused)
+        raise ValueError(f"{flags} has no effect with --eval-memory {mode}")
+    defaults = MemoryOptions()
+
+    def pick(name, default):
+        value = getattr(cfg, name, None)
+        return default if value is None else value
+
+    return MemoryOptions(
+        mode=mode,
+        temperature=pick("memory_temperature", defaults.temperature),
+        cache_lambda=pick("cache_lambda", defaults.cache_lambda),
+        cache_theta=pick("cache_theta", defaults.cache_theta),
+        cache_size=pick("cache_size", defaults.cache_size),
+    )
+
+
+@register_task("trime_lm", dataclass=TrimeLMConfig)
+class TrimeLMTask(LanguageModelingTask):
+    def __init__(self, args, dictionary, output_dictionary=None, targets=None):
+        super().__init__(args, dictionary, output_dictionary, targets)
+        self.trime_memory_options = memory_options(args)
+
+    def build_model(self, args, from_checkpoint=False):
+        model = super().build_model(args, from_checkpoint)
+        ensure_key_capture(model)
+        if self.trime_memory_options.mode != "none":
+            attach_eval_memory(model, EvalMemory(self.trime_memory_options, self.target_dictionary.pad()))
+        return model
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        if hasattr(criterion, "set_num_updates"):
+            criterion.set_num_updates(update_num)
+        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
