@@ -10,6 +10,7 @@ criteria too); the names fix the sizes the paper used.
 | trime_lm_wiki103_150m     | 150M   | 16     | 410/2100  | 10    | yes      | 150       |
 | trime_lm_wiki103_7m       | 7M     | 8      | 128/512   | 4     | yes      | 3072      |
 | trime_lm_enwik8_38m       | 38M    | 12     | 512/2048  | 8     | no       | 512       |
+| trime_lm_wikitext2_small  | ~5M    | 4      | 128/512   | 4     | yes (2k,10k) | CPU setting |
 """
 
 from fairseq.models import register_model_architecture
@@ -82,3 +83,18 @@ def trime_lm_enwik8_38m(args):
     ]:
         _set_default(args, name, value)
     base_lm_architecture(args)
+
+
+@register_model_architecture("transformer_lm", "trime_lm_wikitext2_small")
+def trime_lm_wikitext2_small(args):
+    """A small CPU setting for WikiText-2 (README quickstart, tests, docs/results.md):
+    the 7M model's shape with 4 layers and adaptive cutoffs for a 33k vocabulary."""
+    for name, value in [
+        ("decoder_layers", 4),
+        ("adaptive_input_cutoff", "2000,10000"),
+        ("adaptive_softmax_cutoff", "2000,10000"),
+        ("dropout", 0.2),
+        ("adaptive_softmax_dropout", 0.1),
+    ]:
+        _set_default(args, name, value)
+    trime_lm_wiki103_7m(args)
