@@ -6,4 +6,4 @@ the package registers its tasks, criteria and model architectures.
 
 __version__ = "0.1.0"
 
-from trime_fairseq import criterions, models, tasks  # noqa: F401,E402  (registration)
+from trime_fairseq import criterions, data, models, tasks  # noqa: F401,E402  (registration)

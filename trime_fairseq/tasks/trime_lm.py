@@ -15,6 +15,7 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 
+from trime_fairseq.data import BATCHINGS, batching_names
 from trime_fairseq.memory.eval_memory import MODES, EvalMemory, MemoryOptions, attach_eval_memory
 from trime_fairseq.memory.keys import ensure_key_capture
 
@@ -27,6 +28,11 @@ _OPTIONS_OF_MODE = {
 
 @dataclass
 class TrimeLMConfig(LanguageModelingConfig):
+    batching: str = field(
+        default="shuffled",
+        metadata={"help": "order of training segments in batches: shuffled (fairseq's default) or a "
+        "registered batching of trime_fairseq.data"},
+    )
     eval_memory: ChoiceEnum(list(MODES)) = field(
         default="none",
         metadata={
@@ -80,6 +86,14 @@ class TrimeLMTask(LanguageModelingTask):
     def __init__(self, args, dictionary, output_dictionary=None, targets=None):
         super().__init__(args, dictionary, output_dictionary, targets)
         self.trime_memory_options = memory_options(args)
+        if args.batching not in batching_names():
+            raise ValueError(f"unknown --batching '{args.batching}', choose one of {batching_names()}")
+
+    def get_batch_iterator(self, dataset, *args, **kwargs):
+        batching = BATCHINGS.get(self.cfg.batching)
+        if batching is None:
+            return super().get_batch_iterator(dataset, *args, **kwargs)
+        return batching(self, dataset, *args, **kwargs)
 
     def build_model(self, args, from_checkpoint=False):
         model = super().build_model(args, from_checkpoint)

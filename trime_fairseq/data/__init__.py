@@ -1,0 +1,24 @@
+"""Batch orders for ``trime_lm`` (``--batching NAME``).
+
+A batching is a function ``(task, dataset, **get_batch_iterator_kwargs) -> EpochBatchIterator``
+registered with :func:`register_batching`; ``shuffled`` (fairseq's own order) needs none.
+Each order lives in its own module of this package, imported below.
+"""
+
+from typing import Callable, Dict
+
+BATCHINGS: Dict[str, Callable] = {}
+
+
+def register_batching(name: str):
+    def wrap(fn):
+        if name in BATCHINGS:
+            raise ValueError(f"batching '{name}' registered twice")
+        BATCHINGS[name] = fn
+        return fn
+
+    return wrap
+
+
+def batching_names():
+    return ("shuffled",) + tuple(sorted(BATCHINGS))
