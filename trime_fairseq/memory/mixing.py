@@ -21,12 +21,17 @@ from torch import Tensor
 _FLOAT32_MIN = torch.finfo(torch.float32).min
 
 
+def fp32(x: Tensor) -> Tensor:
+    """Promote half precision to float32 for reductions (float64 stays float64)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def masked_logsumexp(scores: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
     """log sum_{mask} exp(scores) along ``dim``; ``-inf`` where nothing is visible.
 
     Gradients are finite (zero) for rows where nothing is visible.
     """
-    filled = scores.float().masked_fill(~mask, _FLOAT32_MIN)
+    filled = fp32(scores).masked_fill(~mask, _FLOAT32_MIN)
     lse = torch.logsumexp(filled, dim=dim)
     return lse.masked_fill(~mask.any(dim=dim), float("-inf"))
 
@@ -52,8 +57,8 @@ def joint_target_log_prob(
         (Q,) float32 log P(target).
     """
     match = mask & (values == target.unsqueeze(-1))
-    numerator = torch.logaddexp(token_target.float(), masked_logsumexp(scores, match))
-    normaliser = torch.logaddexp(token_lse.float(), masked_logsumexp(scores, mask))
+    numerator = torch.logaddexp(fp32(token_target), masked_logsumexp(scores, match))
+    normaliser = torch.logaddexp(fp32(token_lse), masked_logsumexp(scores, mask))
     return numerator - normaliser
 
 
@@ -65,7 +70,7 @@ def grouped_logsumexp(scores: Tensor, values: Tensor, mask: Tensor) -> Tensor:
     (Q, V) tensor is deterministic. Works in (Q, M) space (sort + segment sum):
     no (Q, V) buffer.
     """
-    scores = scores.float().masked_fill(~mask, _FLOAT32_MIN)
+    scores = fp32(scores).masked_fill(~mask, _FLOAT32_MIN)
     row_max = scores.max(dim=-1, keepdim=True).values.clamp(min=-1e30)  # (Q, 1)
     weights = (scores - row_max).exp() * mask  # (Q, M), exactly 0 where hidden
     sorted_values, order = values.sort(dim=-1)
@@ -97,9 +102,9 @@ def joint_log_probs(
     at the entries a caller needs (fairseq's adaptive softmax fills only the
     target's tail cluster when given a target).
     """
-    normaliser = torch.logaddexp(token_lse.float(), masked_logsumexp(scores, mask)).unsqueeze(-1)
+    normaliser = torch.logaddexp(fp32(token_lse), masked_logsumexp(scores, mask)).unsqueeze(-1)
     by_value = grouped_logsumexp(scores, values, mask)
-    return logaddexp_at(token_scores.float() - normaliser, values, by_value - normaliser)
+    return logaddexp_at(fp32(token_scores) - normaliser, values, by_value - normaliser)
 
 
 def interpolate_memory(log_p: Tensor, scores: Tensor, values: Tensor, mask: Tensor, lam: float) -> Tensor:
@@ -110,7 +115,7 @@ def interpolate_memory(log_p: Tensor, scores: Tensor, values: Tensor, mask: Tens
     Rows without a visible entry keep ``log_p``.
     """
     _check_lambda(lam)
-    log_p = log_p.float()
+    log_p = fp32(log_p)
     has_memory = mask.any(-1, keepdim=True)  # (Q, 1)
     log_q = grouped_logsumexp(scores, values, mask) - masked_logsumexp(scores, mask).unsqueeze(-1)
     base = log_p + torch.where(has_memory, _log_keep(lam), 0.0)
@@ -141,10 +146,10 @@ def interpolate(log_p: Tensor, log_q: Tensor, lam: float, has_memory: Tensor) ->
     Rows without memory keep ``log_p`` unchanged (q is undefined there).
     """
     _check_lambda(lam)
-    log_p = log_p.float()
+    log_p = fp32(log_p)
     if lam == 0.0:
         return log_p
-    mixed = torch.logaddexp(log_p + _log_keep(lam), log_q.float() + math.log(lam))
+    mixed = torch.logaddexp(log_p + _log_keep(lam), fp32(log_q) + math.log(lam))
     keep = has_memory.view(has_memory.shape + (1,) * (log_p.dim() - has_memory.dim()))
     return torch.where(keep, mixed, log_p)
 

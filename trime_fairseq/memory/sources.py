@@ -17,6 +17,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from trime_fairseq.memory.mixing import fp32
+
 
 class MemoryBatch(NamedTuple):
     scores: Tensor  # (..., Q, M) float32, similarity already scaled / tempered
@@ -41,7 +43,7 @@ def scaled_dot(queries: Tensor, keys: Tensor, scale: float) -> Tensor:
         raise ValueError(
             f"memory keys have dimension {keys.size(-1)} but queries have {queries.size(-1)}"
         )
-    return torch.einsum("...qd,...md->...qm", queries.float(), keys.float()) * scale
+    return torch.einsum("...qd,...md->...qm", fp32(queries), fp32(keys)) * scale
 
 
 def dot_scale(dim: int, temperature: float = 1.0) -> float:

@@ -13,6 +13,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from trime_fairseq.memory.mixing import fp32
+
 
 def _adaptive_softmax(decoder):
     return getattr(decoder, "adaptive_softmax", None)
@@ -27,13 +29,13 @@ def adaptive_target_log_prob(asm, features: Tensor, target: Tensor) -> Tuple[Ten
     """
     features = asm.dropout_module(features)
     new_target, target_idxs = asm.adapt_target(target)
-    head = asm.head(features).float()  # (N, head_size)
+    head = fp32(asm.head(features))  # (N, head_size)
     head_lse = torch.logsumexp(head, dim=-1)
     log_prob = head.gather(1, new_target[0].unsqueeze(1)).squeeze(1) - head_lse
     for i, idxs in enumerate(target_idxs):
         if idxs is None:
             continue
-        tail = asm.tail[i](features.index_select(0, idxs)).float()
+        tail = fp32(asm.tail[i](features.index_select(0, idxs)))
         tail_lp = tail.log_softmax(-1).gather(1, new_target[i + 1].unsqueeze(1)).squeeze(1)
         log_prob = log_prob.index_add(0, idxs, tail_lp)
     return log_prob, head_lse
@@ -51,7 +53,7 @@ def target_token_scores(decoder, net_output, target: Tensor) -> Tuple[Tensor, Te
     if asm is not None:
         log_prob, head_lse = adaptive_target_log_prob(asm, x.reshape(-1, x.size(-1)), flat_target)
         return log_prob + head_lse, head_lse
-    logits = x.reshape(-1, x.size(-1)).float()
+    logits = fp32(x.reshape(-1, x.size(-1)))
     score = logits.gather(1, flat_target.unsqueeze(1)).squeeze(1)
     return score, torch.logsumexp(logits, dim=-1)
 
@@ -67,8 +69,8 @@ def all_token_scores(decoder, x: Tensor, target: Optional[Tensor] = None) -> Tup
     if asm is not None:
         feats = x.reshape(1, -1, x.size(-1))
         tgt = target.reshape(1, -1) if target is not None else None
-        log_probs = asm.get_log_prob(feats, tgt).reshape(-1, asm.vocab_size).float()
-        head_lse = torch.logsumexp(asm.head(feats.reshape(-1, x.size(-1))).float(), dim=-1)
+        log_probs = fp32(asm.get_log_prob(feats, tgt).reshape(-1, asm.vocab_size))
+        head_lse = torch.logsumexp(fp32(asm.head(feats.reshape(-1, x.size(-1)))), dim=-1)
         return log_probs.add_(head_lse.unsqueeze(-1)), head_lse
-    logits = x.reshape(-1, x.size(-1)).float()
+    logits = fp32(x.reshape(-1, x.size(-1)))
     return logits, torch.logsumexp(logits, dim=-1)

@@ -1,0 +1,73 @@
+"""Tiny in-process fairseq models and batches for math tests (no data files, no CLI)."""
+
+import torch
+from omegaconf import OmegaConf
+from fairseq.data import Dictionary
+from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
+
+import trime_fairseq  # noqa: F401  (registers the plugin)
+from trime_fairseq.criterions.trime_loss import TrimeLoss
+from trime_fairseq.tasks.trime_lm import TrimeLMConfig, TrimeLMTask
+
+
+def tiny_dictionary(words: int = 20) -> Dictionary:
+    d = Dictionary()
+    for i in range(words):
+        d.add_symbol(f"w{i}")
+    return d
+
+
+def tiny_task(words: int = 20, **task_options) -> TrimeLMTask:
+    cfg = TrimeLMConfig(tokens_per_sample=64, **task_options)
+    return TrimeLMTask(cfg, tiny_dictionary(words))
+
+
+def tiny_lm(task, adaptive: bool = False, layers: int = 2, dim: int = 16, pre_norm: bool = True, seed: int = 0):
+    """A 2-layer transformer_lm without dropout; adaptive softmax with cutoffs 10,16 if asked."""
+    torch.manual_seed(seed)
+    cfg = TransformerLanguageModelConfig(
+        _name="transformer_lm",
+        add_bos_token=False,
+        tpu=False,
+        decoder_layers=layers,
+        decoder_embed_dim=dim,
+        decoder_input_dim=dim,
+        decoder_output_dim=dim,
+        decoder_ffn_embed_dim=2 * dim,
+        decoder_attention_heads=2,
+        decoder_normalize_before=pre_norm,
+        dropout=0.0,
+        adaptive_softmax_cutoff="10,16" if adaptive else None,
+        adaptive_softmax_dropout=0.0,
+        tokens_per_sample=64,
+        max_target_positions=64,
+    )
+    model = task.build_model(OmegaConf.structured(cfg))
+    assert isinstance(model, TransformerLanguageModel)
+    return model.double()
+
+
+def lm_sample(task, bsz: int = 3, tsz: int = 12, pad_last: int = 0, seed: int = 1, distinct: int = 6):
+    """A batch of random token streams (src = x[:-1], target = x[1:]) over ``distinct``
+    word types (so targets repeat and occur in memory); the last ``pad_last``
+    positions of the last row are padding."""
+    g = torch.Generator().manual_seed(seed)
+    d = task.dictionary
+    x = torch.randint(d.nspecial, d.nspecial + distinct, (bsz, tsz + 1), generator=g)
+    src, tgt = x[:, :-1].clone(), x[:, 1:].clone()
+    if pad_last:
+        src[-1, -pad_last:] = d.pad()
+        tgt[-1, -pad_last:] = d.pad()
+    return {
+        "id": torch.arange(bsz),
+        "net_input": {"src_tokens": src, "src_lengths": src.ne(d.pad()).sum(1)},
+        "target": tgt,
+        "ntokens": int(tgt.ne(d.pad()).sum()),
+        "nsentences": bsz,
+    }
+
+
+def trime_criterion(task, **overrides) -> TrimeLoss:
+    options = dict(ce_warmup_ratio=0.0, ce_warmup_updates=None, max_update=0, sentence_avg=False)
+    options.update(overrides)
+    return TrimeLoss(task, **options)
