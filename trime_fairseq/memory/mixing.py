@@ -117,7 +117,7 @@ def interpolate_memory(log_p: Tensor, scores: Tensor, values: Tensor, mask: Tens
     _check_lambda(lam)
     log_p = fp32(log_p)
     has_memory = mask.any(-1, keepdim=True)  # (Q, 1)
-    log_q = grouped_logsumexp(scores, values, mask) - masked_logsumexp(scores, mask).unsqueeze(-1)
+    log_q = grouped_logsumexp(scores, values, mask) - _memory_normaliser(scores, mask).unsqueeze(-1)
     base = log_p + torch.where(has_memory, _log_keep(lam), 0.0)
     addend = torch.where(has_memory, log_q + math.log(lam) if lam > 0 else float("-inf"), float("-inf"))
     return logaddexp_at(base, values, addend)
@@ -128,15 +128,15 @@ def memory_log_probs(scores: Tensor, values: Tensor, mask: Tensor, num_classes: 
 
     Rows with no visible entry are all ``-inf``; :func:`interpolate` handles them.
     """
-    log_q = grouped_logsumexp(scores, values, mask) - masked_logsumexp(scores, mask).unsqueeze(-1)
-    base = scores.new_full((scores.size(0), num_classes), float("-inf"), dtype=torch.float32)
+    log_q = grouped_logsumexp(scores, values, mask) - _memory_normaliser(scores, mask).unsqueeze(-1)
+    base = log_q.new_full((scores.size(0), num_classes), float("-inf"))
     return logaddexp_at(base, values, log_q)
 
 
 def memory_target_log_prob(scores: Tensor, values: Tensor, mask: Tensor, target: Tensor) -> Tensor:
     """:func:`memory_log_probs` at the target only: (Q,)."""
     match = mask & (values == target.unsqueeze(-1))
-    return masked_logsumexp(scores, match) - masked_logsumexp(scores, mask)
+    return masked_logsumexp(scores, match) - _memory_normaliser(scores, mask)
 
 
 def interpolate(log_p: Tensor, log_q: Tensor, lam: float, has_memory: Tensor) -> Tensor:
@@ -162,3 +162,10 @@ def _check_lambda(lam: float) -> None:
 def _log_keep(lam: float) -> float:
     """log(1 - λ), -inf at λ = 1."""
     return math.log1p(-lam) if lam < 1.0 else float("-inf")
+
+
+def _memory_normaliser(scores: Tensor, mask: Tensor) -> Tensor:
+    """log Σ_visible exp(scores), 0 (not -inf) for rows without memory so that the
+    memory distribution of such rows is -inf everywhere instead of NaN."""
+    lse = masked_logsumexp(scores, mask)
+    return lse.masked_fill(lse.isneginf(), 0.0)
