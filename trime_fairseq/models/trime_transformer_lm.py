@@ -91,6 +91,8 @@ def trime_lm_wikitext2_small(args):
     the 7M model's shape with 4 layers and adaptive cutoffs for a 33k vocabulary."""
     for name, value in [
         ("decoder_layers", 4),
+        ("adaptive_softmax_factor", 4),  # tail projections d/4, d/16: 3x faster on CPU
+        ("adaptive_input_factor", 4),
         ("adaptive_input_cutoff", "2000,10000"),
         ("adaptive_softmax_cutoff", "2000,10000"),
         ("dropout", 0.2),

@@ -16,13 +16,17 @@ from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 
 from trime_fairseq.data import BATCHINGS, batching_names
+from trime_fairseq.data.consecutive import validate_options as validate_consecutive_options
+from trime_fairseq.data.documents import DocumentBoundaries
+from trime_fairseq.data.eval_order import StreamOrderDataset
+from trime_fairseq.data.stream import enable_stream_memory, reset_stream_memory
 from trime_fairseq.memory.eval_memory import MODES, EvalMemory, MemoryOptions, attach_eval_memory
 from trime_fairseq.memory.keys import ensure_key_capture
 
 _OPTIONS_OF_MODE = {
     "none": set(),
-    "trime": {"memory_temperature"},
-    "cache": {"cache_lambda", "cache_theta", "cache_size"},
+    "trime": {"memory_temperature", "long_memory_size", "memory_reset"},
+    "cache": {"cache_lambda", "cache_theta", "cache_size", "long_memory_size", "memory_reset"},
 }
 
 
@@ -52,6 +56,26 @@ class TrimeLMConfig(LanguageModelingConfig):
     cache_size: Optional[int] = field(
         default=None, metadata={"help": "number of previous tokens in the cache (cache; default: whole input row)"}
     )
+    consecutive_segments: int = field(
+        default=1,
+        metadata={"help": "--batching consecutive: m, consecutive segments of one document per run "
+        "(TRIMELM_long; a batch holds --batch-size // m runs)"},
+    )
+    cross_documents: bool = field(
+        default=False,
+        metadata={"help": "--batching consecutive: cut runs from the whole split, across document ends "
+        "(default: runs stay inside WikiText ' = Title = ' documents)"},
+    )
+    long_memory_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "trime / cache: also keep the N stream tokens before each input row in memory, "
+        "across batches (TRIMELM_long evaluation; default 0: the input row only)"},
+    )
+    memory_reset: Optional[str] = field(
+        default=None,
+        metadata={"help": "trime / cache: 'document' limits the memory to the position's own document "
+        "(WikiText headings), 'never' (default) does not"},
+    )
 
 
 def memory_options(cfg) -> MemoryOptions:
@@ -78,6 +102,8 @@ def memory_options(cfg) -> MemoryOptions:
         cache_lambda=pick("cache_lambda", defaults.cache_lambda),
         cache_theta=pick("cache_theta", defaults.cache_theta),
         cache_size=pick("cache_size", defaults.cache_size),
+        long_memory_size=pick("long_memory_size", defaults.long_memory_size),
+        memory_reset=pick("memory_reset", defaults.memory_reset),
     )
 
 
@@ -88,19 +114,37 @@ class TrimeLMTask(LanguageModelingTask):
         self.trime_memory_options = memory_options(args)
         if args.batching not in batching_names():
             raise ValueError(f"unknown --batching '{args.batching}', choose one of {batching_names()}")
+        validate_consecutive_options(args)
 
     def get_batch_iterator(self, dataset, *args, **kwargs):
-        batching = BATCHINGS.get(self.cfg.batching)
+        batching = BATCHINGS.get(self.args.batching)
         if batching is None:
             return super().get_batch_iterator(dataset, *args, **kwargs)
         return batching(self, dataset, *args, **kwargs)
 
+    def eval_lm_dataloader(self, dataset, *args, context_window: int = 0, **kwargs):
+        if self.trime_memory_options.uses_stream and context_window == 0:
+            dataset = StreamOrderDataset(dataset)  # the stream memory needs the blocks in order
+        return super().eval_lm_dataloader(dataset, *args, context_window=context_window, **kwargs)
+
     def build_model(self, args, from_checkpoint=False):
         model = super().build_model(args, from_checkpoint)
         ensure_key_capture(model)
+        # recurrent-memory models carry memory across batches only in stream order
+        enable_stream_memory(model, self.args.batching == "stream")
         if self.trime_memory_options.mode != "none":
-            attach_eval_memory(model, EvalMemory(self.trime_memory_options, self.target_dictionary.pad()))
+            options, dictionary = self.trime_memory_options, self.target_dictionary
+            documents = DocumentBoundaries.from_dictionary(dictionary) if options.memory_reset == "document" else None
+            attach_eval_memory(model, EvalMemory(options, dictionary.pad(), documents=documents))
         return model
+
+    def begin_epoch(self, epoch, model):
+        super().begin_epoch(epoch, model)
+        reset_stream_memory(model)  # a new pass over the streams
+
+    def begin_valid_epoch(self, epoch, model):
+        super().begin_valid_epoch(epoch, model)
+        reset_stream_memory(model)
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         if hasattr(criterion, "set_num_updates"):

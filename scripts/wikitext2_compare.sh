@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Train a vanilla LM and TRIMELM on WikiText-2 with the same budget (CPU), tune the
+# evaluation memory on valid with trime-tune, and print valid/test perplexities of
+#   vanilla | vanilla + continuous cache | TRIMELM without memory | TRIMELM (local memory, Eq. 6)
+#
+#   scripts/wikitext2_compare.sh                 # README quickstart (UPDATES=200)
+#   UPDATES=600 OUT=runs/wt2-600 scripts/wikitext2_compare.sh   # docs/results.md
+#
+# Environment: UPDATES (default 200), OUT (runs/wikitext2-$UPDATES), DATA (data-bin/wikitext-2),
+# RAW (folder with wiki.*.tokens; default $TRIME_DATA/wikitext-2 or ../shared/data/wikitext-2;
+# downloaded when absent), EVAL_ARGS (extra fairseq-eval-lm options, default: 256-token blocks
+# scored with 128 tokens of context).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+UPDATES=${UPDATES:-200}
+OUT=${OUT:-runs/wikitext2-$UPDATES}
+DATA=${DATA:-data-bin/wikitext-2}
+RAW=${RAW:-${TRIME_DATA:-../shared/data}/wikitext-2}
+EVAL_ARGS=${EVAL_ARGS:---tokens-per-sample 256 --context-window 128 --batch-size 8}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+mkdir -p "$OUT"
+
+if [ ! -f "$DATA/dict.txt" ]; then
+  if [ -f "$RAW/wiki.train.tokens" ]; then
+    scripts/prepare_wikitext.sh wikitext-2 "$DATA" "$RAW"
+  else
+    scripts/prepare_wikitext.sh wikitext-2 "$DATA"
+  fi
+fi
+
+train() {  # name criterion
+  local log="$OUT/train_$1.log"
+  if [ ! -f "$OUT/$1/checkpoint_last.pt" ] || ! grep -q "done training" "$log" 2>/dev/null; then
+    echo "training $1 ($2, $UPDATES updates) -> $log" >&2
+    fairseq-hydra-train --config-dir configs/trime --config-name wikitext2_small \
+      task.data="$DATA" criterion._name="$2" optimization.max_update="$UPDATES" \
+      checkpoint.save_dir="$OUT/$1" hydra.run.dir="$OUT/hydra_$1" > "$log" 2>&1
+  fi
+}
+
+eval_ppl() {  # checkpoint split extra-args... -> perplexity
+  fairseq-eval-lm "$DATA" --user-dir trime_fairseq --task trime_lm --path "$1" --gen-subset "$2" \
+    --cpu $EVAL_ARGS "${@:3}" 2>&1 | grep -o "Perplexity: [0-9.]*" | cut -d' ' -f2
+}
+
+best_flags() {  # checkpoint mode grid-args... -> best eval-memory flags on valid
+  trime-tune "$DATA" --user-dir trime_fairseq --task trime_lm --path "$1" --gen-subset valid \
+    --cpu --no-progress-bar $EVAL_ARGS --eval-memory "$2" "${@:3}" 2>"$OUT/tune_$2.err" \
+    | tee "$OUT/tune_$(basename "$(dirname "$1")")_$2.txt" | sed -n 's/^best: \(.*\)  (.*/\1/p'
+}
+
+train vanilla adaptive_loss
+train trime trime_loss
+vanilla="$OUT/vanilla/checkpoint_last.pt"
+trime="$OUT/trime/checkpoint_last.pt"
+
+cache_flags=$(best_flags "$vanilla" cache)
+trime_flags=$(best_flags "$trime" trime)
+
+{
+  echo "WikiText-2, $UPDATES updates x 2048 tokens, architecture trime_lm_wikitext2_small; eval: $EVAL_ARGS"
+  echo
+  echo "| model | evaluation memory | valid ppl | test ppl |"
+  echo "|---|---|---|---|"
+  echo "| vanilla | none | $(eval_ppl "$vanilla" valid) | $(eval_ppl "$vanilla" test) |"
+  echo "| vanilla + continuous cache | \`$cache_flags\` | $(eval_ppl "$vanilla" valid $cache_flags) | $(eval_ppl "$vanilla" test $cache_flags) |"
+  echo "| TRIMELM | none | $(eval_ppl "$trime" valid) | $(eval_ppl "$trime" test) |"
+  echo "| TRIMELM | \`$trime_flags\` | $(eval_ppl "$trime" valid $trime_flags) | $(eval_ppl "$trime" test $trime_flags) |"
+} | tee "$OUT/results.md"
