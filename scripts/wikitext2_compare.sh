@@ -4,7 +4,7 @@
 #   vanilla | vanilla + continuous cache | TRIMELM without memory | TRIMELM (local memory, Eq. 6)
 #
 #   scripts/wikitext2_compare.sh                 # README quickstart (UPDATES=200)
-#   UPDATES=600 OUT=runs/wt2-600 scripts/wikitext2_compare.sh   # docs/results.md
+#   UPDATES=400 OUT=runs/wikitext2-400 scripts/wikitext2_compare.sh   # docs/results.md
 #
 # Environment: UPDATES (default 200), OUT (runs/wikitext2-$UPDATES), DATA (data-bin/wikitext-2),
 # RAW (folder with wiki.*.tokens; default $TRIME_DATA/wikitext-2 or ../shared/data/wikitext-2;
@@ -17,7 +17,7 @@ OUT=${OUT:-runs/wikitext2-$UPDATES}
 DATA=${DATA:-data-bin/wikitext-2}
 RAW=${RAW:-${TRIME_DATA:-../shared/data}/wikitext-2}
 EVAL_ARGS=${EVAL_ARGS:---tokens-per-sample 256 --context-window 128 --batch-size 8}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 
 if [ ! -f "$DATA/dict.txt" ]; then
@@ -49,8 +49,10 @@ best_flags() {  # checkpoint mode grid-args... -> best eval-memory flags on vali
     | tee "$OUT/tune_$(basename "$(dirname "$1")")_$2.txt" | sed -n 's/^best: \(.*\)  (.*/\1/p'
 }
 
-train vanilla adaptive_loss
-train trime trime_loss
+train vanilla adaptive_loss & vanilla_pid=$!  # the two runs in parallel, one core each
+train trime trime_loss & trime_pid=$!
+wait $vanilla_pid
+wait $trime_pid
 vanilla="$OUT/vanilla/checkpoint_last.pt"
 trime="$OUT/trime/checkpoint_last.pt"
 
