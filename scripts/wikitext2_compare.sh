@@ -3,8 +3,8 @@
 # evaluation memory on valid with trime-tune, and print valid/test perplexities of
 #   vanilla | vanilla + continuous cache | TRIMELM without memory | TRIMELM (local memory, Eq. 6)
 #
-#   scripts/wikitext2_compare.sh                 # README quickstart (UPDATES=200)
-#   UPDATES=400 OUT=runs/wikitext2-400 scripts/wikitext2_compare.sh   # docs/results.md
+#   scripts/wikitext2_compare.sh        # README quickstart and docs/results.md (UPDATES=200)
+#   UPDATES=2000 scripts/wikitext2_compare.sh
 #
 # Environment: UPDATES (default 200), OUT (runs/wikitext2-$UPDATES), DATA (data-bin/wikitext-2),
 # RAW (folder with wiki.*.tokens; default $TRIME_DATA/wikitext-2 or ../shared/data/wikitext-2;
