@@ -56,16 +56,32 @@ wait $trime_pid
 vanilla="$OUT/vanilla/checkpoint_last.pt"
 trime="$OUT/trime/checkpoint_last.pt"
 
-cache_flags=$(best_flags "$vanilla" cache)
-trime_flags=$(best_flags "$trime" trime)
+best_flags "$vanilla" cache > "$OUT/best_cache.flags" & cache_pid=$!
+best_flags "$trime" trime > "$OUT/best_trime.flags" & trime_pid=$!
+wait $cache_pid
+wait $trime_pid
+cache_flags=$(cat "$OUT/best_cache.flags")
+trime_flags=$(cat "$OUT/best_trime.flags")
+[ -n "$cache_flags" ] && [ -n "$trime_flags" ] || { echo "tuning failed: see $OUT/tune_*.err" >&2; exit 1; }
+
+# the eight evaluations run in parallel; each writes its perplexity to a file
+pids=()
+for split in valid test; do
+  eval_ppl "$vanilla" $split > "$OUT/ppl_vanilla_$split" & pids+=($!)
+  eval_ppl "$vanilla" $split $cache_flags > "$OUT/ppl_cache_$split" & pids+=($!)
+  eval_ppl "$trime" $split > "$OUT/ppl_trime_none_$split" & pids+=($!)
+  eval_ppl "$trime" $split $trime_flags > "$OUT/ppl_trime_$split" & pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
+ppl() { cat "$OUT/ppl_$1_$2"; }
 
 {
   echo "WikiText-2, $UPDATES updates x 2048 tokens, architecture trime_lm_wikitext2_small; eval: $EVAL_ARGS"
   echo
   echo "| model | evaluation memory | valid ppl | test ppl |"
   echo "|---|---|---|---|"
-  echo "| vanilla | none | $(eval_ppl "$vanilla" valid) | $(eval_ppl "$vanilla" test) |"
-  echo "| vanilla + continuous cache | \`$cache_flags\` | $(eval_ppl "$vanilla" valid $cache_flags) | $(eval_ppl "$vanilla" test $cache_flags) |"
-  echo "| TRIMELM | none | $(eval_ppl "$trime" valid) | $(eval_ppl "$trime" test) |"
-  echo "| TRIMELM | \`$trime_flags\` | $(eval_ppl "$trime" valid $trime_flags) | $(eval_ppl "$trime" test $trime_flags) |"
+  echo "| vanilla | none | $(ppl vanilla valid) | $(ppl vanilla test) |"
+  echo "| vanilla + continuous cache | \`$cache_flags\` | $(ppl cache valid) | $(ppl cache test) |"
+  echo "| TRIMELM | none | $(ppl trime_none valid) | $(ppl trime_none test) |"
+  echo "| TRIMELM | \`$trime_flags\` | $(ppl trime valid) | $(ppl trime test) |"
 } | tee "$OUT/results.md"
