@@ -19,6 +19,7 @@ setup(
         "torch>=2.0",
         "numpy",
         "faiss-cpu>=1.8",
+        "scipy",  # BM25 batching (sparse products)
         "rank-bm25",
         "sacrebleu",
         "hydra-core==1.3.2",
@@ -33,6 +34,9 @@ setup(
     entry_points={
         "console_scripts": [
             "trime-tune = trime_fairseq.cli.tune:cli_main",
+            "trime-build-datastore = trime_fairseq.cli.build_datastore:cli_main",
+            "trime-bm25-batches = trime_fairseq.cli.bm25_batches:cli_main",
+            "trime-sweep-memory = trime_fairseq.cli.sweep_memory:cli_main",
         ],
     },
 )

@@ -22,3 +22,7 @@ def register_batching(name: str):
 
 def batching_names():
     return ("shuffled",) + tuple(sorted(BATCHINGS))
+
+from trime_fairseq.data import consecutive  # noqa: E402,F401  (registers --batching consecutive)
+from trime_fairseq.data import stream  # noqa: E402,F401  (registers --batching stream)
+from trime_fairseq.data import bm25_batching  # noqa: E402,F401  (registers --batching bm25)

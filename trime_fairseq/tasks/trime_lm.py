@@ -9,13 +9,15 @@ routes the model's ``get_normalized_probs`` through
 """
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
+from omegaconf import II
 
 from trime_fairseq.data import BATCHINGS, batching_names
+from trime_fairseq.data.bm25_batching import validate_options as validate_bm25_options
 from trime_fairseq.data.consecutive import validate_options as validate_consecutive_options
 from trime_fairseq.data.documents import DocumentBoundaries
 from trime_fairseq.data.eval_order import StreamOrderDataset
@@ -76,6 +78,13 @@ class TrimeLMConfig(LanguageModelingConfig):
         metadata={"help": "trime / cache: 'document' limits the memory to the position's own document "
         "(WikiText headings), 'never' (default) does not"},
     )
+    bm25_order: Optional[str] = field(
+        default=None,
+        metadata={"help": "--batching bm25: chain of the training segments written by trime-bm25-batches "
+        "(TRIMELM_ext, §4.3)"},
+    )
+    # read by --batching bm25 (one update = update_freq x world size consecutive batches); not an option
+    update_freq: List[int] = II("optimization.update_freq")
 
 
 def memory_options(cfg) -> MemoryOptions:
@@ -115,6 +124,7 @@ class TrimeLMTask(LanguageModelingTask):
         if args.batching not in batching_names():
             raise ValueError(f"unknown --batching '{args.batching}', choose one of {batching_names()}")
         validate_consecutive_options(args)
+        validate_bm25_options(args)
 
     def get_batch_iterator(self, dataset, *args, **kwargs):
         batching = BATCHINGS.get(self.args.batching)

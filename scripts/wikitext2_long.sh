@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# TRIMELM_long on WikiText-2 (docs/results_long.md): train TRIMELM_long, TRIMELM and a vanilla LM with
+# the same small architecture and budget, tune the memories on valid with trime-tune (local memory), and
+# sweep the long-term memory size on valid and test with trime-sweep-memory (TRIMELM_long and the vanilla
+# LM's continuous cache extended to the long-term memory; TRIMELM with a long memory for comparison).
+#
+#   scripts/wikitext2_long.sh                      # UPDATES=300, OUT=runs/trime_long_wt2
+#
+# Environment: UPDATES (300), OUT (runs/trime_long_wt2), DATA (data-bin/wikitext-2; binarize it first with
+# scripts/prepare_wikitext.sh wikitext-2 data-bin/wikitext-2 ../shared/data/wikitext-2), SIZES
+# (0,1024,4096,16384), EVAL_ARGS (256-token rows, 128 scored with 128 tokens of context, batch 8).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+UPDATES=${UPDATES:-300}
+OUT=${OUT:-runs/trime_long_wt2}
+DATA=${DATA:-data-bin/wikitext-2}
+SIZES=${SIZES:-0,1024,4096,16384}
+EVAL_ARGS=${EVAL_ARGS:---tokens-per-sample 256 --context-window 128 --batch-size 8}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+mkdir -p "$OUT"
+CONFIG="--config-dir configs/trime_long --config-name wikitext2_small task.data=$DATA optimization.max_update=$UPDATES dataset.validate_interval_updates=0"
+SHUFFLED="task.batching=shuffled task.consecutive_segments=1 ~criterion.memory_block_size"
+
+train() {  # name hydra-overrides...
+  local log="$OUT/train_$1.log"
+  if [ ! -f "$OUT/$1/checkpoint_last.pt" ] || ! grep -q "done training" "$log" 2>/dev/null; then
+    echo "training $1 ($UPDATES updates) -> $log" >&2
+    fairseq-hydra-train $CONFIG checkpoint.save_dir="$OUT/$1" hydra.run.dir="$OUT/hydra_$1" "${@:2}" > "$log" 2>&1
+  fi
+}
+
+train trime_long &  # configs/trime_long/wikitext2_small.yaml as it is
+train trime $SHUFFLED criterion._name=trime_loss &
+wait
+train vanilla $SHUFFLED criterion._name=adaptive_loss '~criterion.ce_warmup_ratio' distributed_training.ddp_backend=legacy_ddp
+
+tune() {  # name mode -> best eval-memory flags on valid (local memory)
+  local out="$OUT/tune_$1.txt"
+  [ -s "$out" ] || python -m trime_fairseq.cli.tune "$DATA" --user-dir trime_fairseq --task trime_lm \
+    --path "$OUT/$1/checkpoint_last.pt" --gen-subset valid --cpu --no-progress-bar $EVAL_ARGS \
+    --eval-memory "$2" > "$out" 2> "$OUT/tune_$1.err"
+  sed -n 's/^best: \(.*\)  (.*/\1/p' "$out"
+}
+
+trime_long_flags=$(tune trime_long trime)
+trime_flags=$(tune trime trime)
+cache_flags=$(tune vanilla cache)
+tau_long=$(echo "$trime_long_flags" | sed -n 's/.*--memory-temperature \([0-9.]*\).*/\1/p')
+tau=$(echo "$trime_flags" | sed -n 's/.*--memory-temperature \([0-9.]*\).*/\1/p')
+lam=$(echo "$cache_flags" | sed -n 's/.*--cache-lambda \([0-9.]*\).*/\1/p')
+theta=$(echo "$cache_flags" | sed -n 's/.*--cache-theta \([0-9.]*\).*/\1/p')
+
+sweep() {  # split out-name path tau [baseline args...]
+  [ -s "$OUT/$2/sweep.csv" ] || python -m trime_fairseq.cli.sweep_memory "$DATA" --user-dir trime_fairseq \
+    --task trime_lm --path "$3" --eval-memory trime --memory-temperature "$4" --gen-subset "$1" --cpu \
+    --no-progress-bar $EVAL_ARGS --sizes "$SIZES" --out-dir "$OUT/$2" "${@:5}" > "$OUT/$2.log" 2>&1
+}
+
+for split in valid test; do
+  sweep $split sweep_$split "$OUT/trime_long/checkpoint_last.pt" "$tau_long" \
+    --baseline-path "$OUT/vanilla/checkpoint_last.pt" --baseline-lambda "$lam" --baseline-theta "$theta"
+  sweep $split sweep_trime_$split "$OUT/trime/checkpoint_last.pt" "$tau" --label TRIMELM
+done
+
+eval_ppl() {  # checkpoint split extra-args... -> perplexity (fairseq-eval-lm)
+  fairseq-eval-lm "$DATA" --user-dir trime_fairseq --task trime_lm --path "$1" --gen-subset "$2" \
+    --cpu --no-progress-bar $EVAL_ARGS "${@:3}" 2>&1 | grep -o "Perplexity: [0-9.]*" | cut -d' ' -f2
+}
+
+{
+  echo "WikiText-2, $UPDATES updates x 8 segments of 256 tokens, architecture trime_lm_wikitext2_small; eval: $EVAL_ARGS"
+  echo "tuned on valid (local memory): TRIMELM_long $trime_long_flags; TRIMELM $trime_flags; vanilla $cache_flags"
+  echo
+  echo "| model | evaluation memory | valid ppl | test ppl |"
+  echo "|---|---|---|---|"
+  echo "| vanilla | none | $(eval_ppl "$OUT/vanilla/checkpoint_last.pt" valid) | $(eval_ppl "$OUT/vanilla/checkpoint_last.pt" test) |"
+  echo "| TRIMELM | none | $(eval_ppl "$OUT/trime/checkpoint_last.pt" valid) | $(eval_ppl "$OUT/trime/checkpoint_last.pt" test) |"
+  echo "| TRIMELM_long | none | $(eval_ppl "$OUT/trime_long/checkpoint_last.pt" valid) | $(eval_ppl "$OUT/trime_long/checkpoint_last.pt" test) |"
+  for split in valid test; do
+    echo
+    echo "$split, long-term memory sweep:"
+    cat "$OUT/sweep_$split/sweep.md" | tail -n +3
+    cat "$OUT/sweep_trime_$split/sweep.md" | tail -n +3
+  done
+} | tee "$OUT/results.md"

@@ -1,0 +1,281 @@
+"""FAISS datastore: round trip against brute force, metadata checks, truncation, interrupted builds, CLI."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PYTHON, ROOT, run_cli
+from trime_fairseq.checksums import dictionary_checksum, model_checksum
+from trime_fairseq.memory import faiss_index as fi
+from trime_fairseq.memory.datastore import Datastore, DatastoreError, DatastoreSpec, DatastoreWriter
+from trime_fairseq.memory.mixing import interpolate_memory, memory_log_probs
+
+VOCAB = 50
+
+
+def _data(n=3000, d=16, seed=0, vocab=VOCAB):
+    rng = np.random.default_rng(seed)
+    keys = rng.standard_normal((n, d)).astype(np.float16)
+    values = rng.integers(0, vocab, n)
+    return keys, values
+
+
+def _spec(d=16, metric="ip", vocab=VOCAB, model_sha="1" * 64, dict_sha="0" * 64, key_type="trime_key"):
+    return DatastoreSpec(dim=d, key_type=key_type, metric=metric, dictionary_size=vocab, dictionary_sha256=dict_sha,
+                         model_path="ckpt.pt", model_sha256=model_sha)
+
+
+def _build(path, keys, values, factory="Flat", metric="ip", chunk=700, nprobe=None, **spec_kw):
+    w = DatastoreWriter(path, _spec(keys.shape[1], metric, **spec_kw), capacity=len(keys) + 5)  # capacity > N
+    for i in range(0, len(keys), chunk):
+        w.add(keys[i:i + chunk], values[i:i + chunk])
+        w.commit(i // chunk + 1)
+    w.finish_keys()
+    w.build_index(factory, ntrain=100_000, add_chunk=500, progress_bar=False)
+    return w.finalize(nprobe=nprobe)
+
+
+def _brute(queries, keys, metric, k):
+    keys = keys.astype(np.float32)
+    if metric == "ip":
+        s = queries @ keys.T
+    else:
+        s = -((queries[:, None, :] - keys[None]) ** 2).sum(-1)
+    ids = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return ids, np.take_along_axis(s, ids, 1)
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_flat_datastore_equals_brute_force_and_reloads(tmp_path, metric):
+    keys, values = _data()
+    meta = _build(tmp_path / "ds", keys, values, metric=metric)
+    assert meta["size"] == len(keys) and os.path.getsize(tmp_path / "ds" / "keys.f16") == keys.nbytes
+    assert not (tmp_path / "ds" / "progress.json").exists()
+    q = np.random.default_rng(1).standard_normal((7, 16)).astype(np.float32)
+    ids, scores = _brute(q, keys, metric, 10)
+    store = Datastore.load(tmp_path / "ds", expect_dim=16)
+    out = store.search(torch.from_numpy(q), 10)
+    assert out.scores.dtype == torch.float32 and out.values.dtype == torch.long and out.mask.dtype == torch.bool
+    assert out.scores.shape == out.values.shape == out.mask.shape == (7, 10) and bool(out.mask.all())
+    np.testing.assert_allclose(out.scores.numpy(), scores, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(out.values.numpy(), values[ids])
+    np.testing.assert_array_equal(np.asarray(store.keys), keys)
+    np.testing.assert_array_equal(np.asarray(store.values), values.astype(np.int32))
+    again = Datastore.load(tmp_path / "ds").search(q, 10)  # numpy queries work too
+    assert torch.equal(again.scores, out.scores) and torch.equal(again.values, out.values)
+
+
+def test_ivfpq_round_trip_rescoring_and_missing_hits(tmp_path):
+    keys, values = _data(n=2000)
+    _build(tmp_path / "ds", keys, values, factory="IVF16,PQ4x4", nprobe=4)
+    q = np.random.default_rng(2).standard_normal((5, 16)).astype(np.float32)
+    a = Datastore.load(tmp_path / "ds")
+    assert a.meta["index"]["nprobe"] == 4 and a.meta["index"]["factory"] == "IVF16,PQ4x4"
+    first = a.search(q, 8)
+    second = Datastore.load(tmp_path / "ds").search(q, 8)  # reload: the same neighbours
+    assert torch.equal(first.values, second.values) and torch.allclose(first.scores, second.scores)
+    # re-scoring with the stored keys: exact scores of the same hits, best first
+    approx_scores, approx_ids = Datastore.load(tmp_path / "ds", nprobe=16).search_ids(q, 8)
+    scores, ids = Datastore.load(tmp_path / "ds", rescore=True, nprobe=16).search_ids(q, 8)
+    full = q @ keys.astype(np.float32).T  # (5, N) exact
+    np.testing.assert_allclose(scores, np.take_along_axis(full, ids, 1), rtol=1e-5, atol=1e-4)
+    assert np.all(np.diff(scores, axis=1) <= 0)
+    assert all(set(a) == set(b) for a, b in zip(approx_ids, ids))
+    assert not np.allclose(approx_scores, np.take_along_axis(full, approx_ids, 1), atol=1e-2)  # PQ approximates
+    # more neighbours asked than the probed lists hold: masked, -inf, value 0
+    few = Datastore.load(tmp_path / "ds", nprobe=1).search(q, 1500)
+    assert not bool(few.mask.all())
+    assert torch.isneginf(few.scores[~few.mask]).all() and (few.values[~few.mask] == 0).all()
+
+
+def test_search_feeds_the_shared_mixing_functions(tmp_path):
+    keys, values = _data(n=500)
+    _build(tmp_path / "ds", keys, values, metric="l2")
+    memory = Datastore.load(tmp_path / "ds").search(np.asarray(keys[:4], np.float32), 16)
+    assert torch.equal(memory.scores[:, 0], torch.zeros(4))  # a stored key finds itself at distance 0
+    q = memory_log_probs(memory.scores / 10.0, memory.values, memory.mask, VOCAB)  # temperature by the caller
+    torch.testing.assert_close(q.exp().sum(-1), torch.ones(4))
+    log_p = torch.log_softmax(torch.randn(4, VOCAB), -1)
+    mixed = interpolate_memory(log_p, memory.scores / 10.0, memory.values, memory.mask, 0.25)
+    torch.testing.assert_close(mixed.exp(), 0.75 * log_p.exp() + 0.25 * q.exp())
+
+
+def test_values_are_int32_for_large_vocabularies(tmp_path):
+    keys, _ = _data(n=300)
+    values = np.arange(300) * 900 + 12  # up to 269,112: overflows int16
+    _build(tmp_path / "ds", keys, values, vocab=270_000)
+    out = Datastore.load(tmp_path / "ds").search(np.asarray(keys[:3], np.float32), 300)
+    assert int(out.values.max()) == int(values.max())
+    with pytest.raises(DatastoreError, match="token ids"):
+        DatastoreWriter(tmp_path / "bad", _spec(vocab=10), capacity=5).add(keys[:2], np.array([3, 10]))
+
+
+def test_mismatched_model_dictionary_dimension_are_refused(tmp_path):
+    from fairseq.data import Dictionary
+
+    d = Dictionary()
+    for w in ("a", "b", "c"):
+        d.add_symbol(w)
+    other = Dictionary()
+    for w in ("a", "c", "b"):
+        other.add_symbol(w)
+    state = {"w": torch.arange(6.0).view(2, 3), "b": torch.ones(2)}
+    keys, values = _data(n=200, vocab=len(d))
+    _build(tmp_path / "ds", keys, values, vocab=len(d), dict_sha=dictionary_checksum(d),
+           model_sha=model_checksum(state))
+    d.save(str(tmp_path / "dict.txt"))
+    ok = Datastore.load(tmp_path / "ds", expect_dim=16, expect_dictionary=d, expect_model=state,
+                        expect_key_type="trime_key", expect_metric="ip")
+    assert ok.size == 200
+    Datastore.load(tmp_path / "ds", expect_dictionary=str(tmp_path / "dict.txt"))
+    with pytest.raises(DatastoreError, match="dimension 16 but the model's queries have 32"):
+        Datastore.load(tmp_path / "ds", expect_dim=32)
+    with pytest.raises(DatastoreError, match="another dictionary"):
+        Datastore.load(tmp_path / "ds", expect_dictionary=other)
+    changed = dict(state, b=torch.full((2,), 2.0))
+    with pytest.raises(DatastoreError, match="another model"):
+        Datastore.load(tmp_path / "ds", expect_model=changed)
+    with pytest.raises(DatastoreError, match="another model"):
+        Datastore.load(tmp_path / "ds", expect_model="f" * 64)
+    with pytest.raises(DatastoreError, match="trime_feature"):
+        Datastore.load(tmp_path / "ds", expect_key_type="trime_feature")
+    with pytest.raises(ValueError, match=r"queries must be \(Q, 16\)"):
+        ok.search(np.zeros((2, 8), np.float32), 3)
+
+
+@pytest.mark.parametrize("victim", ["keys.f16", "values.i32", "index.faiss"])
+def test_truncated_or_missing_files_give_clear_errors(tmp_path, victim):
+    keys, values = _data(n=400)
+    _build(tmp_path / "ds", keys, values)
+    path = tmp_path / "ds" / victim
+    os.truncate(path, os.path.getsize(path) // 2)
+    with pytest.raises(DatastoreError, match="truncated"):
+        Datastore.load(tmp_path / "ds")
+    path.unlink()
+    with pytest.raises(DatastoreError, match="missing"):
+        Datastore.load(tmp_path / "ds")
+    (tmp_path / "ds" / "datastore.json").unlink()
+    with pytest.raises(DatastoreError, match="not a datastore"):
+        Datastore.load(tmp_path / "ds")
+
+
+def test_index_factory_too_large_for_the_datastore_is_refused(tmp_path):
+    keys, values = _data(n=1000)
+    w = DatastoreWriter(tmp_path / "ds", _spec(), capacity=1000)
+    w.add(keys, values)
+    w.commit(1)
+    w.finish_keys()
+    with pytest.raises(fi.IndexConfigError, match=r"needs at least 159744 training keys.*at most IVF16"):
+        w.build_index("IVF4096,PQ8", progress_bar=False)
+    with pytest.raises(fi.IndexConfigError, match="divisible by 5"):
+        w.build_index("IVF4,PQ5x4", progress_bar=False)
+    with pytest.raises(fi.IndexConfigError, match="nprobe applies to IVF"):
+        fi.set_nprobe(fi.new_index("Flat", 16, "ip"), 4)
+
+
+def test_interrupted_build_is_not_loadable_and_resumes(tmp_path, monkeypatch):
+    keys, values = _data(n=2400)
+    ref = tmp_path / "ref"
+    _build(ref, keys, values, factory="IVF16,PQ4x4", chunk=600, nprobe=16)
+
+    path = tmp_path / "ds"
+    w = DatastoreWriter(path, _spec(), capacity=len(keys) + 5)
+    w.add(keys[:600], values[:600])
+    w.commit(1)
+    w.add(keys[600:1200], values[600:1200])  # written but never committed: lost in the "crash"
+    del w
+    with pytest.raises(DatastoreError, match="incomplete datastore.*stage 'keys', 600 keys"):
+        Datastore.load(path)
+    with pytest.raises(DatastoreError, match="other settings.*metric"):
+        DatastoreWriter(path, _spec(metric="l2"), capacity=len(keys) + 5)
+    w = DatastoreWriter(path, _spec(), capacity=len(keys) + 5)
+    assert (w.stage, w.rows, w.batches_done) == ("keys", 600, 1)
+    for i in range(600, len(keys), 600):
+        w.add(keys[i:i + 600], values[i:i + 600])
+        w.commit(i // 600 + 1)
+    w.finish_keys()
+
+    calls = {"n": 0}
+    real = fi.as_float32
+
+    def crash_on_third_chunk(x):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated interruption while adding keys")
+        return real(x)
+
+    monkeypatch.setattr(fi, "as_float32", crash_on_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        w.build_index("IVF16,PQ4x4", ntrain=100_000, add_chunk=500, save_every=1, progress_bar=False)
+    monkeypatch.setattr(fi, "as_float32", real)
+    with pytest.raises(DatastoreError, match="stage 'adding'"):
+        Datastore.load(path)
+    w = DatastoreWriter(path, _spec(), capacity=len(keys) + 5)
+    assert w.progress["added"] == 1000 and (path / "index.partial.faiss").exists()
+    w.build_index("IVF16,PQ4x4", ntrain=100_000, add_chunk=500, save_every=1, progress_bar=False)
+    w.finalize(nprobe=16)
+    assert sorted(os.listdir(path)) == ["datastore.json", "index.faiss", "keys.f16", "values.i32"]
+    q = np.random.default_rng(3).standard_normal((6, 16)).astype(np.float32)
+    a, b = Datastore.load(path).search(q, 12), Datastore.load(ref).search(q, 12)
+    assert torch.equal(a.values, b.values) and torch.equal(a.scores, b.scores)
+    np.testing.assert_array_equal(np.asarray(Datastore.load(path).keys), keys)
+    with pytest.raises(DatastoreError, match="--overwrite"):
+        DatastoreWriter(path, _spec(), capacity=10)
+
+
+# -- the CLI on a trained model ----------------------------------------------------------------
+
+def test_cli_builds_a_datastore_from_a_trained_checkpoint(wikitext2_bin, tmp_path):
+    from fairseq import utils
+
+    from trime_fairseq.cli import build_datastore
+    from trime_fairseq.memory.keys import get_keys
+
+    save = tmp_path / "ckpt"
+    run_cli([
+        PYTHON, "-m", "fairseq_cli.train", wikitext2_bin, "--user-dir", ROOT / "trime_fairseq", "--task", "trime_lm",
+        "--tokens-per-sample", "64", "--batch-size", "8", "--arch", "transformer_lm", "--decoder-layers", "2",
+        "--decoder-embed-dim", "32", "--decoder-input-dim", "32", "--decoder-output-dim", "32",
+        "--decoder-ffn-embed-dim", "64", "--decoder-attention-heads", "2", "--criterion", "trime_loss",
+        "--ce-warmup-updates", "0", "--optimizer", "adam", "--lr", "0.002", "--max-update", "2",
+        "--disable-validation", "--cpu", "--num-workers", "0", "--save-dir", save, "--no-epoch-checkpoints",
+        "--log-format", "simple", "--seed", "2",
+    ], env={"OMP_NUM_THREADS": "1"})
+    ckpt, out = save / "checkpoint_last.pt", tmp_path / "dstore"
+    args = ["--path", ckpt, "--gen-subset", "valid", "--context-window", "32", "--max-tokens", "4096",
+            "--output", out, "--index-factory", "IVF16,PQ8x4", "--nprobe", "16", "--metric", "l2", "--cpu",
+            "--no-progress-bar"]
+    log = run_cli([PYTHON, "-m", "trime_fairseq.cli.build_datastore", *args], env={"OMP_NUM_THREADS": "1"})
+    assert "datastore complete" in log
+
+    store = Datastore.load(out, expect_dim=32, expect_model=str(ckpt),
+                           expect_dictionary=str(wikitext2_bin / "dict.txt"), expect_metric="l2")
+    meta = json.loads((out / "datastore.json").read_text())
+    assert meta["source"]["context_window"] == 32 and meta["key_type"] == "trime_key"
+    # every valid token is stored once, as the value of the position before it
+    model, task, _ = build_datastore.load_lm(build_datastore.get_parser().parse_args([str(a) for a in args]))
+    task.load_dataset("valid")
+    dataset = task.dataset("valid")
+    tokens = np.concatenate([dataset[i]["target"].numpy() for i in range(len(dataset))])
+    assert store.size == len(tokens)
+    np.testing.assert_array_equal(np.bincount(store.values, minlength=len(task.target_dictionary)),
+                                  np.bincount(tokens, minlength=len(task.target_dictionary)))
+    # the first rows are the keys of the first batch, read exactly as the builder reads them
+    itr = task.eval_lm_dataloader(dataset=dataset, max_tokens=4096, batch_size=None,
+                                  max_positions=utils.resolve_max_positions(task.max_positions(),
+                                                                            model.max_positions()),
+                                  num_workers=0, context_window=32)
+    sample = next(iter(itr))
+    model.eval()
+    with torch.no_grad():
+        g = get_keys(model(**sample["net_input"]))  # (B, T, 32)
+    scored = sample["target"].ne(task.target_dictionary.pad())
+    n = int(scored.sum())
+    np.testing.assert_allclose(np.asarray(store.keys[:n], np.float32), g[scored].half().float().numpy())
+    np.testing.assert_array_equal(store.values[:n], sample["target"][scored].numpy())
+    # a stored key's nearest entry (exact re-scoring) is at distance 0
+    hit = store.search(np.asarray(store.keys[:3], np.float32), 4, rescore=True)
+    assert torch.equal(hit.scores[:, 0], torch.zeros(3))

@@ -1,0 +1,192 @@
+"""``trime-build-datastore``: the external memory of kNN-LM / TRIMELM_ext from a trained LM.
+
+Runs the checkpoint over a split exactly as ``fairseq-eval-lm`` does (same
+``task.eval_lm_dataloader``, ``--context-window``), stores for every scored
+position (target != pad) its key -- g (``trime_key``, TRIME and kNN-LM) or f
+(``trime_feature``) -- and its next token, then trains and fills a FAISS index::
+
+    trime-build-datastore --path checkpoints/checkpoint_best.pt --data data-bin/wikitext-103 \\
+        --gen-subset train --context-window 1536 --tokens-per-sample 3072 \\
+        --output dstore/wt103-train --index-factory IVF4096,PQ64 --metric ip
+
+An interrupted run resumes when started again with the same arguments
+(``--overwrite`` rebuilds a complete datastore). Load the result with
+``trime_fairseq.memory.datastore.Datastore.load``.
+"""
+
+import argparse
+import ast
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from trime_fairseq.checksums import dictionary_checksum, model_checksum
+from trime_fairseq.memory import faiss_index as fi
+from trime_fairseq.memory.datastore import KEY_TYPES, DatastoreSpec, DatastoreWriter
+from trime_fairseq.memory.keys import ensure_key_capture, get_keys
+
+logger = logging.getLogger("trime_fairseq.cli.build_datastore")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trime-build-datastore", description=__doc__.split("\n\n")[0])
+    m = p.add_argument_group("model and data")
+    m.add_argument("--path", required=True, help="fairseq checkpoint of a (trime_lm / language_modeling) LM")
+    m.add_argument("--data", default=None, help="binarized data folder (default: the checkpoint's)")
+    m.add_argument("--gen-subset", default="train", help="split whose positions become memory entries")
+    m.add_argument("--tokens-per-sample", type=int, default=None, help="input length (default: the checkpoint's)")
+    m.add_argument("--context-window", type=int, default=0, help="as fairseq-eval-lm: context tokens before the "
+                   "scored ones (scored per input: tokens-per-sample - context-window)")
+    m.add_argument("--max-tokens", type=int, default=None, help="tokens per batch (default 36000 as eval-lm)")
+    m.add_argument("--batch-size", type=int, default=None)
+    m.add_argument("--model-overrides", default="{}", help="dict of model args to override, as eval-lm")
+    m.add_argument("--cpu", action="store_true", help="run the LM on the CPU even if CUDA is available")
+    m.add_argument("--fp16", action="store_true", help="run the LM in float16 (keys are stored in float16 anyway)")
+    m.add_argument("--num-workers", type=int, default=0)
+    d = p.add_argument_group("datastore")
+    d.add_argument("--output", required=True, help="datastore folder to write")
+    d.add_argument("--key-type", default="trime_key", choices=KEY_TYPES,
+                   help="trime_key: g, input of the last feed-forward block (TRIME, kNN-LM); "
+                   "trime_feature: f, the output representation")
+    d.add_argument("--metric", default="ip", choices=sorted(fi.METRICS),
+                   help="ip: inner product (TRIME's sim); l2: negative squared distance (kNN-LM)")
+    d.add_argument("--index-factory", default="IVF4096,PQ64", help="FAISS index factory string ('Flat': exact)")
+    d.add_argument("--ntrain", type=int, default=1_000_000, help="keys sampled to train the index")
+    d.add_argument("--nprobe", type=int, default=32, help="default lists probed per query (stored in metadata)")
+    d.add_argument("--seed", type=int, default=1, help="seed of the training sample")
+    d.add_argument("--add-chunk", type=int, default=1_000_000, help="keys added to the index at a time")
+    d.add_argument("--save-every", type=int, default=10, help="save the partial index every N added chunks")
+    d.add_argument("--commit-every", type=int, default=50, help="record key-writing progress every N batches")
+    d.add_argument("--use-gpu-index", action="store_true", help="train / add on the GPU (needs faiss-gpu)")
+    d.add_argument("--gpu-device", type=int, default=0)
+    d.add_argument("--overwrite", action="store_true", help="rebuild a complete datastore at --output")
+    d.add_argument("--no-progress-bar", action="store_true")
+    return p
+
+
+def load_lm(args):
+    """(model, task, state) for the checkpoint, with the task set up as fairseq-eval-lm would."""
+    from fairseq import checkpoint_utils, tasks
+    from omegaconf import open_dict
+
+    import trime_fairseq  # noqa: F401  (registers trime_lm)
+
+    if not os.path.isfile(args.path):
+        raise FileNotFoundError(f"checkpoint not found: {args.path}")
+    overrides = ast.literal_eval(args.model_overrides)
+    state = checkpoint_utils.load_checkpoint_to_cpu(args.path, overrides)
+    cfg = state.get("cfg")
+    if cfg is None:
+        raise ValueError(f"{args.path} has no fairseq config ('cfg'); re-save it with fairseq >= 0.10")
+    task_cfg = cfg.task
+    if task_cfg._name not in ("trime_lm", "language_modeling"):
+        raise ValueError(f"{args.path} was trained with task '{task_cfg._name}'; a language model is needed")
+    with open_dict(task_cfg):
+        task_cfg._name = "trime_lm"
+        if args.data is not None:
+            task_cfg.data = args.data
+        length = args.tokens_per_sample or task_cfg.tokens_per_sample
+        if args.context_window < 0 or args.context_window >= length:
+            raise ValueError(f"--context-window must lie in [0, {length}), got {args.context_window}")
+        task_cfg.tokens_per_sample = length - args.context_window  # as fairseq-eval-lm
+        for key, value in (("batching", "shuffled"), ("bm25_order", None), ("eval_memory", "none")):
+            if key in task_cfg:
+                task_cfg[key] = value
+    task = tasks.setup_task(task_cfg)
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task([args.path], arg_overrides=overrides,
+                                                                    task=task, state=state)
+    model = models[0]
+    ensure_key_capture(model)
+    return model, task, state
+
+
+def key_dim(model, key_type: str, dictionary, device) -> int:
+    with torch.no_grad():
+        out = model(torch.full((1, 1), dictionary.eos(), dtype=torch.long, device=device))
+    return int(get_keys(out, key_type).size(-1))
+
+
+def main(args) -> dict:
+    from fairseq import utils
+
+    progress = not args.no_progress_bar
+    use_cuda = torch.cuda.is_available() and not args.cpu
+    device = torch.device("cuda" if use_cuda else "cpu")
+    t0 = time.time()
+    model, task, state = load_lm(args)
+    model_sha = model_checksum(state["model"])
+    del state
+    if args.fp16:
+        model.half()
+    model.to(device).eval()
+    dictionary = task.target_dictionary
+    pad = dictionary.pad()
+
+    task.load_dataset(args.gen_subset)
+    dataset = task.dataset(args.gen_subset)
+    capacity = int(np.sum(dataset.sizes))  # every token is scored once (also with a context window)
+    max_tokens = args.max_tokens or (None if args.batch_size else 36000)
+    source = dict(data=os.path.abspath(task.args.data), split=args.gen_subset,
+                  tokens_per_sample=int(task.args.tokens_per_sample) + args.context_window,
+                  context_window=args.context_window, max_tokens=max_tokens, batch_size=args.batch_size)
+    spec = DatastoreSpec(
+        dim=key_dim(model, args.key_type, dictionary, device), key_type=args.key_type, metric=args.metric,
+        dictionary_size=len(dictionary), dictionary_sha256=dictionary_checksum(dictionary),
+        model_path=os.path.abspath(args.path), model_sha256=model_sha, source=source,
+    )
+    fi.check_factory(args.index_factory, spec.dim, capacity, args.ntrain)  # fail before the long forward pass
+    if args.use_gpu_index and not fi.gpu_available():
+        raise RuntimeError("--use-gpu-index needs faiss-gpu and a CUDA GPU")
+    writer = DatastoreWriter(args.output, spec, capacity, overwrite=args.overwrite)
+
+    if writer.stage == "keys":
+        itr = task.eval_lm_dataloader(
+            dataset=dataset, max_tokens=max_tokens, batch_size=args.batch_size,
+            max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
+            num_shards=1, shard_id=0, num_workers=args.num_workers, data_buffer_size=0,
+            context_window=args.context_window,
+        )
+        done = writer.batches_done
+        if done:
+            logger.info(f"resuming: {writer.rows} keys from {done} batches already written")
+        bar = tqdm(itr, total=len(itr), desc=f"keys of {args.gen_subset}", unit="batch", disable=not progress,
+                   mininterval=2.0)
+        with torch.no_grad():
+            for i, sample in enumerate(bar):
+                if i < done or "net_input" not in sample:
+                    continue
+                sample = utils.move_to_cuda(sample) if use_cuda else sample
+                net_output = model(**sample["net_input"])
+                keys = get_keys(net_output, args.key_type)  # (B, T, d)
+                target = sample["target"]  # (B, T); context positions are pad
+                scored = target.ne(pad)
+                writer.add(keys[scored].half(), target[scored].int())
+                if (i + 1) % args.commit_every == 0:
+                    writer.commit(i + 1)
+        writer.commit(len(itr))
+    n = writer.finish_keys()
+    logger.info(f"{n} keys of dimension {spec.dim} written ({capacity} tokens in {args.gen_subset})")
+    t1 = time.time()
+    writer.build_index(args.index_factory, ntrain=args.ntrain, seed=args.seed, add_chunk=args.add_chunk,
+                       save_every=args.save_every, use_gpu=args.use_gpu_index, gpu_device=args.gpu_device,
+                       progress_bar=progress)
+    t2 = time.time()
+    meta = writer.finalize(nprobe=args.nprobe, extra=dict(seconds=dict(keys=round(t1 - t0, 2),
+                                                                          index=round(t2 - t1, 2))))
+    logger.info(f"datastore complete: {args.output} ({n} entries; keys {t1 - t0:.1f}s, index {t2 - t1:.1f}s)")
+    return meta
+
+
+def cli_main(argv=None):
+    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
+                        stream=sys.stdout)
+    main(get_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    cli_main()

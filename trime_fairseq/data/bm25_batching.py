@@ -1,0 +1,184 @@
+"""``--batching bm25``: train on TRIME's BM25 chain (§4.3) from ``--bm25-order FILE``.
+
+The order file (``trime-bm25-batches``) is a chain of all training segments in
+which neighbours are lexically similar. Batches are consecutive pieces of the
+chain of ``batch_size`` segments. One update consumes ``update_freq × world
+size`` consecutive batches (fairseq gives batch j to worker j mod W and each
+worker accumulates ``update_freq`` of its batches), so the chain is cut into
+groups of that many batches and only whole groups are shuffled: BM25
+neighbours land in the same update, across gradient accumulation and workers.
+
+Per epoch (seeded by fairseq's ``--seed`` and the epoch): the cyclic chain is
+rotated by a random offset (batch boundaries move between epochs), and the
+order of the full groups is shuffled; the one partial group, if any, stays last
+so that every later update still starts on a group boundary. Every segment is
+used exactly once per epoch; resuming from a checkpoint replays the same order.
+
+Only the split the order file was built for (``train``) is reordered; other
+splits (validation) keep fairseq's default iterator.
+"""
+
+import logging
+from typing import Callable, List, Optional
+
+import numpy as np
+from fairseq.data import iterators
+from fairseq.tasks.language_modeling import LanguageModelingTask
+
+from trime_fairseq.data import register_batching
+from trime_fairseq.data.bm25 import read_order_file
+from trime_fairseq.checksums import dictionary_checksum
+
+logger = logging.getLogger(__name__)
+
+
+def chain_batches(chain: np.ndarray, batch_size: int, group: int, seed: int, epoch: int,
+                  shuffle: bool = True) -> List[np.ndarray]:
+    """The epoch's batches: consecutive pieces of ``batch_size`` segments of the (rotated) chain,
+    in groups of ``group`` batches whose order is shuffled (the partial group stays last)."""
+    if batch_size < 1 or group < 1:
+        raise ValueError(f"batch size and group size must be >= 1, got {batch_size}, {group}")
+    chain = np.asarray(chain, dtype=np.int64)
+    n = len(chain)
+    rng = np.random.default_rng([seed, epoch])
+    if shuffle and n:
+        chain = np.roll(chain, -int(rng.integers(n)))
+    batches = [chain[i:i + batch_size] for i in range(0, n, batch_size)]
+    groups = [batches[i:i + group] for i in range(0, len(batches), group)]
+    full = [g for g in groups if len(g) == group and len(g[-1]) == batch_size]
+    rest = groups[len(full):]
+    if shuffle:
+        full = [full[j] for j in rng.permutation(len(full))]
+    return [b for g in full + rest for b in g]
+
+
+class ChainEpochBatchIterator(iterators.EpochBatchIterator):
+    """fairseq's EpochBatchIterator with the epoch's batches from :func:`chain_batches`."""
+
+    def __init__(self, dataset, collate_fn, chain, batch_size: int, group_size: Callable[[int], int], seed=1,
+                 num_shards=1, shard_id=0, num_workers=0, epoch=1, buffer_size=0, skip_remainder_batch=False):
+        self.chain, self.batch_size, self.group_size = chain, batch_size, group_size
+        unshuffled = chain_batches(chain, batch_size, 1, seed, epoch, shuffle=False)
+        super().__init__(dataset, collate_fn, unshuffled, seed=seed, num_shards=num_shards, shard_id=shard_id,
+                         num_workers=num_workers, epoch=epoch, buffer_size=buffer_size,
+                         skip_remainder_batch=skip_remainder_batch)
+
+    def ordered_batches(self, epoch, fix_batches_to_gpus, shuffle):
+        if fix_batches_to_gpus:
+            raise ValueError("--batching bm25 fixes its own batch order: do not use --fix-batches-to-gpus")
+        batches = chain_batches(self.chain, self.batch_size, self.group_size(epoch), self.seed, epoch, shuffle)
+        batches = list(iterators.ShardedIterator(batches, self.num_shards, self.shard_id, fill_value=[]))
+        if getattr(self.dataset, "supports_prefetch", False):
+            self.dataset.prefetch([i for b in batches for i in b])
+        return batches
+
+
+def validate_options(cfg) -> None:
+    """Errors for option combinations that cannot work (called by the task)."""
+    batching = getattr(cfg, "batching", "shuffled")
+    order = getattr(cfg, "bm25_order", None)
+    if batching == "bm25" and not order:
+        raise ValueError("--batching bm25 needs --bm25-order FILE (made by trime-bm25-batches)")
+    if order and batching != "bm25":
+        raise ValueError("--bm25-order needs --batching bm25")
+
+
+def _update_freq(task) -> List[int]:
+    try:
+        value = getattr(task.args, "update_freq", None)
+    except Exception as e:  # an unresolved ${optimization.update_freq}
+        raise ValueError(f"--batching bm25 cannot read --update-freq from the task config ({e})") from None
+    if value is None or isinstance(value, str):  # absent, or an interpolation outside a full config
+        raise ValueError("--batching bm25 needs --update-freq in the task config (optimization.update_freq); "
+                         f"got {value!r}")
+    value = [int(value)] if isinstance(value, int) else [int(v) for v in value]
+    if not value or min(value) < 1:
+        raise ValueError(f"--update-freq must be >= 1, got {value}")
+    return value
+
+
+def _batch_size(dataset, max_tokens: Optional[int], max_sentences: Optional[int], multiple: int) -> int:
+    longest = int(np.max(dataset.sizes)) if len(dataset) else 1
+    sizes = [s for s in (max_sentences, (max_tokens // longest) if max_tokens else None) if s is not None]
+    if not sizes:
+        raise ValueError("--batching bm25 needs --batch-size or --max-tokens")
+    size = min(sizes)
+    if multiple > 1 and size >= multiple:
+        size -= size % multiple
+    if size < 1:
+        raise ValueError(f"--max-tokens {max_tokens} is smaller than one segment ({longest} tokens)")
+    return size
+
+
+def _order_file(task, path: str):
+    """(order, header) of ``path``, read once per task."""
+    cache = getattr(task, "_trime_bm25_order", None)
+    if cache is None or cache[0] != path:
+        order, meta = read_order_file(path)
+        cache = task._trime_bm25_order = (path, order, meta)
+    return cache[1], cache[2]
+
+
+def load_order(task, path: str, dataset) -> np.ndarray:
+    """The chain of ``path``, checked against the training dataset and the task."""
+    order, meta = _order_file(task, path)
+    problems = []
+    if meta["num_segments"] != len(dataset):
+        problems.append(f"{meta['num_segments']} segments vs {len(dataset)} in the training set")
+    for key in ("tokens_per_sample", "sample_break_mode"):
+        mine = getattr(task.args, key, None)
+        if key in meta and mine is not None and str(meta[key]) != str(mine):
+            problems.append(f"--{key.replace('_', '-')} {meta[key]} vs {mine}")
+    if "num_tokens" in meta and int(np.sum(dataset.sizes)) != meta["num_tokens"]:
+        problems.append(f"{meta['num_tokens']} tokens vs {int(np.sum(dataset.sizes))}")
+    if "dictionary_sha256" in meta and meta["dictionary_sha256"] != dictionary_checksum(task.source_dictionary):
+        problems.append("a different dictionary")
+    if problems:
+        raise ValueError(f"--bm25-order {path} was built for other training data: " + "; ".join(problems)
+                         + ". Rebuild it with trime-bm25-batches and the training options.")
+    return order
+
+
+@register_batching("bm25")
+def bm25_batch_iterator(task, dataset, max_tokens=None, max_sentences=None, max_positions=None,
+                        ignore_invalid_inputs=False, required_batch_size_multiple=1, seed=1, num_shards=1,
+                        shard_id=0, num_workers=0, epoch=1, data_buffer_size=0, disable_iterator_cache=False,
+                        skip_remainder_batch=False, grouped_shuffling=False, update_epoch_batch_itr=False):
+    kwargs = dict(max_tokens=max_tokens, max_sentences=max_sentences, max_positions=max_positions,
+                  ignore_invalid_inputs=ignore_invalid_inputs,
+                  required_batch_size_multiple=required_batch_size_multiple, seed=seed, num_shards=num_shards,
+                  shard_id=shard_id, num_workers=num_workers, epoch=epoch, data_buffer_size=data_buffer_size,
+                  disable_iterator_cache=disable_iterator_cache, skip_remainder_batch=skip_remainder_batch,
+                  grouped_shuffling=grouped_shuffling, update_epoch_batch_itr=update_epoch_batch_itr)
+    path = getattr(task.args, "bm25_order", None)
+    if not path:
+        raise ValueError("--batching bm25 needs --bm25-order FILE (made by trime-bm25-batches)")
+    split = _order_file(task, path)[1].get("split", "train")
+    if task.datasets.get(split) is not dataset:  # validation / test / eval-lm: fairseq's order
+        logger.info(f"--batching bm25 reorders only the '{split}' split; this dataset keeps fairseq's order")
+        return LanguageModelingTask.get_batch_iterator(task, dataset, **kwargs)
+
+    can_reuse = not disable_iterator_cache and not update_epoch_batch_itr and task.can_reuse_epoch_itr(dataset)
+    if can_reuse and dataset in task.dataset_to_epoch_iter:
+        return task.dataset_to_epoch_iter[dataset]
+    chain = load_order(task, path, dataset)
+    if max_positions is not None:
+        kept = task.filter_indices_by_size(np.arange(len(dataset)), dataset, max_positions, ignore_invalid_inputs)
+        if len(kept) != len(dataset):
+            raise ValueError(f"{len(dataset) - len(kept)} training segments exceed the model's max positions "
+                             f"{max_positions}; --batching bm25 needs every segment")
+    batch_size = _batch_size(dataset, max_tokens, max_sentences, required_batch_size_multiple)
+    freqs = _update_freq(task)
+
+    def group_size(e: int) -> int:
+        return freqs[min(e, len(freqs)) - 1] * num_shards
+
+    dataset.set_epoch(epoch)
+    itr = ChainEpochBatchIterator(dataset, dataset.collater, chain, batch_size, group_size, seed=seed,
+                                  num_shards=num_shards, shard_id=shard_id, num_workers=num_workers, epoch=epoch,
+                                  buffer_size=data_buffer_size, skip_remainder_batch=skip_remainder_batch)
+    logger.info(f"bm25 batching: {len(chain)} segments, {batch_size} per batch, "
+                f"{group_size(epoch)} consecutive batches per update")
+    if can_reuse:
+        task.dataset_to_epoch_iter[dataset] = itr
+    return itr

@@ -1,0 +1,485 @@
+"""External memory: a FAISS datastore of (key, next token) pairs (kNN-LM, TRIMELM_ext).
+
+A datastore folder holds::
+
+    keys.f16        (N, d) float16 raw memmap -- g (``trime_key``) or f (``trime_feature``)
+    values.i32      (N,)   int32 next-token ids (int16 would overflow a 267k vocabulary)
+    index.faiss     FAISS index over the keys (ids 0..N-1 = rows of the memmaps)
+    datastore.json  metadata, written last: its presence marks a complete datastore
+
+Building (:class:`DatastoreWriter`) runs in stages that survive interruption:
+keys are written in chunks with a progress marker (``progress.json``, replaced
+atomically after the data it counts is flushed), the trained index and the
+partly filled index are saved atomically, and a rerun with the same settings
+resumes from the last marker. Until ``datastore.json`` exists the folder never
+loads as a datastore.
+
+Search (:meth:`Datastore.search`) answers with the project's
+:class:`~trime_fairseq.memory.sources.MemoryBatch`: scores are the inner product
+(``metric=ip``) or the negative squared L2 distance (``metric=l2``), not yet
+scaled, so callers apply temperatures and interpolation with
+:mod:`trime_fairseq.memory.mixing` (``memory_log_probs``, ``interpolate_memory``,
+``joint_log_probs``).
+"""
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import faiss
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from trime_fairseq.atomic import atomic_path, atomic_write_json
+from trime_fairseq.checksums import checkpoint_model_checksum, dictionary_checksum, is_checksum, model_checksum
+from trime_fairseq.memory import faiss_index as fi
+from trime_fairseq.memory.sources import MemoryBatch
+
+FORMAT, VERSION = "trime-datastore", 1
+KEYS, VALUES, INDEX, META, PROGRESS = "keys.f16", "values.i32", "index.faiss", "datastore.json", "progress.json"
+TRAINED, PARTIAL = "index.trained.faiss", "index.partial.faiss"
+KEY_DTYPE, VALUE_DTYPE = np.float16, np.int32
+KEY_TYPES = ("trime_key", "trime_feature")
+
+
+class DatastoreError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class DatastoreSpec:
+    """What a datastore holds and where its keys come from (part of its metadata)."""
+
+    dim: int
+    key_type: str  # trime_key (g) | trime_feature (f)
+    metric: str  # ip | l2
+    dictionary_size: int
+    dictionary_sha256: str
+    model_path: str
+    model_sha256: str
+    source: dict = field(default_factory=dict)  # split, context window, tokens per sample, ...
+
+    def __post_init__(self):
+        if self.dim < 1:
+            raise DatastoreError(f"key dimension must be >= 1, got {self.dim}")
+        if self.key_type not in KEY_TYPES:
+            raise DatastoreError(f"unknown key type '{self.key_type}', choose one of {KEY_TYPES}")
+        fi.metric_of(self.metric)
+
+
+# -- writing -------------------------------------------------------------------------------------
+
+class DatastoreWriter:
+    """Builds a datastore folder stage by stage: keys -> trained index -> filled index -> metadata."""
+
+    def __init__(self, path, spec: DatastoreSpec, capacity: int, overwrite: bool = False):
+        self.path, self.spec, self.capacity = Path(path), spec, int(capacity)
+        if self.capacity < 1:
+            raise DatastoreError("a datastore needs at least one key (the split has no scored positions)")
+        if (self.path / META).exists() and not overwrite:
+            raise DatastoreError(f"{self.path} already holds a complete datastore; pass --overwrite to rebuild it")
+        if overwrite:  # a complete datastore or an interrupted build: start again
+            for name in (META, PROGRESS, KEYS, VALUES, INDEX, TRAINED, PARTIAL):
+                if (self.path / name).exists():
+                    (self.path / name).unlink()
+        self.path.mkdir(parents=True, exist_ok=True)
+        identity = {"spec": asdict(spec), "capacity": self.capacity}
+        if (self.path / PROGRESS).exists():
+            self.progress = json.loads((self.path / PROGRESS).read_text())
+            theirs = {"spec": self.progress.get("spec"), "capacity": self.progress.get("capacity")}
+            if theirs != json.loads(json.dumps(identity)):
+                diff = _differences(theirs, identity)
+                raise DatastoreError(
+                    f"{self.path} holds an interrupted build with other settings ({diff}); delete the folder or "
+                    "rerun with the same checkpoint, data and options to resume it"
+                )
+            if self.progress["stage"] == "keys":
+                self._open_memmaps("r+", self.capacity)
+            else:
+                self._truncate(self.progress["rows"])
+                self._open_memmaps("r", self.progress["rows"])
+        else:
+            for name in (KEYS, VALUES, INDEX, TRAINED, PARTIAL):
+                if (self.path / name).exists():
+                    (self.path / name).unlink()
+            self._open_memmaps("w+", self.capacity)
+            self.progress = dict(identity, stage="keys", rows=0, batches=0)
+            self._save_progress()
+
+    # -- stage 1: keys and values -------------------------------------------------------------
+    @property
+    def stage(self) -> str:
+        return self.progress["stage"]
+
+    @property
+    def rows(self) -> int:
+        return int(self.progress["rows"])
+
+    @property
+    def batches_done(self) -> int:
+        return int(self.progress["batches"])
+
+    def add(self, keys, values) -> None:
+        """Append keys (n, d) and values (n,) after the rows written so far (uncommitted)."""
+        if self.stage != "keys":
+            raise DatastoreError(f"keys are complete (stage {self.stage}); cannot add more")
+        keys = _numpy(keys)
+        values = _numpy(values)
+        n = keys.shape[0]
+        if keys.ndim != 2 or keys.shape[1] != self.spec.dim:
+            raise DatastoreError(f"keys must be (n, {self.spec.dim}), got {keys.shape}")
+        if values.shape != (n,):
+            raise DatastoreError(f"values must be ({n},), got {values.shape}")
+        if n and (values.min() < 0 or values.max() >= self.spec.dictionary_size):
+            raise DatastoreError(f"values must be token ids in [0, {self.spec.dictionary_size})")
+        start = self._pending
+        if start + n > self.capacity:
+            raise DatastoreError(f"more keys than the datastore's capacity {self.capacity}")
+        self.keys[start:start + n] = keys.astype(KEY_DTYPE)
+        self.values[start:start + n] = values.astype(VALUE_DTYPE)
+        self._pending = start + n
+
+    def commit(self, batches_done: int) -> None:
+        """Flush the rows added so far, then record them (and the batches they came from)."""
+        self.keys.flush()
+        self.values.flush()
+        self.progress.update(rows=self._pending, batches=int(batches_done))
+        self._save_progress()
+
+    def finish_keys(self) -> int:
+        """End stage 1: the datastore holds exactly the committed rows. Returns N."""
+        if self.stage == "keys":
+            self.commit(self.batches_done)
+            if self.rows == 0:
+                raise DatastoreError("no keys were written")
+            self.progress["stage"] = "keys_done"
+            self._save_progress()
+            del self.keys, self.values
+            self._truncate(self.rows)
+            self._open_memmaps("r", self.rows)
+        return self.rows
+
+    # -- stage 2-3: index ---------------------------------------------------------------------------
+    def build_index(self, factory: str = "IVF4096,PQ64", ntrain: int = 1_000_000, seed: int = 1,
+                    add_chunk: int = 1_000_000, save_every: int = 10, use_gpu: bool = False,
+                    gpu_device: int = 0, progress_bar: bool = True) -> None:
+        """Train (on up to ``ntrain`` random keys) and fill the index, resumably."""
+        if self.stage == "keys":
+            raise DatastoreError("call finish_keys() before build_index()")
+        if self.stage == "indexed":
+            return
+        n, dim = self.rows, self.spec.dim
+        settings = dict(factory=factory, ntrain=int(ntrain), seed=int(seed))
+        if "index" in self.progress and self.progress["index"] != settings:
+            raise DatastoreError(
+                f"the interrupted build used index settings {self.progress['index']}, not {settings}; "
+                "rerun with the same --index-factory / --ntrain / --seed, or delete the folder"
+            )
+        fi.check_factory(factory, dim, n, ntrain)
+        placement = fi.GpuPlacement(gpu_device) if use_gpu else None
+        if self.stage == "keys_done":
+            self.progress["index"] = settings
+            index = fi.new_index(factory, dim, self.spec.metric)
+            if placement is not None:
+                index = placement.to_gpu(index)
+            if not index.is_trained:
+                sample = self._training_sample(ntrain, seed, progress_bar)
+                with tqdm(total=1, desc=f"train {factory} on {len(sample)} keys", disable=not progress_bar) as bar:
+                    t, cpu = time.time(), time.process_time()
+                    index.train(sample)
+                    bar.update(1)
+                self.progress.update(train_seconds=round(time.time() - t, 2),
+                                     train_cpu_seconds=round(time.process_time() - cpu, 2))
+                del sample
+            self._write_index(fi.to_cpu(index), TRAINED)
+            self.progress.update(stage="adding", added=0)
+            self._save_progress()
+        # stage "adding": continue from the last saved partial index
+        source = PARTIAL if self.progress["added"] > 0 else TRAINED
+        index = self._read_index(source)
+        if index.ntotal != self.progress["added"]:
+            raise DatastoreError(f"{source} holds {index.ntotal} keys but progress says {self.progress['added']}")
+        if placement is not None:
+            index = placement.to_gpu(index)
+        start = int(self.progress["added"])
+        chunks_since_save = 0
+        with tqdm(total=n, initial=start, desc="add keys", unit="key", disable=not progress_bar,
+                  mininterval=2.0) as bar:
+            while start < n:
+                stop = min(start + add_chunk, n)
+                index.add(fi.as_float32(self.keys[start:stop]))
+                bar.update(stop - start)
+                start = stop
+                chunks_since_save += 1
+                if start < n and chunks_since_save >= save_every:
+                    self._write_index(fi.to_cpu(index), PARTIAL)
+                    self.progress["added"] = start
+                    self._save_progress()
+                    chunks_since_save = 0
+        if index.ntotal != n:
+            raise DatastoreError(f"index holds {index.ntotal} keys after adding, expected {n}")
+        self._write_index(fi.to_cpu(index), INDEX)
+        self.progress.update(stage="indexed", added=n)
+        self._save_progress()
+
+    # -- stage 4: metadata -------------------------------------------------------------------------
+    def finalize(self, nprobe: Optional[int] = 32, extra: Optional[dict] = None) -> dict:
+        """Write datastore.json (the completion marker) and remove the build's leftovers."""
+        if self.stage != "indexed":
+            raise DatastoreError(f"cannot finalize at stage {self.stage}: build the index first")
+        index = self._read_index(INDEX)
+        if faiss.try_extract_index_ivf(index) is None:
+            nprobe = None
+        meta = dict(
+            format=FORMAT,
+            version=VERSION,
+            size=self.rows,
+            key_dtype="float16",
+            value_dtype="int32",
+            **asdict(self.spec),
+            index=dict(self.progress["index"], nprobe=nprobe, type=type(index).__name__),
+            created=time.strftime("%Y-%m-%d %H:%M:%S"),
+            **(extra or {}),
+        )
+        atomic_write_json(self.path / META, meta)
+        for name in (PROGRESS, TRAINED, PARTIAL):
+            if (self.path / name).exists():
+                (self.path / name).unlink()
+        return meta
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _open_memmaps(self, mode: str, rows: int) -> None:
+        self.keys = np.memmap(self.path / KEYS, dtype=KEY_DTYPE, mode=mode, shape=(rows, self.spec.dim))
+        self.values = np.memmap(self.path / VALUES, dtype=VALUE_DTYPE, mode=mode, shape=(rows,))
+        self._pending = int(self.progress["rows"]) if hasattr(self, "progress") else 0
+
+    def _truncate(self, rows: int) -> None:
+        for name, size in ((KEYS, rows * self.spec.dim * 2), (VALUES, rows * 4)):
+            if os.path.getsize(self.path / name) != size:
+                os.truncate(self.path / name, size)
+
+    def _save_progress(self) -> None:
+        atomic_write_json(self.path / PROGRESS, self.progress)
+
+    def _training_sample(self, ntrain: int, seed: int, progress_bar: bool) -> np.ndarray:
+        n = self.rows
+        if ntrain >= n:
+            rows = np.arange(n)
+        else:
+            rows = np.sort(np.random.default_rng(seed).choice(n, size=ntrain, replace=False))
+        sample = np.empty((len(rows), self.spec.dim), dtype=np.float32)
+        step = 65536
+        for i in tqdm(range(0, len(rows), step), desc="read training sample", disable=not progress_bar):
+            sample[i:i + step] = self.keys[rows[i:i + step]]
+        return sample
+
+    def _write_index(self, index, name: str) -> None:
+        with atomic_path(self.path / name) as tmp:
+            faiss.write_index(index, str(tmp))
+
+    def _read_index(self, name: str):
+        return _read_index(self.path / name)
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> str:
+    out = []
+    for key in sorted(set(a or {}) | set(b or {})):
+        x, y = (a or {}).get(key), (b or {}).get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            inner = _differences(x, y, f"{prefix}{key}.")
+            if inner:
+                out.append(inner)
+        elif x != y:
+            out.append(f"{prefix}{key}: {x!r} vs {y!r}")
+    return "; ".join(out)
+
+
+def _numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        if x.dtype == torch.bfloat16:
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _read_index(path: Path):
+    if not path.exists():
+        raise DatastoreError(f"missing FAISS index {path}")
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as e:
+        detail = str(e).strip()[:200]
+        raise DatastoreError(f"cannot read FAISS index {path} (truncated or corrupt?): {detail}") from None
+
+
+# -- reading --------------------------------------------------------------------------------------
+
+ModelRef = Union[str, dict, torch.nn.Module]
+
+
+class Datastore:
+    """A complete datastore: memmapped keys/values, FAISS index, metadata."""
+
+    def __init__(self, path: Path, meta: dict, keys: np.ndarray, values: np.ndarray, index, rescore: bool):
+        self.path, self.meta, self.keys, self.values, self.index = path, meta, keys, values, index
+        self.rescore = rescore
+        self.size, self.dim, self.metric = int(meta["size"]), int(meta["dim"]), meta["metric"]
+
+    @classmethod
+    def load(cls, path, expect_dim: Optional[int] = None, expect_dictionary=None,
+             expect_model: Optional[ModelRef] = None, expect_key_type: Optional[str] = None,
+             expect_metric: Optional[str] = None, nprobe: Optional[int] = None, rescore: bool = False,
+             use_gpu: bool = False, gpu_device: int = 0, check_values: bool = True) -> "Datastore":
+        """Open ``path``, refusing incomplete, truncated or mismatched datastores.
+
+        expect_dictionary: a fairseq Dictionary, a dict.txt path or a sha256.
+        expect_model: a checkpoint path, a sha256, a state dict or a model (same dtype as saved).
+        nprobe: lists probed per query (default: the value stored at build time).
+        rescore: re-rank the index's (PQ-approximate) hits with the stored keys.
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"datastore folder not found: {path}")
+        meta_path = path / META
+        if not meta_path.exists():
+            if (path / PROGRESS).exists():
+                state = json.loads((path / PROGRESS).read_text())
+                raise DatastoreError(
+                    f"{path} is an incomplete datastore (build interrupted at stage '{state.get('stage')}', "
+                    f"{state.get('rows')} keys written); rerun trime-build-datastore with the same arguments to resume"
+                )
+            raise DatastoreError(f"{path} is not a datastore (no {META})")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise DatastoreError(f"{meta_path} is unreadable: {e}") from None
+        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+            raise DatastoreError(f"{path}: unsupported datastore format {meta.get('format')} v{meta.get('version')}")
+        n, d = int(meta["size"]), int(meta["dim"])
+        _check_expectations(meta, path, expect_dim, expect_dictionary, expect_model, expect_key_type, expect_metric)
+        for name, size in ((KEYS, n * d * 2), (VALUES, n * 4)):
+            if not (path / name).exists():
+                raise DatastoreError(f"{path}: missing {name}")
+            actual = os.path.getsize(path / name)
+            if actual != size:
+                raise DatastoreError(f"{path / name} has {actual} bytes, expected {size} for {n} entries "
+                                     f"(truncated or from another build)")
+        keys = np.memmap(path / KEYS, dtype=KEY_DTYPE, mode="r", shape=(n, d))
+        values = np.memmap(path / VALUES, dtype=VALUE_DTYPE, mode="r", shape=(n,))
+        if check_values and n and (values.min() < 0 or values.max() >= meta["dictionary_size"]):
+            raise DatastoreError(f"{path / VALUES} holds ids outside [0, {meta['dictionary_size']}) (corrupt)")
+        index = _read_index(path / INDEX)
+        if index.ntotal != n or index.d != d:
+            raise DatastoreError(f"{path / INDEX} holds {index.ntotal} keys of dimension {index.d}, "
+                                 f"expected {n} of dimension {d}")
+        if index.metric_type != fi.metric_of(meta["metric"]):
+            raise DatastoreError(f"{path / INDEX} uses another metric than the metadata's '{meta['metric']}'")
+        if use_gpu:
+            index = fi.GpuPlacement(gpu_device).to_gpu(index)
+        store = cls(path, meta, keys, values, index, rescore)
+        store.set_nprobe(nprobe if nprobe is not None else meta["index"].get("nprobe"))
+        return store
+
+    def set_nprobe(self, nprobe: Optional[int]) -> None:
+        fi.set_nprobe(self.index, nprobe)
+
+    def search(self, queries, k: int, rescore: Optional[bool] = None) -> MemoryBatch:
+        """Top-k entries of each query: MemoryBatch(scores (Q, k) float32, values (Q, k) long, mask (Q, k) bool).
+
+        ``queries`` (Q, d), numpy or torch (results follow a tensor's device). Scores
+        are ``q·k`` (ip) or ``-|q - k|^2`` (l2), best first; missing hits (fewer than k
+        found) have mask False, score -inf and value 0.
+        """
+        device = queries.device if isinstance(queries, torch.Tensor) else torch.device("cpu")
+        scores, ids = self.search_ids(queries, k, rescore)
+        valid = ids >= 0
+        values = np.where(valid, self.values[np.where(valid, ids, 0)], 0)
+        return MemoryBatch(
+            torch.from_numpy(scores).to(device),
+            torch.from_numpy(values.astype(np.int64)).to(device),
+            torch.from_numpy(valid).to(device),
+        )
+
+    def search_ids(self, queries, k: int, rescore: Optional[bool] = None):
+        """Like :meth:`search`, with entry ids: scores (Q, k) float32 (-inf: none), ids (Q, k) int64 (-1: none)."""
+        q = fi.as_float32(_numpy(queries))
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must be (Q, {self.dim}), got {tuple(q.shape)}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        distances, ids = self.index.search(q, k)  # (Q, k), (Q, k)
+        if self.rescore if rescore is None else rescore:
+            scores = self.exact_scores(q, ids)
+            order = np.argsort(-scores, axis=1, kind="stable")
+            scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+        else:
+            scores = -distances if self.metric == "l2" else distances
+        return np.where(ids >= 0, scores, -np.inf).astype(np.float32), ids.astype(np.int64)
+
+    def exact_scores(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Scores of (Q, d) queries against the stored keys ``ids`` (Q, k): (Q, k) float32, -inf for id -1."""
+        q_count, k = ids.shape
+        out = np.full((q_count, k), -np.inf, dtype=np.float32)
+        rows = max(1, (1 << 24) // max(k * self.dim, 1))  # queries per chunk of gathered keys
+        for s in range(0, q_count, rows):
+            block = ids[s:s + rows]
+            valid = block >= 0
+            keys = self.keys[np.where(valid, block, 0)].astype(np.float32)  # (q, k, d)
+            qb = queries[s:s + rows, None, :]  # (q, 1, d)
+            if self.metric == "ip":
+                sc = np.einsum("qkd,qkd->qk", keys, np.broadcast_to(qb, keys.shape))
+            else:
+                sc = -np.square(keys - qb).sum(-1)
+            out[s:s + rows] = np.where(valid, sc, -np.inf)
+        return out
+
+
+def _check_expectations(meta, path, dim, dictionary, model, key_type, metric) -> None:
+    if dim is not None and int(dim) != int(meta["dim"]):
+        raise DatastoreError(f"{path}: keys have dimension {meta['dim']} but the model's queries have {dim}")
+    if key_type is not None and key_type != meta["key_type"]:
+        raise DatastoreError(f"{path}: keys are '{meta['key_type']}' but '{key_type}' queries were asked for")
+    if metric is not None and metric != meta["metric"]:
+        raise DatastoreError(f"{path}: index metric is '{meta['metric']}', not '{metric}'")
+    if dictionary is not None:
+        size, sha = _dictionary_fingerprint(dictionary)
+        if sha != meta["dictionary_sha256"] or (size is not None and size != meta["dictionary_size"]):
+            raise DatastoreError(
+                f"{path}: built with another dictionary ({meta['dictionary_size']} symbols, sha256 "
+                f"{meta['dictionary_sha256'][:12]}…) than the one given"
+                + (f" ({size} symbols, sha256 {sha[:12]}…)" if size is not None else f" (sha256 {sha[:12]}…)")
+                + ": its token ids would be wrong"
+            )
+    if model is not None:
+        sha = _model_fingerprint(model)
+        if sha != meta["model_sha256"]:
+            raise DatastoreError(
+                f"{path}: keys come from another model ({meta['model_path']}, state sha256 "
+                f"{meta['model_sha256'][:12]}…) than the one given (sha256 {sha[:12]}…); rebuild the datastore "
+                "with this checkpoint"
+            )
+
+
+def _dictionary_fingerprint(dictionary):
+    if isinstance(dictionary, (str, os.PathLike)) and is_checksum(str(dictionary)):
+        return None, str(dictionary)
+    if isinstance(dictionary, (str, os.PathLike)):
+        from fairseq.data import Dictionary
+
+        dictionary = Dictionary.load(str(dictionary))
+    return len(dictionary), dictionary_checksum(dictionary)
+
+
+def _model_fingerprint(model) -> str:
+    if isinstance(model, (str, os.PathLike)):
+        return str(model) if is_checksum(str(model)) else checkpoint_model_checksum(str(model))
+    if isinstance(model, torch.nn.Module):
+        return model_checksum(model.state_dict())
+    if isinstance(model, dict):
+        return model_checksum(model)
+    raise TypeError(f"expect_model must be a checkpoint path, a sha256, a state dict or a model, got {type(model)}")
