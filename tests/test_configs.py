@@ -20,7 +20,9 @@ CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").rglob("
 def test_config_composes_with_fairseq_defaults(path):
     GlobalHydra.instance().clear()
     hydra_init(path.stem)
-    with initialize_config_dir(config_dir=str(path.parent), version_base=None):
+    # version_base 1.1: fairseq itself still calls hydra.experimental.initialize, which later
+    # in-process callers (convert_namespace_to_omegaconf) need to stay allowed
+    with initialize_config_dir(config_dir=str(path.parent), version_base="1.1"):
         cfg = compose(config_name=path.stem, overrides=["task.data=/nonexistent"])
     add_defaults(cfg)
     assert cfg.common.user_dir == "trime_fairseq"
