@@ -157,7 +157,7 @@ def test_option_errors_are_clear():
     with pytest.raises(ValueError, match="cache size"):
         tiny_task(eval_memory="cache", cache_size=0)
     with pytest.raises(ValueError, match="unknown --eval-memory"):
-        memory_options(type("Cfg", (), {"eval_memory": "knn"})())
+        memory_options(type("Cfg", (), {"eval_memory": "bogus"})())
     with pytest.raises(ValueError, match="dimension"):
         keys = torch.randn(1, 3, 4)
         causal_memory(keys, torch.randn(1, 3, 5), torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.bool), 1.0)

@@ -388,6 +388,11 @@ class Datastore:
     def set_nprobe(self, nprobe: Optional[int]) -> None:
         fi.set_nprobe(self.index, nprobe)
 
+    def check(self, dim: Optional[int] = None, dictionary=None, model: Optional[ModelRef] = None,
+              key_type: Optional[str] = None, metric: Optional[str] = None) -> None:
+        """Refuse (DatastoreError) queries that do not fit this datastore; same checks as :meth:`load`."""
+        _check_expectations(self.meta, self.path, dim, dictionary, model, key_type, metric)
+
     def search(self, queries, k: int, rescore: Optional[bool] = None) -> MemoryBatch:
         """Top-k entries of each query: MemoryBatch(scores (Q, k) float32, values (Q, k) long, mask (Q, k) bool).
 

@@ -30,6 +30,10 @@ class MemoryBatch(NamedTuple):
         values = self.values.expand_as(self.mask)
         return MemoryBatch(self.scores[index], values[index], self.mask[index])
 
+    def scaled(self, factor: float) -> "MemoryBatch":
+        """The same entries with scores multiplied by ``factor`` (another temperature)."""
+        return MemoryBatch(self.scores * factor, self.values, self.mask)
+
     def flatten(self) -> "MemoryBatch":
         """(..., Q, M) -> (prod(...)*Q, M)."""
         m = self.mask.size(-1)

@@ -3,9 +3,10 @@
 Training: unchanged data pipeline; tells the criterion the update number (for
 the cross-entropy warm-up) and makes every model expose its memory keys.
 
-Evaluation: ``fairseq-eval-lm --task trime_lm --eval-memory {none,trime,cache}``
+Evaluation: ``fairseq-eval-lm --task trime_lm --eval-memory {none,trime,cache,knn,trime_ext}``
 routes the model's ``get_normalized_probs`` through
-:class:`~trime_fairseq.memory.eval_memory.EvalMemory`.
+:class:`~trime_fairseq.memory.eval_memory.EvalMemory` (knn / trime_ext: with the
+``--datastore`` of trime-build-datastore).
 """
 
 from dataclasses import dataclass, field
@@ -22,13 +23,18 @@ from trime_fairseq.data.consecutive import validate_options as validate_consecut
 from trime_fairseq.data.documents import DocumentBoundaries
 from trime_fairseq.data.eval_order import StreamOrderDataset
 from trime_fairseq.data.stream import enable_stream_memory, reset_stream_memory
-from trime_fairseq.memory.eval_memory import MODES, EvalMemory, MemoryOptions, attach_eval_memory
+from trime_fairseq.memory.eval_memory import MODES, MemoryOptions, attach_eval_memory, build_eval_memory
 from trime_fairseq.memory.keys import ensure_key_capture
 
+_LONG = {"long_memory_size", "memory_reset"}
+_CACHE = {"cache_lambda", "cache_theta", "cache_size"}
+_KNN = {"datastore", "knn_k", "knn_temperature", "knn_lambda", "knn_nprobe", "knn_rescore", "knn_gpu"}
 _OPTIONS_OF_MODE = {
     "none": set(),
-    "trime": {"memory_temperature", "long_memory_size", "memory_reset"},
-    "cache": {"cache_lambda", "cache_theta", "cache_size", "long_memory_size", "memory_reset"},
+    "trime": {"memory_temperature"} | _LONG,
+    "cache": _CACHE | _LONG,
+    "knn": _KNN | _CACHE | _LONG,
+    "trime_ext": {"memory_temperature"} | _KNN | _LONG,
 }
 
 
@@ -43,20 +49,48 @@ class TrimeLMConfig(LanguageModelingConfig):
         default="none",
         metadata={
             "help": "evaluation memory: none (plain LM), trime (Eq. 6 joint softmax over "
-            "vocabulary and memory), cache (continuous cache interpolation)"
+            "vocabulary and memory), cache (continuous cache interpolation), knn (kNN-LM over --datastore, "
+            "plus a cache with --cache-lambda), trime_ext (TRIMELM_ext: datastore entries join Eq. 6, then "
+            "Eq. 7-8 interpolation)"
         },
     )
     memory_temperature: Optional[float] = field(
         default=None, metadata={"help": "τ of Eq. 6 dividing memory similarities (trime; default 1.0)"}
     )
     cache_lambda: Optional[float] = field(
-        default=None, metadata={"help": "λ: weight of the cache distribution (cache; default 0.1)"}
+        default=None,
+        metadata={"help": "λ: weight of the cache distribution (cache: default 0.1; knn: default 0, no cache)"},
     )
     cache_theta: Optional[float] = field(
         default=None, metadata={"help": "θ: flatness of the cache distribution (cache; default 0.3)"}
     )
     cache_size: Optional[int] = field(
         default=None, metadata={"help": "number of previous tokens in the cache (cache; default: whole input row)"}
+    )
+    datastore: Optional[str] = field(
+        default=None,
+        metadata={"help": "knn / trime_ext: external memory folder written by trime-build-datastore"},
+    )
+    knn_k: Optional[int] = field(
+        default=None, metadata={"help": "knn / trime_ext: K entries retrieved per scored token (default 1024)"}
+    )
+    knn_temperature: Optional[float] = field(
+        default=None,
+        metadata={"help": "knn: T, p_kNN ∝ exp(score / T); trime_ext: τ' of Eq. 7 (default 1.0)"},
+    )
+    knn_lambda: Optional[float] = field(
+        default=None, metadata={"help": "knn / trime_ext: λ of the kNN interpolation, Eq. 8 (default 0.25)"}
+    )
+    knn_nprobe: Optional[int] = field(
+        default=None, metadata={"help": "knn / trime_ext: inverted lists probed (default: the datastore's)"}
+    )
+    knn_rescore: bool = field(
+        default=False,
+        metadata={"help": "knn / trime_ext: re-rank the index's hits with the exact stored keys (PQ codes are "
+        "approximate)"},
+    )
+    knn_gpu: bool = field(
+        default=False, metadata={"help": "knn / trime_ext: search the FAISS index on the GPU (faiss-gpu)"}
     )
     consecutive_segments: int = field(
         default=1,
@@ -92,8 +126,9 @@ def memory_options(cfg) -> MemoryOptions:
     mode = str(getattr(cfg, "eval_memory", "none"))
     if mode not in _OPTIONS_OF_MODE:
         raise ValueError(f"unknown --eval-memory '{mode}', choose one of {MODES}")
-    given = {
-        name for names in _OPTIONS_OF_MODE.values() for name in names if getattr(cfg, name, None) is not None
+    given = {  # flags left at None (or False) were not given
+        name for names in _OPTIONS_OF_MODE.values() for name in names
+        if getattr(cfg, name, None) is not None and getattr(cfg, name, None) is not False
     }
     unused = sorted(given - _OPTIONS_OF_MODE[mode])
     if unused:
@@ -108,11 +143,18 @@ def memory_options(cfg) -> MemoryOptions:
     return MemoryOptions(
         mode=mode,
         temperature=pick("memory_temperature", defaults.temperature),
-        cache_lambda=pick("cache_lambda", defaults.cache_lambda),
+        cache_lambda=getattr(cfg, "cache_lambda", None),
         cache_theta=pick("cache_theta", defaults.cache_theta),
         cache_size=pick("cache_size", defaults.cache_size),
         long_memory_size=pick("long_memory_size", defaults.long_memory_size),
         memory_reset=pick("memory_reset", defaults.memory_reset),
+        datastore=getattr(cfg, "datastore", None),
+        knn_k=pick("knn_k", defaults.knn_k),
+        knn_temperature=pick("knn_temperature", defaults.knn_temperature),
+        knn_lambda=pick("knn_lambda", defaults.knn_lambda),
+        knn_nprobe=getattr(cfg, "knn_nprobe", None),
+        knn_rescore=bool(getattr(cfg, "knn_rescore", False)),
+        knn_gpu=bool(getattr(cfg, "knn_gpu", False)),
     )
 
 
@@ -145,7 +187,7 @@ class TrimeLMTask(LanguageModelingTask):
         if self.trime_memory_options.mode != "none":
             options, dictionary = self.trime_memory_options, self.target_dictionary
             documents = DocumentBoundaries.from_dictionary(dictionary) if options.memory_reset == "document" else None
-            attach_eval_memory(model, EvalMemory(options, dictionary.pad(), documents=documents))
+            attach_eval_memory(model, build_eval_memory(options, dictionary, documents=documents))
         return model
 
     def begin_epoch(self, epoch, model):

@@ -1,0 +1,85 @@
+"""External memory at evaluation time: the K nearest datastore entries of each scored position.
+
+:class:`ExternalMemory` is the evaluation's handle on a datastore
+(:mod:`trime_fairseq.memory.datastore`). It opens the datastore when the task
+builds the model (missing files, another dictionary: an error before any
+forward pass), records the checksum of the checkpoint state fairseq loads into
+the model, and on the first search refuses a datastore whose keys come from
+another model or have another dimension.
+
+:meth:`ExternalMemory.search` answers with raw scores (``q·k`` for ``ip``,
+``-|q - k|²`` for ``l2``) in a :class:`~trime_fairseq.memory.sources.MemoryBatch`
+(Q, K); :class:`~trime_fairseq.memory.eval_memory.EvalMemory` scales them
+(1/T for kNN-LM, 1/(√d·τ) for TRIMELM_ext) and mixes them with
+:mod:`trime_fairseq.memory.mixing`, like every other memory.
+"""
+
+import types
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from trime_fairseq.checksums import model_checksum
+from trime_fairseq.memory.datastore import Datastore, DatastoreError
+from trime_fairseq.memory.sources import MemoryBatch
+
+
+class ExternalMemory:
+    """A datastore searched by the queries of one evaluation."""
+
+    def __init__(self, path: str, k: int, nprobe: Optional[int] = None, rescore: bool = False,
+                 use_gpu: bool = False, dictionary=None):
+        if k < 1:
+            raise ValueError(f"--knn-k must be >= 1, got {k}")
+        self.k = k
+        self.store = Datastore.load(path, expect_dictionary=dictionary, nprobe=nprobe, rescore=rescore,
+                                    use_gpu=use_gpu)
+        if k > self.store.size:
+            raise DatastoreError(f"--knn-k {k} asks for more neighbours than the datastore holds "
+                                 f"({self.store.size} entries)")
+        self.model = None  # the model whose keys query the datastore (see bind)
+        self.model_sha256: Optional[str] = None  # of the checkpoint state loaded into it
+        self._checked = False
+
+    @property
+    def key_type(self) -> str:
+        """Which representation the datastore's keys are: trime_key (g) or trime_feature (f)."""
+        return self.store.meta["key_type"]
+
+    @property
+    def metric(self) -> str:
+        return self.store.metric
+
+    @property
+    def dim(self) -> int:
+        return self.store.dim
+
+    def bind(self, model) -> None:
+        """Check searches against ``model``: remember the checksum of the state dict
+        fairseq loads into it (``fairseq-eval-lm`` loads the checkpoint after the task
+        builds the model); without one, the model's own state dict is checked."""
+        self.model = model
+        load = model.load_state_dict
+
+        def load_state_dict(module, state_dict, *args, **kwargs):
+            self.model_sha256 = model_checksum(state_dict)
+            self._checked = False
+            return load(state_dict, *args, **kwargs)
+
+        model.load_state_dict = types.MethodType(load_state_dict, model)
+
+    def check(self, queries: Tensor) -> None:
+        """Once per loaded model: the datastore fits these queries and this model."""
+        if self._checked:
+            return
+        self.store.check(dim=queries.size(-1), model=self.model_sha256 or self.model)
+        self._checked = True
+
+    def search(self, queries: Tensor) -> MemoryBatch:
+        """The K nearest entries of each query (Q, d): raw scores (Q, K) float32, values, mask."""
+        self.check(queries)
+        if queries.numel() == 0:
+            empty = torch.empty(0, self.k, device=queries.device)
+            return MemoryBatch(empty, empty.long(), empty.bool())
+        return self.store.search(queries.detach(), self.k)
