@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# External memory on WikiText-2 (docs/results.md): the TRIMELM_ext / kNN-LM pipeline on CPU.
+#   1. BM25 order of the 256-token training segments                  (trime-bm25-batches)
+#   2. train TRIMELM_ext: trime_ext_loss on the BM25 chain              (fairseq-hydra-train, configs/trime_ext)
+#      and the vanilla LM (the one of scripts/wikitext2_compare.sh, trained here if missing)
+#   3. a datastore of the training split for each model                 (trime-build-datastore)
+#      vanilla: g keys, L2 (kNN-LM); TRIMELM_ext: g keys, inner product (TRIME's sim)
+#   4. tune on valid                                                     (trime-tune)
+#      kNN-LM: T x λ; kNN-LM + cache: T x λ with the cache of scripts/wikitext2_compare.sh;
+#      TRIMELM_ext: τ x τ' x λ without long-term memory (the same values are used with it)
+#   5. fairseq-eval-lm on valid and test with the best options; table in $OUT/results.md
+#
+#   scripts/wikitext2_external.sh                 # UPDATES=200, as scripts/wikitext2_compare.sh
+#
+# Environment: UPDATES (200), OUT (runs/wikitext2-ext-$UPDATES), DATA (data-bin/wikitext-2), RAW (as in
+# wikitext2_compare.sh), VANILLA (checkpoint of the vanilla LM; default runs/wikitext2-$UPDATES/vanilla/
+# checkpoint_last.pt, trained when absent), K (neighbours, 1024), INDEX (FAISS factory, IVF1024,PQ32),
+# NPROBE (16), NTRAIN (keys to train the index, 200000), LONG (long-term memory of TRIMELM_ext, 1024),
+# EVAL_ARGS (256-token rows scored with 128 tokens of context, batch 8).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+UPDATES=${UPDATES:-200}
+OUT=${OUT:-runs/wikitext2-ext-$UPDATES}
+DATA=${DATA:-data-bin/wikitext-2}
+RAW=${RAW:-${TRIME_DATA:-../shared/data}/wikitext-2}
+VANILLA=${VANILLA:-runs/wikitext2-$UPDATES/vanilla/checkpoint_last.pt}
+K=${K:-1024}
+INDEX=${INDEX:-IVF1024,PQ32}
+NPROBE=${NPROBE:-16}
+NTRAIN=${NTRAIN:-200000}
+LONG=${LONG:-1024}
+EVAL_ARGS=${EVAL_ARGS:---tokens-per-sample 256 --context-window 128 --batch-size 8}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+mkdir -p "$OUT"
+
+if [ ! -f "$DATA/dict.txt" ]; then
+  if [ -f "$RAW/wiki.train.tokens" ]; then
+    scripts/prepare_wikitext.sh wikitext-2 "$DATA" "$RAW"
+  else
+    scripts/prepare_wikitext.sh wikitext-2 "$DATA"
+  fi
+fi
+
+# 1. BM25 chain of the training segments (L = 256, the config's tokens_per_sample)
+order="$OUT/bm25-256.order"
+[ -f "$order" ] || trime-bm25-batches --data "$DATA" --tokens-per-sample 256 --output "$order" \
+  --workers 2 --no-progress-bar > "$OUT/bm25.log" 2>&1
+
+# 2. training
+hydra_train() {  # name config-dir log overrides...
+  local log="$OUT/train_$1.log"
+  if [ ! -f "$OUT/$1/checkpoint_last.pt" ] || ! grep -q "done training" "$log" 2>/dev/null; then
+    echo "training $1 ($UPDATES updates) -> $log" >&2
+    fairseq-hydra-train --config-dir "$2" --config-name wikitext2_small task.data="$DATA" \
+      optimization.max_update="$UPDATES" checkpoint.save_dir="$OUT/$1" hydra.run.dir="$OUT/hydra_$1" "${@:3}" \
+      > "$log" 2>&1
+  fi
+}
+if [ ! -f "$VANILLA" ]; then
+  VANILLA="$OUT/vanilla/checkpoint_last.pt"
+  hydra_train vanilla configs/trime criterion._name=adaptive_loss & vanilla_pid=$!
+fi
+hydra_train trime_ext configs/trime_ext task.bm25_order="$order"
+wait ${vanilla_pid:-}
+ext="$OUT/trime_ext/checkpoint_last.pt"
+
+# 3. datastores over the training split (the evaluation's rows: 256 tokens, 128 of context)
+datastore() {  # checkpoint output metric
+  [ -f "$2/datastore.json" ] || trime-build-datastore --path "$1" --data "$DATA" --gen-subset train \
+    --tokens-per-sample 256 --context-window 128 --batch-size 8 --output "$2" --metric "$3" \
+    --index-factory "$INDEX" --ntrain "$NTRAIN" --nprobe "$NPROBE" --cpu --no-progress-bar > "$2.log" 2>&1
+}
+datastore "$VANILLA" "$OUT/dstore_vanilla" l2 & pids=($!)
+datastore "$ext" "$OUT/dstore_trime_ext" ip & pids+=($!)
+for pid in "${pids[@]}"; do wait "$pid"; done
+
+# 4. tuning on valid (one forward pass and one search per batch for the whole grid)
+best_flags() {  # name checkpoint args... -> best flags
+  trime-tune "$DATA" --user-dir trime_fairseq --task trime_lm --path "$2" --gen-subset valid --cpu \
+    --no-progress-bar $EVAL_ARGS "${@:3}" 2>"$OUT/tune_$1.err" | tee "$OUT/tune_$1.txt" \
+    | sed -n 's/^best: \(.*\)  (.*/\1/p'
+}
+knn="--datastore $OUT/dstore_vanilla --knn-k $K"
+trime_ext="--datastore $OUT/dstore_trime_ext --knn-k $K"
+cache_flags=${CACHE_FLAGS:-$(cat "runs/wikitext2-$UPDATES/best_cache.flags" 2>/dev/null || true)}
+cache_flags=${cache_flags:---eval-memory cache --cache-lambda 0.1 --cache-theta 0.3}
+cache_only=${cache_flags#--eval-memory cache }
+knn_grid="--knn-temperatures 1,2,5,10,20,50 --knn-lambdas 0.05,0.1,0.25,0.4,0.6"
+[ -s "$OUT/best_knn.flags" ] || best_flags knn "$VANILLA" --eval-memory knn $knn $knn_grid > "$OUT/best_knn.flags"
+[ -s "$OUT/best_knn_cache.flags" ] || best_flags knn_cache "$VANILLA" --eval-memory knn $knn $cache_only \
+  $knn_grid > "$OUT/best_knn_cache.flags"
+[ -s "$OUT/best_trime_ext.flags" ] || best_flags trime_ext "$ext" --eval-memory trime_ext $trime_ext \
+  --temperatures 0.5,1,2 --knn-temperatures 1,2,5,10 --knn-lambdas 0.1,0.25,0.4 > "$OUT/best_trime_ext.flags"
+for f in knn knn_cache trime_ext; do
+  [ -s "$OUT/best_$f.flags" ] || { echo "tuning $f failed: see $OUT/tune_$f.err" >&2; exit 1; }
+done
+
+# 5. evaluation with the best options
+eval_ppl() {  # name checkpoint split args...
+  [ -s "$OUT/ppl_$1_$3" ] || fairseq-eval-lm "$DATA" --user-dir trime_fairseq --task trime_lm --path "$2" \
+    --gen-subset "$3" --cpu $EVAL_ARGS "${@:4}" 2>&1 | tee "$OUT/eval_$1_$3.log" \
+    | grep -o "Perplexity: [0-9.]*" | cut -d' ' -f2 > "$OUT/ppl_$1_$3"
+}
+for split in valid test; do
+  eval_ppl vanilla "$VANILLA" $split & p1=$!
+  eval_ppl knn "$VANILLA" $split $(cat "$OUT/best_knn.flags") $knn & p2=$!
+  wait $p1 $p2
+  eval_ppl knn_cache "$VANILLA" $split $(cat "$OUT/best_knn_cache.flags") $knn & p1=$!
+  eval_ppl trime_ext_none "$ext" $split & p2=$!
+  wait $p1 $p2
+  eval_ppl trime_ext "$ext" $split $(cat "$OUT/best_trime_ext.flags") $trime_ext & p1=$!
+  eval_ppl trime_ext_long "$ext" $split $(cat "$OUT/best_trime_ext.flags") $trime_ext \
+    --long-memory-size "$LONG" & p2=$!
+  wait $p1 $p2
+done
+ppl() { cat "$OUT/ppl_$1_$2"; }
+row() { echo "| $1 | \`$2\` | $(ppl "$3" valid) | $(ppl "$3" test) |"; }
+{
+  echo "WikiText-2, $UPDATES updates x 2048 tokens, architecture trime_lm_wikitext2_small; eval: $EVAL_ARGS;"
+  echo "datastore: the training split (index $INDEX, nprobe $NPROBE, K = $K)"
+  echo
+  echo "| model | evaluation memory | valid ppl | test ppl |"
+  echo "|---|---|---|---|"
+  row "vanilla" "--eval-memory none" vanilla
+  row "vanilla: kNN-LM" "$(cat "$OUT/best_knn.flags")" knn
+  row "vanilla: kNN-LM + cache" "$(cat "$OUT/best_knn_cache.flags")" knn_cache
+  row "TRIMELM_ext" "--eval-memory none" trime_ext_none
+  row "TRIMELM_ext w/o long memory" "$(cat "$OUT/best_trime_ext.flags")" trime_ext
+  row "TRIMELM_ext (long memory $LONG)" "$(cat "$OUT/best_trime_ext.flags") --long-memory-size $LONG" \
+    trime_ext_long
+} | tee "$OUT/results.md"
