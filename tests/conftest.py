@@ -4,6 +4,7 @@ A test that needs the shared data fails (never skips) when CI=true and the data 
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,13 @@ def run_cli(args, cwd=ROOT, timeout=900, env=None):
     if proc.returncode != 0:
         pytest.fail(f"command failed ({proc.returncode}): {' '.join(map(str, args))}\n{output[-6000:]}")
     return output
+
+
+def perplexity(output: str) -> float:
+    """The perplexity fairseq-eval-lm printed."""
+    match = re.search(r"Perplexity: ([0-9.]+)", output)
+    assert match, output[-3000:]
+    return float(match.group(1))
 
 
 @pytest.fixture(scope="session")

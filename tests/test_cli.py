@@ -6,18 +6,12 @@ import re
 import subprocess
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, perplexity, run_cli
 
 TINY_MODEL = [
     "--arch", "trime_lm_wikitext2_small", "--decoder-layers", "2",
     "--decoder-embed-dim", "64", "--decoder-ffn-embed-dim", "128", "--decoder-attention-heads", "2",
 ]
-
-
-def perplexity(output: str) -> float:
-    match = re.search(r"Perplexity: ([0-9.]+)", output)
-    assert match, output[-3000:]
-    return float(match.group(1))
 
 
 @pytest.fixture(scope="module")

@@ -8,18 +8,12 @@ import re
 import subprocess
 
 import pytest
-from conftest import PYTHON, ROOT, run_cli
+from conftest import PYTHON, ROOT, perplexity, run_cli
 
 from trime_fairseq.cli import bm25_batches
 
 ENV = {"OMP_NUM_THREADS": "1"}
 EVAL = ["--gen-subset", "valid", "--tokens-per-sample", "64", "--context-window", "32"]
-
-
-def perplexity(output: str) -> float:
-    match = re.search(r"Perplexity: ([0-9.]+)", output)
-    assert match, output[-3000:]
-    return float(match.group(1))
 
 
 @pytest.fixture(scope="module")
