@@ -80,6 +80,7 @@ eval_ppl() {  # checkpoint split extra-args... -> perplexity (fairseq-eval-lm)
     echo
     echo "$split, long-term memory sweep:"
     cat "$OUT/sweep_$split/sweep.md" | tail -n +3
+    echo  # a blank line: two markdown tables, not one
     cat "$OUT/sweep_trime_$split/sweep.md" | tail -n +3
   done
 } | tee "$OUT/results.md"
