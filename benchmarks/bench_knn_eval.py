@@ -19,7 +19,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))  # normalised: fairseq compares --user-dir paths
 
 from trime_fairseq.cli.loading import eval_batches, eval_lm_config, load_eval_models  # noqa: E402
 
