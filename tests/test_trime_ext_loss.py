@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT
 from omegaconf import OmegaConf
 from test_trime_loss import full_token_scores
-from tiny_models import lm_sample, tiny_lm, tiny_task, trime_criterion
+from tiny_models import lm_sample, row_gradient, tiny_lm, tiny_task, trime_criterion
 
 from trime_fairseq.criterions.trime_ext_loss import MAX_DENSE_POSITIONS, TrimeExtLoss
 from trime_fairseq.memory.keys import TRIME_KEY, ensure_key_capture
@@ -190,22 +190,8 @@ def test_gradient_reaches_other_segments_through_the_model():
     task = tiny_task()
     model = tiny_lm(task)
     sample = lm_sample(task, bsz=2, tsz=6)
-    grads = {}
-    for name, crit in [("ext", ext_criterion(task, p=1.0)), ("local", trime_criterion(task))]:
-        captured = {}
-
-        def keep(module, inputs, output):
-            output.retain_grad()
-            captured["emb"] = output
-
-        handle = model.decoder.embed_tokens.register_forward_hook(keep)
-        trime, _, _, valid = crit.token_losses(model, sample)
-        handle.remove()
-        second = torch.zeros(2, 6, dtype=torch.bool)
-        second[1] = True
-        trime.masked_fill(~(valid & second.view(-1)), 0).sum().backward()
-        grads[name] = captured["emb"].grad[0].abs().sum()
-        model.zero_grad()
+    grads = {name: row_gradient(model, crit, sample, loss_row=1, grad_row=0)
+             for name, crit in [("ext", ext_criterion(task, p=1.0)), ("local", trime_criterion(task))]}
     assert grads["ext"] > 0 and grads["local"] == 0
 
 

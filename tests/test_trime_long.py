@@ -14,7 +14,7 @@ import torch
 from conftest import PYTHON, ROOT, run_cli
 from fairseq.data import Dictionary, ListDataset, MonolingualDataset, TokenBlockDataset
 from fairseq.sequence_scorer import SequenceScorer
-from tiny_models import lm_sample, tiny_lm, trime_criterion
+from tiny_models import lm_sample, row_gradient, tiny_lm, trime_criterion
 
 from trime_fairseq.criterions.trime_long_loss import TrimeLongLoss
 from trime_fairseq.data.consecutive import batches_for_epoch, segment_dataset
@@ -507,22 +507,8 @@ def test_gradient_reaches_the_earlier_segments():
     task = make_task(6, batching="consecutive", consecutive_segments=2)
     model = tiny_lm(task)
     sample = run_sample(task, runs=2)  # run 0: rows 0, 1
-    grads = {}
-    for name, crit in [("long", long_criterion(task)), ("local", trime_criterion(task))]:
-        captured = {}
-
-        def keep(module, inputs, output):
-            output.retain_grad()
-            captured["emb"] = output
-
-        handle = model.decoder.embed_tokens.register_forward_hook(keep)
-        trime, _, _, valid = crit.token_losses(model, sample)
-        handle.remove()
-        second = torch.zeros_like(valid).view(4, -1)
-        second[1] = True
-        trime.masked_fill(~(valid & second.view(-1)), 0).sum().backward()
-        grads[name] = captured["emb"].grad[0].abs().sum()
-        model.zero_grad()
+    grads = {name: row_gradient(model, crit, sample, loss_row=1, grad_row=0)
+             for name, crit in [("long", long_criterion(task)), ("local", trime_criterion(task))]}
     assert grads["long"] > 0 and grads["local"] == 0
 
 

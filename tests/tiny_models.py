@@ -71,3 +71,27 @@ def trime_criterion(task, **overrides) -> TrimeLoss:
     options = dict(ce_warmup_ratio=0.0, ce_warmup_updates=None, max_update=0, sentence_avg=False)
     options.update(overrides)
     return TrimeLoss(task, **options)
+
+
+def row_gradient(model, criterion, sample, loss_row: int, grad_row: int) -> float:
+    """|d(TRIME losses of row ``loss_row``) / d(input embeddings of row ``grad_row``)|, summed.
+
+    Rows of a batch never attend to each other, so this is non-zero only when the
+    criterion's memory links the two rows."""
+    captured = {}
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        captured["emb"] = output
+
+    handle = model.decoder.embed_tokens.register_forward_hook(keep)
+    try:
+        trime, _, _, valid = criterion.token_losses(model, sample)
+    finally:
+        handle.remove()
+    rows = torch.zeros_like(valid).view(sample["target"].size(0), -1)
+    rows[loss_row] = True
+    trime.masked_fill(~(valid & rows.view(-1)), 0).sum().backward()
+    grad = float(captured["emb"].grad[grad_row].abs().sum())
+    model.zero_grad()
+    return grad
