@@ -57,9 +57,12 @@ sweep() {  # split out-name path tau [baseline args...]
 }
 
 for split in valid test; do
-  sweep $split sweep_$split "$OUT/trime_long/checkpoint_last.pt" "$tau_long" \
-    --baseline-path "$OUT/vanilla/checkpoint_last.pt" --baseline-lambda "$lam" --baseline-theta "$theta"
-  sweep $split sweep_trime_$split "$OUT/trime/checkpoint_last.pt" "$tau" --label TRIMELM
+  for reset in never document; do  # memory across article ends or not (docs/results_long.md: both)
+    tag=$([ $reset = never ] && echo "" || echo "reset_")
+    sweep $split sweep_$tag$split "$OUT/trime_long/checkpoint_last.pt" "$tau_long" --memory-reset $reset \
+      --baseline-path "$OUT/vanilla/checkpoint_last.pt" --baseline-lambda "$lam" --baseline-theta "$theta"
+    sweep $split sweep_trime_$tag$split "$OUT/trime/checkpoint_last.pt" "$tau" --memory-reset $reset --label TRIMELM
+  done
 done
 
 eval_ppl() {  # checkpoint split extra-args... -> perplexity (fairseq-eval-lm)
@@ -77,10 +80,12 @@ eval_ppl() {  # checkpoint split extra-args... -> perplexity (fairseq-eval-lm)
   echo "| TRIMELM | none | $(eval_ppl "$OUT/trime/checkpoint_last.pt" valid) | $(eval_ppl "$OUT/trime/checkpoint_last.pt" test) |"
   echo "| TRIMELM_long | none | $(eval_ppl "$OUT/trime_long/checkpoint_last.pt" valid) | $(eval_ppl "$OUT/trime_long/checkpoint_last.pt" test) |"
   for split in valid test; do
-    echo
-    echo "$split, long-term memory sweep:"
-    cat "$OUT/sweep_$split/sweep.md" | tail -n +3
-    echo  # a blank line: two markdown tables, not one
-    cat "$OUT/sweep_trime_$split/sweep.md" | tail -n +3
+    for tag in "" reset_; do
+      echo
+      echo "$split, long-term memory sweep$([ -n "$tag" ] && echo ", memory reset at article ends"):"
+      cat "$OUT/sweep_$tag$split/sweep.md" | tail -n +3
+      echo  # a blank line: two markdown tables, not one
+      cat "$OUT/sweep_trime_$tag$split/sweep.md" | tail -n +3
+    done
   done
 } | tee "$OUT/results.md"
