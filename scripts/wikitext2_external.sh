@@ -33,13 +33,7 @@ EVAL_ARGS=${EVAL_ARGS:---tokens-per-sample 256 --context-window 128 --batch-size
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 
-if [ ! -f "$DATA/dict.txt" ]; then
-  if [ -f "$RAW/wiki.train.tokens" ]; then
-    scripts/prepare_wikitext.sh wikitext-2 "$DATA" "$RAW"
-  else
-    scripts/prepare_wikitext.sh wikitext-2 "$DATA"
-  fi
-fi
+scripts/ensure_wikitext2.sh "$DATA" "$RAW"
 
 # 1. BM25 chain of the training segments (L = 256, the config's tokens_per_sample)
 order="$OUT/bm25-256.order"

@@ -6,7 +6,7 @@
 #
 #   scripts/wikitext2_long.sh                      # UPDATES=300, OUT=runs/trime_long_wt2
 #
-# Environment: UPDATES (300), OUT (runs/trime_long_wt2), DATA (data-bin/wikitext-2; binarize it first with
+# Environment: UPDATES (300), OUT (runs/trime_long_wt2), DATA (data-bin/wikitext-2; binarized when missing, as
 # scripts/prepare_wikitext.sh wikitext-2 data-bin/wikitext-2 ../shared/data/wikitext-2), SIZES
 # (0,1024,4096,16384), EVAL_ARGS (256-token rows, 128 scored with 128 tokens of context, batch 8).
 set -euo pipefail
@@ -18,6 +18,7 @@ SIZES=${SIZES:-0,1024,4096,16384}
 EVAL_ARGS=${EVAL_ARGS:---tokens-per-sample 256 --context-window 128 --batch-size 8}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
+scripts/ensure_wikitext2.sh "$DATA" "${RAW:-${TRIME_DATA:-../shared/data}/wikitext-2}"
 CONFIG="--config-dir configs/trime_long --config-name wikitext2_small task.data=$DATA optimization.max_update=$UPDATES dataset.validate_interval_updates=0"
 SHUFFLED="task.batching=shuffled task.consecutive_segments=1 ~criterion.memory_block_size"
 
