@@ -1,7 +1,8 @@
 """Batch orders for ``trime_lm`` (``--batching NAME``).
 
-A batching is a function ``(task, dataset, **get_batch_iterator_kwargs) -> EpochBatchIterator``
-registered with :func:`register_batching`; ``shuffled`` (fairseq's own order) needs none.
+A batching is a function ``(task, dataset, **options) -> EpochBatchIterator`` registered with
+:func:`register_batching`; the task passes every argument of fairseq's ``get_batch_iterator`` by
+name (with fairseq's defaults), so a batching names the ones it reads and takes ``**_`` for the rest; ``shuffled`` (fairseq's own order) needs none.
 Each order lives in its own module of this package, imported below.
 """
 

@@ -140,34 +140,30 @@ def load_order(task, path: str, dataset) -> np.ndarray:
 
 
 @register_batching("bm25")
-def bm25_batch_iterator(task, dataset, max_tokens=None, max_sentences=None, max_positions=None,
-                        ignore_invalid_inputs=False, required_batch_size_multiple=1, seed=1, num_shards=1,
-                        shard_id=0, num_workers=0, epoch=1, data_buffer_size=0, disable_iterator_cache=False,
-                        skip_remainder_batch=False, grouped_shuffling=False, update_epoch_batch_itr=False):
-    kwargs = dict(max_tokens=max_tokens, max_sentences=max_sentences, max_positions=max_positions,
-                  ignore_invalid_inputs=ignore_invalid_inputs,
-                  required_batch_size_multiple=required_batch_size_multiple, seed=seed, num_shards=num_shards,
-                  shard_id=shard_id, num_workers=num_workers, epoch=epoch, data_buffer_size=data_buffer_size,
-                  disable_iterator_cache=disable_iterator_cache, skip_remainder_batch=skip_remainder_batch,
-                  grouped_shuffling=grouped_shuffling, update_epoch_batch_itr=update_epoch_batch_itr)
+def bm25_batch_iterator(task, dataset, **options):
+    """``options``: fairseq's get_batch_iterator arguments, by name (the task passes them all)."""
+    max_tokens, max_sentences, max_positions = options["max_tokens"], options["max_sentences"], options["max_positions"]
+    seed, num_shards, shard_id, epoch = options["seed"], options["num_shards"], options["shard_id"], options["epoch"]
     path = getattr(task.args, "bm25_order", None)
     if not path:
         raise ValueError("--batching bm25 needs --bm25-order FILE (made by trime-bm25-batches)")
     split = _order_file(task, path)[1].get("split", "train")
     if task.datasets.get(split) is not dataset:  # validation / test / eval-lm: fairseq's order
         logger.info(f"--batching bm25 reorders only the '{split}' split; this dataset keeps fairseq's order")
-        return LanguageModelingTask.get_batch_iterator(task, dataset, **kwargs)
+        return LanguageModelingTask.get_batch_iterator(task, dataset, **options)
 
-    can_reuse = not disable_iterator_cache and not update_epoch_batch_itr and task.can_reuse_epoch_itr(dataset)
+    can_reuse = (not options["disable_iterator_cache"] and not options["update_epoch_batch_itr"]
+                 and task.can_reuse_epoch_itr(dataset))
     if can_reuse and dataset in task.dataset_to_epoch_iter:
         return task.dataset_to_epoch_iter[dataset]
     chain = load_order(task, path, dataset)
     if max_positions is not None:
-        kept = task.filter_indices_by_size(np.arange(len(dataset)), dataset, max_positions, ignore_invalid_inputs)
+        kept = task.filter_indices_by_size(np.arange(len(dataset)), dataset, max_positions,
+                                           options["ignore_invalid_inputs"])
         if len(kept) != len(dataset):
             raise ValueError(f"{len(dataset) - len(kept)} training segments exceed the model's max positions "
                              f"{max_positions}; --batching bm25 needs every segment")
-    batch_size = _batch_size(dataset, max_tokens, max_sentences, required_batch_size_multiple)
+    batch_size = _batch_size(dataset, max_tokens, max_sentences, options["required_batch_size_multiple"])
     freqs = _update_freq(task)
 
     def group_size(e: int) -> int:
@@ -175,8 +171,9 @@ def bm25_batch_iterator(task, dataset, max_tokens=None, max_sentences=None, max_
 
     dataset.set_epoch(epoch)
     itr = ChainEpochBatchIterator(dataset, dataset.collater, chain, batch_size, group_size, seed=seed,
-                                  num_shards=num_shards, shard_id=shard_id, num_workers=num_workers, epoch=epoch,
-                                  buffer_size=data_buffer_size, skip_remainder_batch=skip_remainder_batch)
+                                  num_shards=num_shards, shard_id=shard_id, num_workers=options["num_workers"],
+                                  epoch=epoch, buffer_size=options["data_buffer_size"],
+                                  skip_remainder_batch=options["skip_remainder_batch"])
     logger.info(f"bm25 batching: {len(chain)} segments, {batch_size} per batch, "
                 f"{group_size(epoch)} consecutive batches per update")
     if can_reuse:

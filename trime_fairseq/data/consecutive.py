@@ -133,25 +133,8 @@ def batches_for_epoch(segments: SegmentDataset, runs_per: int, seed: int, epoch:
 
 
 @register_batching("consecutive")
-def consecutive_batches(
-    task,
-    dataset,
-    max_tokens=None,
-    max_sentences=None,
-    max_positions=None,
-    ignore_invalid_inputs=False,
-    required_batch_size_multiple=1,
-    seed=1,
-    num_shards=1,
-    shard_id=0,
-    num_workers=0,
-    epoch=1,
-    data_buffer_size=0,
-    disable_iterator_cache=False,
-    skip_remainder_batch=False,
-    grouped_shuffling=False,
-    update_epoch_batch_itr=False,
-):
+def consecutive_batches(task, dataset, *, max_tokens, max_sentences, max_positions, seed, num_shards, shard_id,
+                        num_workers, epoch, data_buffer_size, skip_remainder_batch, grouped_shuffling, **_):
     segments = segment_dataset(task, dataset)
     seg_len = int(task.args.tokens_per_sample)
     limit = max_positions if not isinstance(max_positions, (tuple, list)) else min(p for p in max_positions if p)

@@ -114,22 +114,8 @@ def _batch_size(task, max_tokens: Optional[int], max_sentences: Optional[int]) -
 
 
 @register_batching("stream")
-def stream_batches(
-    task,
-    dataset,
-    max_tokens=None,
-    max_sentences=None,
-    max_positions=None,
-    ignore_invalid_inputs=False,
-    required_batch_size_multiple=1,
-    seed=1,
-    num_shards=1,
-    shard_id=0,
-    num_workers=0,
-    epoch=1,
-    data_buffer_size=0,
-    **unused,
-):
+def stream_batches(task, dataset, *, max_tokens, max_sentences, seed, num_shards, shard_id, num_workers, epoch,
+                   data_buffer_size, **_):
     if isinstance(dataset, LMContextWindowDataset):
         raise ValueError(
             "--context-window does not combine with --batching stream: the recurrence memory gives "

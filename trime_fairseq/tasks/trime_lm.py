@@ -9,6 +9,7 @@ routes the model's ``get_normalized_probs`` through
 ``--datastore`` of trime-build-datastore).
 """
 
+import inspect
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -26,6 +27,7 @@ from trime_fairseq.data.stream import enable_stream_memory, reset_stream_memory
 from trime_fairseq.memory.eval_memory import MODES, MemoryOptions, attach_eval_memory, build_eval_memory
 from trime_fairseq.memory.keys import ensure_key_capture
 
+_BATCH_ITERATOR_SIGNATURE = inspect.signature(LanguageModelingTask.get_batch_iterator)
 _LONG = {"long_memory_size", "memory_reset"}
 _CACHE = {"cache_lambda", "cache_theta", "cache_size"}
 _KNN = {"datastore", "knn_k", "knn_temperature", "knn_lambda", "knn_nprobe", "knn_rescore", "knn_gpu"}
@@ -172,7 +174,12 @@ class TrimeLMTask(LanguageModelingTask):
         batching = BATCHINGS.get(self.args.batching)
         if batching is None:
             return super().get_batch_iterator(dataset, *args, **kwargs)
-        return batching(self, dataset, *args, **kwargs)
+        # fairseq passes its options positionally or by name: hand them over by name, with
+        # fairseq's defaults, so a batching declares only the ones it reads (and **_ for the rest)
+        call = _BATCH_ITERATOR_SIGNATURE.bind(self, dataset, *args, **kwargs)
+        call.apply_defaults()
+        options = {k: v for k, v in call.arguments.items() if k not in ("self", "dataset")}
+        return batching(self, dataset, **options)
 
     def eval_lm_dataloader(self, dataset, *args, context_window: int = 0, **kwargs):
         if self.trime_memory_options.uses_stream and context_window == 0:
