@@ -9,7 +9,8 @@ from setuptools import find_packages, setup
 setup(
     name="trime_fairseq",
     version="0.1.0",
-    description="TRIME, kNN-LM / kNN-MT, Transformer-XL, LaMemo, SPALM, LongMem as a fairseq plugin",
+    description="TRIME (local, long-term and external memory), continuous cache, kNN-LM, Transformer-XL and "
+    "LaMemo as a fairseq plugin",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
@@ -25,6 +26,7 @@ setup(
         "hydra-core==1.3.2",
         "omegaconf==2.3.0",
         "matplotlib",
+        "tensorboardX",  # fairseq's --tensorboard-logdir
     ],
     extras_require={
         # official faiss GPU wheels (same API as faiss-cpu); uninstall faiss-cpu after installing

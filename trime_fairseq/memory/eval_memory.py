@@ -64,7 +64,7 @@ from trime_fairseq.memory.mixing import fp32
 from trime_fairseq.memory.options import MODES, MemoryOptions  # noqa: F401  (re-exported)
 from trime_fairseq.memory.sources import MemoryBatch, concat_memory, scaled_dot
 from trime_fairseq.memory.stream import EvalStream, StreamBatch
-from trime_fairseq.memory.token_scores import all_token_scores, target_token_scores
+from trime_fairseq.memory.token_scores import all_token_log_probs, target_token_scores
 
 
 def local_key_names(options: MemoryOptions) -> Tuple[str, ...]:
@@ -411,13 +411,13 @@ class EvalMemory:
         if target is None or target.numel() != x.shape[0] * x.shape[1]:
             raise ValueError("the evaluation memory scores the positions of a sample with targets (the chunk's)")
         flat_target = target.reshape(-1)
-        scores, lse = all_token_scores(decoder, x, flat_target)  # (n, V), (n,)
-        out = fp32(scores) - fp32(lse).unsqueeze(-1)
+        out, lse = all_token_log_probs(decoder, x, flat_target)  # (n, V) the model's own, (n,)
         scored = flat_target.ne(self.pad).nonzero().squeeze(1)  # (k,) the rest is not scored by fairseq
         if scored.numel():
             comp = self.composition(self.options, state.extra)
             parts = state.parts(comp, self.options, start + scored)
-            out[scored] = full_log_probs(comp, scores[scored], lse[scored], parts)
+            token_scores = out[scored] + lse[scored].unsqueeze(-1)  # (k, V)
+            out[scored] = full_log_probs(comp, token_scores, lse[scored], parts)
         state.record_targets(start, flat_target)
         if state.done:
             self._commit(state)
@@ -461,7 +461,8 @@ class EvalMemory:
                 "step does not have: evaluate it with fairseq-eval-lm (or use --eval-memory knn without a cache)"
             )
         x = net_output[0][:, -1:]  # (B', 1, ·): EnsembleModel passes the last step already
-        scores, lse = all_token_scores(decoder, x)  # (B', V), (B',)
+        log_probs, lse = all_token_log_probs(decoder, x)  # (B', V), (B',)
+        scores = log_probs + lse.unsqueeze(-1)
         parts = {}
         if DATASTORE in comp.parts:
             keys = get_keys((None, extra), self.external.key_type)[:, -1]  # (B', d) the live queries

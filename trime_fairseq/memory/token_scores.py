@@ -58,12 +58,14 @@ def target_token_scores(decoder, net_output, target: Tensor) -> Tuple[Tensor, Te
     return score, torch.logsumexp(logits, dim=-1)
 
 
-def all_token_scores(decoder, x: Tensor, target: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """(N, V) token log-scores and (N,) log-partition for flat rows of ``x``.
+def all_token_log_probs(decoder, x: Tensor, target: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """(N, V) float32 token log-probabilities (a new tensor) and (N,) the log-partition of the
+    token term, for flat rows of ``x``: the token scores are ``log_probs + lse``.
 
     ``x`` is (..., V) logits or (..., d) features. With an adaptive softmax and a
     ``target``, only the target's cluster is filled (as fairseq does); the
-    partition is exact regardless.
+    partition is exact regardless. The cost is fairseq's own ``get_normalized_probs``
+    plus, with an adaptive softmax, the head's log-partition.
     """
     asm = _adaptive_softmax(decoder)
     if asm is not None:
@@ -71,6 +73,7 @@ def all_token_scores(decoder, x: Tensor, target: Optional[Tensor] = None) -> Tup
         tgt = target.reshape(1, -1) if target is not None else None
         log_probs = fp32(asm.get_log_prob(feats, tgt).reshape(-1, asm.vocab_size))
         head_lse = torch.logsumexp(fp32(asm.head(feats.reshape(-1, x.size(-1)))), dim=-1)
-        return log_probs.add_(head_lse.unsqueeze(-1)), head_lse
+        return log_probs, head_lse
     logits = fp32(x.reshape(-1, x.size(-1)))
-    return logits, torch.logsumexp(logits, dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    return logits - lse.unsqueeze(-1), lse
