@@ -114,6 +114,7 @@ class ForwardState:
         self._hit_row = torch.full((self.total,), -1, dtype=torch.long, device=self.device)
         self._sums: Dict[tuple, Tuple[Tensor, Tensor]] = {}
         self._sum_positions: Optional[Tensor] = None
+        self._target_scores: Optional[Tuple[Tensor, Tensor]] = None
 
     # -- positions --------------------------------------------------------------------------------
     def claim(self, x: Tensor) -> int:
@@ -251,6 +252,13 @@ class ForwardState:
                 torch.cat([self._hits.mask, found.mask]))
             self._hit_row[missing] = torch.arange(start, start + missing.numel(), device=self.device)
         return self._hits.rows(self._hit_row[positions])
+
+    def target_scores(self, decoder, net_output, target: Tensor) -> Tuple[Tensor, Tensor]:
+        """(token score of the target, token log-partition), each (B·T,): once per forward, whatever
+        the options (tuning asks for them at every grid point)."""
+        if self._target_scores is None:
+            self._target_scores = target_token_scores(decoder, net_output, target)
+        return self._target_scores
 
     # -- gathering for a composition --------------------------------------------------------------
     def parts(self, comp: Composition, options: MemoryOptions, positions: Tensor) -> Dict[str, MemoryBatch]:
@@ -411,13 +419,15 @@ class EvalMemory:
         if target is None or target.numel() != x.shape[0] * x.shape[1]:
             raise ValueError("the evaluation memory scores the positions of a sample with targets (the chunk's)")
         flat_target = target.reshape(-1)
-        out, lse = all_token_log_probs(decoder, x, flat_target)  # (n, V) the model's own, (n,)
         scored = flat_target.ne(self.pad).nonzero().squeeze(1)  # (k,) the rest is not scored by fairseq
+        out, lse = all_token_log_probs(decoder, x, flat_target, rows=scored)  # (n, V) the model's own, (k,)
         if scored.numel():
             comp = self.composition(self.options, state.extra)
             parts = state.parts(comp, self.options, start + scored)
-            token_scores = out[scored] + lse[scored].unsqueeze(-1)  # (k, V)
-            out[scored] = full_log_probs(comp, token_scores, lse[scored], parts)
+            # mix in place, on views of out: the scored rows form a few runs (one per input row)
+            for a, b in _runs(scored):
+                full_log_probs(comp, out[int(scored[a]): int(scored[b - 1]) + 1], lse[a:b],
+                               {name: part.span(a, b) for name, part in parts.items()})
         state.record_targets(start, flat_target)
         if state.done:
             self._commit(state)
@@ -432,7 +442,7 @@ class EvalMemory:
         self._check_external(options)
         target = sample["target"]
         state = self._forward(net_output, sample)
-        score, lse = target_token_scores(decoder, net_output, target)  # (B·T,)
+        score, lse = state.target_scores(decoder, net_output, target)  # (B·T,)
         out = fp32(score) - fp32(lse)
         flat_target = target.reshape(-1)
         scored = flat_target.ne(self.pad).nonzero().squeeze(1)
@@ -462,12 +472,18 @@ class EvalMemory:
             )
         x = net_output[0][:, -1:]  # (B', 1, ·): EnsembleModel passes the last step already
         log_probs, lse = all_token_log_probs(decoder, x)  # (B', V), (B',)
-        scores = log_probs + lse.unsqueeze(-1)
         parts = {}
         if DATASTORE in comp.parts:
             keys = get_keys((None, extra), self.external.key_type)[:, -1]  # (B', d) the live queries
             parts[DATASTORE] = self.external.search(keys)
-        return full_log_probs(comp, scores, lse, parts).view(x.shape[0], 1, -1)
+        return full_log_probs(comp, log_probs, lse, parts).view(x.shape[0], 1, -1)
+
+
+def _runs(index: Tensor):
+    """Maximal runs of consecutive values of a sorted index (k,): [(a, b), ...] positions in ``index``."""
+    breaks = (index[1:] != index[:-1] + 1).nonzero().squeeze(1) + 1
+    bounds = [0] + breaks.tolist() + [index.numel()]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def build_eval_memory(options: MemoryOptions, dictionary, documents=None, stream_keys=None,

@@ -30,6 +30,11 @@ class MemoryBatch(NamedTuple):
         values = self.values.expand_as(self.mask)
         return MemoryBatch(self.scores[index], values[index], self.mask[index])
 
+    def span(self, start: int, stop: int) -> "MemoryBatch":
+        """Query rows start..stop of a flattened (Q, M) batch, as views."""
+        values = self.values if self.values.size(0) == 1 else self.values[start:stop]
+        return MemoryBatch(self.scores[start:stop], values, self.mask[start:stop])
+
     def scaled(self, factor: float) -> "MemoryBatch":
         """The same entries with scores multiplied by ``factor`` (another temperature)."""
         return MemoryBatch(self.scores * factor, self.values, self.mask)
