@@ -32,6 +32,7 @@ from trime_fairseq.models.recurrent_decoder import (
     fill_defaults,
     head_dim_of,
 )
+from trime_fairseq.models.dropout import Dropout
 from trime_fairseq.models.recurrent_memory import MemoryState
 from trime_fairseq.models.relative_attention import RelativeMultiheadAttention, relative_attention
 
@@ -52,7 +53,7 @@ class TransformerXLLayer(nn.Module):
         )
         self.attn_norm = nn.LayerNorm(dim)
         self.ffn = FeedForwardBlock(dim, cfg.decoder_ffn_embed_dim, cfg.dropout, cfg.decoder_normalize_before)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.normalize_before = cfg.decoder_normalize_before
 
     def attention_input(self, mem: Optional[Tensor], x: Tensor) -> Tensor:
