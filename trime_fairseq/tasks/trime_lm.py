@@ -29,14 +29,14 @@ from trime_fairseq.data.eval_order import StreamOrderDataset
 from trime_fairseq.data.stream import enable_stream_memory, reset_stream_memory
 from trime_fairseq.memory.eval_memory import attach_eval_memory, build_eval_memory
 from trime_fairseq.memory.keys import ensure_key_capture, require_keys
-from trime_fairseq.memory.options import MODES, OPTIONS_OF_MODE, MemoryOptions
+from trime_fairseq.memory.options import MODES
+from trime_fairseq.tasks.memory_config import LocalMemoryConfig, RetrievalMemoryConfig, memory_options  # noqa: F401
 
 _BATCH_ITERATOR_SIGNATURE = inspect.signature(LanguageModelingTask.get_batch_iterator)
-_MEMORY_FLAGS = sorted(set().union(*OPTIONS_OF_MODE.values()))
 
 
 @dataclass
-class TrimeLMConfig(LanguageModelingConfig):
+class TrimeLMConfig(LanguageModelingConfig, LocalMemoryConfig, RetrievalMemoryConfig):
     batching: str = field(
         default="shuffled",
         metadata={"help": "order of training segments in batches: shuffled (fairseq's default) or a "
@@ -51,49 +51,6 @@ class TrimeLMConfig(LanguageModelingConfig):
             "Eq. 7-8 interpolation)"
         },
     )
-    memory_temperature: Optional[float] = field(
-        default=None, metadata={"help": "τ of Eq. 6 dividing memory similarities (trime; default 1.0)"}
-    )
-    cache_lambda: Optional[float] = field(
-        default=None,
-        metadata={"help": "λ: weight of the cache distribution (cache: default 0.1; knn: default 0, no cache)"},
-    )
-    cache_theta: Optional[float] = field(
-        default=None, metadata={"help": "θ: flatness of the cache distribution (cache; default 0.3)"}
-    )
-    cache_size: Optional[int] = field(
-        default=None, metadata={"help": "number of previous tokens in the cache (cache; default: whole input row)"}
-    )
-    datastore: Optional[str] = field(
-        default=None,
-        metadata={"help": "knn / trime_ext: external memory folder written by trime-build-datastore"},
-    )
-    knn_k: Optional[int] = field(
-        default=None, metadata={"help": "knn / trime_ext: K entries retrieved per scored token (default 1024)"}
-    )
-    knn_temperature: Optional[float] = field(
-        default=None, metadata={"help": "knn: T, p_kNN ∝ exp(score / T) (default 1.0)"},
-    )
-    knn_lambda: Optional[float] = field(
-        default=None, metadata={"help": "knn: λ, (1-λ) p_LM + λ p_kNN (default 0.25)"}
-    )
-    interpolation_temperature: Optional[float] = field(
-        default=None, metadata={"help": "trime_ext: τ' of Eq. 7, P' ∝ Σ exp(g·g_j / (√d τ')) (default 1.0)"},
-    )
-    interpolation_lambda: Optional[float] = field(
-        default=None, metadata={"help": "trime_ext: λ of Eq. 8, (1-λ) P + λ P' (default 0.25)"}
-    )
-    knn_nprobe: Optional[int] = field(
-        default=None, metadata={"help": "knn / trime_ext: inverted lists probed (default: the datastore's)"}
-    )
-    knn_rescore: bool = field(
-        default=False,
-        metadata={"help": "knn / trime_ext: re-rank the index's hits with the exact stored keys (PQ codes are "
-        "approximate)"},
-    )
-    knn_gpu: bool = field(
-        default=False, metadata={"help": "knn / trime_ext: search the FAISS index on the GPU (faiss-gpu)"}
-    )
     consecutive_segments: int = field(
         default=1,
         metadata={"help": "--batching consecutive: m, consecutive segments of one document per run "
@@ -104,16 +61,6 @@ class TrimeLMConfig(LanguageModelingConfig):
         metadata={"help": "--batching consecutive: cut runs from the whole split, across document ends "
         "(default: runs stay inside WikiText ' = Title = ' documents)"},
     )
-    long_memory_size: Optional[int] = field(
-        default=None,
-        metadata={"help": "trime / cache: also keep the N stream tokens before each input row in memory, "
-        "across batches (TRIMELM_long evaluation; default 0: the input row only)"},
-    )
-    memory_reset: Optional[str] = field(
-        default=None,
-        metadata={"help": "trime / cache: 'document' limits the memory to the position's own document "
-        "(WikiText headings), 'never' (default) does not"},
-    )
     bm25_order: Optional[str] = field(
         default=None,
         metadata={"help": "--batching bm25: chain of the training segments written by trime-bm25-batches "
@@ -121,15 +68,6 @@ class TrimeLMConfig(LanguageModelingConfig):
     )
     # read by --batching bm25 (one update = update_freq x world size consecutive batches); not an option
     update_freq: List[int] = II("optimization.update_freq")
-
-
-def memory_options(cfg) -> MemoryOptions:
-    """MemoryOptions from a task config: the flags set (not None / False) are validated by
-    :meth:`MemoryOptions.from_flags` (a flag the mode does not use is an error)."""
-    mode = str(getattr(cfg, "eval_memory", "none"))
-    given = {name: getattr(cfg, name) for name in _MEMORY_FLAGS
-             if getattr(cfg, name, None) is not None and getattr(cfg, name, None) is not False}
-    return MemoryOptions.from_flags(mode, given)
 
 
 @register_task("trime_lm", dataclass=TrimeLMConfig)
