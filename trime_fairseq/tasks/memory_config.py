@@ -81,8 +81,8 @@ class LocalMemoryConfig(FairseqDataclass):
     )
 
 
-RETRIEVAL_FLAGS = frozenset(f.name for f in fields(RetrievalMemoryConfig))
-LOCAL_FLAGS = frozenset(f.name for f in fields(LocalMemoryConfig))
+RETRIEVAL_FLAGS = frozenset(f.name for f in fields(RetrievalMemoryConfig) if not f.name.startswith("_"))
+LOCAL_FLAGS = frozenset(f.name for f in fields(LocalMemoryConfig) if not f.name.startswith("_"))
 
 
 def memory_options(cfg, flags=RETRIEVAL_FLAGS | LOCAL_FLAGS) -> MemoryOptions:
