@@ -9,7 +9,6 @@ routes the model's ``get_normalized_probs`` through
 ``--datastore`` of trime-build-datastore).
 """
 
-import inspect
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -21,7 +20,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 from omegaconf import II
 
-from trime_fairseq.data import BATCHINGS, batching_names
+from trime_fairseq.data import batch_iterator, batching_names
 from trime_fairseq.data.bm25_batching import validate_options as validate_bm25_options
 from trime_fairseq.data.consecutive import validate_options as validate_consecutive_options
 from trime_fairseq.data.documents import DocumentBoundaries
@@ -32,7 +31,6 @@ from trime_fairseq.memory.keys import ensure_key_capture, require_keys
 from trime_fairseq.memory.options import MODES
 from trime_fairseq.tasks.memory_config import LocalMemoryConfig, RetrievalMemoryConfig, memory_options  # noqa: F401
 
-_BATCH_ITERATOR_SIGNATURE = inspect.signature(LanguageModelingTask.get_batch_iterator)
 
 
 @dataclass
@@ -81,15 +79,7 @@ class TrimeLMTask(LanguageModelingTask):
         validate_bm25_options(args)
 
     def get_batch_iterator(self, dataset, *args, **kwargs):
-        batching = BATCHINGS.get(self.args.batching)
-        if batching is None:
-            return super().get_batch_iterator(dataset, *args, **kwargs)
-        # fairseq passes its options positionally or by name: hand them over by name, with
-        # fairseq's defaults, so a batching declares only the ones it reads (and **_ for the rest)
-        call = _BATCH_ITERATOR_SIGNATURE.bind(self, dataset, *args, **kwargs)
-        call.apply_defaults()
-        options = {k: v for k, v in call.arguments.items() if k not in ("self", "dataset")}
-        return batching(self, dataset, **options)
+        return batch_iterator(self, self.args.batching, dataset, super().get_batch_iterator, args, kwargs)
 
     def load_dataset(self, split: str, epoch=1, combine=False, **kwargs):
         """fairseq's split, refused with the file named when it holds no tokens (fairseq would
