@@ -74,10 +74,10 @@ say "evaluating 4 models x {valid, test} with fairseq-eval-lm"
 for split in valid test; do
   evaluate vanilla "$vanilla" $split & p1=$!
   evaluate cache "$vanilla" $split $cache_flags & p2=$!
-  wait $p1 && wait $p2
+  wait $p1; wait $p2
   evaluate trime_none "$trime" $split & p1=$!
   evaluate trime "$trime" $split $trime_flags & p2=$!
-  wait $p1 && wait $p2
+  wait $p1; wait $p2
 done
 ppl() { cat "$OUT/ppl_$1_$2"; }
 
