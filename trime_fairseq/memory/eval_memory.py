@@ -102,7 +102,6 @@ class ForwardState:
         self.total = self.bsz * self.tsz
         self.device = keys.device
         self.next_position = 0  # the next --softmax-batch chunk starts here
-        self.targets = torch.full((self.total,), memory.pad, dtype=torch.long, device=self.device)
         self.sample = sample
         self.stream_batch: Optional[StreamBatch] = None
         if memory.stream is not None:
@@ -135,10 +134,9 @@ class ForwardState:
         return self.next_position == self.total
 
     def record_targets(self, start: int, target: Tensor) -> None:
-        target = target.reshape(-1)
-        self.targets[start : start + target.numel()] = target
+        """Targets of flat positions [start, start + n): the stream commits the batch with them."""
         if self.stream_batch is not None:
-            self.stream_batch.add_targets(start, target)
+            self.stream_batch.add_targets(start, target.reshape(-1))
 
     # -- the local memory: the scored row, the stream ---------------------------------------------
     def _src_tokens(self) -> Tensor:
@@ -163,7 +161,7 @@ class ForwardState:
             self._local_rows = (flat, index)
         return self._local_rows
 
-    def _keys(self, name: str) -> Tensor:
+    def keys(self, name: str) -> Tensor:
         return get_keys((None, self.extra), name)  # (B, T, d)
 
     def _row_raw(self, name: str) -> Tensor:
@@ -171,7 +169,7 @@ class ForwardState:
         key = ("row", name)
         if key not in self._raw:
             flat, _ = self.local_rows()
-            keys = self._keys(name)
+            keys = self.keys(name)
             rows = flat // self.tsz
             out = fp32(keys).new_empty(flat.numel(), self.tsz)
             for b in rows.unique().tolist():  # one (n_b, d) x (d, T) product per row
@@ -186,7 +184,7 @@ class ForwardState:
         key = ("long", name)
         if key not in self._raw:
             flat, _ = self.local_rows()
-            keys = self._keys(name)
+            keys = self.keys(name)
             queries = keys.reshape(-1, keys.size(-1))[flat]
             buffer = self.memory.stream.buffer(name)
             batch = self.stream_batch
@@ -244,7 +242,7 @@ class ForwardState:
         """Raw datastore hits (n, K) of flat ``positions``; each position is searched once."""
         missing = positions[self._hit_row[positions] < 0].unique()
         if missing.numel():
-            keys = self._keys(self.memory.external.key_type)
+            keys = self.keys(self.memory.external.key_type)
             found = self.memory.external.search(keys.reshape(-1, keys.size(-1))[missing])
             start = 0 if self._hits is None else self._hits.mask.size(0)
             self._hits = found if self._hits is None else MemoryBatch(
@@ -359,7 +357,7 @@ class EvalMemory:
 
     def _commit(self, state: ForwardState) -> None:
         if state.stream_batch is not None:
-            self.stream.commit(state.stream_batch, {name: state._keys(name) for name in self.stream.buffers})
+            self.stream.commit(state.stream_batch, {name: state.keys(name) for name in self.stream.buffers})
 
     def _check_stream(self, opt: MemoryOptions) -> None:
         if not opt.uses_stream:
