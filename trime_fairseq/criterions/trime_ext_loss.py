@@ -24,16 +24,23 @@ RNG (dropout) is untouched. Nothing is dropped when the criterion is not
 training (validation: fairseq's trainer switches the criterion with the model),
 since evaluation uses the local memory.
 
-Memory bound: the dense path holds (N, N) scores and masks. Batches with
-N > ``--memory-block-size`` are scored in checkpointed query blocks (target-only
-summaries, :func:`~trime_fairseq.memory.blockwise.summary_batch`): peak
-(block, N) per block, forward and backward. With ``--memory-block-size 0``
-(always dense) batches beyond :data:`MAX_DENSE_POSITIONS` positions are refused.
+The memory is the entry table of :mod:`trime_fairseq.memory.gathered` with one
+stream per segment, ``cross_streams`` (other segments fully visible) and the drop
+pattern as ``keep_local``.
 
-Memory across workers: none (as in ``trime_long_loss``): a worker's memory is
-its own batch. The paper all-gathers the segments of the GPUs of one step; here a
-worker's batch should hold several segments (configs/trime_ext: 4 per forward,
-the same 12,288 memory tokens as the paper's 4 GPUs × 3,072).
+Memory bound: the dense path holds (N, M) scores and masks (M: valid entries).
+Batches with M > ``--memory-block-size`` are scored in checkpointed query blocks
+(target-only summaries, :func:`~trime_fairseq.memory.blockwise.blockwise_target_memory`):
+peak (block, M) per block, forward and backward. With ``--memory-block-size 0``
+(always dense) memories beyond :data:`MAX_DENSE_POSITIONS` positions are refused.
+
+Memory across workers (``--memory-across-workers``): the paper all-gathers the
+segments of the GPUs of one step; with the option every worker's memory also holds
+the segments of every other worker's batch of the step (detached), which
+``--batching bm25`` makes BM25 neighbours (one update = consecutive pieces of the
+chain across accumulation steps and workers). Without it a worker's memory is its
+own batch (configs/trime_ext: 4 segments per forward, the same 12,288 memory tokens
+as the paper's 4 GPUs × 3,072).
 """
 
 import logging
@@ -46,12 +53,10 @@ from fairseq import metrics, utils
 from fairseq.criterions import register_criterion
 from omegaconf import II
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from trime_fairseq.criterions.trime_loss import TrimeLoss, TrimeLossConfig
-from trime_fairseq.memory.blockwise import summary_batch
-from trime_fairseq.memory.mixing import masked_logsumexp
-from trime_fairseq.memory.sources import MemoryBatch, dot_scale, scaled_dot
+from trime_fairseq.memory.gathered import entry_memory
+from trime_fairseq.memory.sources import MemoryBatch, dot_scale
 
 logger = logging.getLogger(__name__)
 
@@ -73,30 +78,13 @@ class TrimeExtLossConfig(TrimeLossConfig):
     seed: int = II("common.seed")
 
 
-def ext_memory_mask(query_index: Tensor, seq_len: int, keep_local: Tensor, valid: Tensor) -> Tensor:
-    """Visibility (Q, N) of the N = B·T flat batch positions for the queries at flat positions
-    ``query_index`` (Q,): every valid position of another segment, plus the earlier valid positions
-    of the query's own segment when ``keep_local`` (B,) of that segment is True."""
-    key_index = torch.arange(valid.numel(), device=valid.device)
-    seg_q, seg_k = query_index // seq_len, key_index // seq_len
-    same = seg_q.unsqueeze(1) == seg_k.unsqueeze(0)  # (Q, N)
-    local = same & (key_index.unsqueeze(0) < query_index.unsqueeze(1)) & keep_local[seg_q].unsqueeze(1)
-    return valid.unsqueeze(0) & (~same | local)
-
-
-def _block_sums(queries, keys, values, valid, target, query_index, keep_local, seq_len: int, scale: float):
-    """(match, other) log-sums (Q,) of the queries (Q, d) over their ext memory among keys (N, d)."""
-    scores = scaled_dot(queries, keys, scale)  # (Q, N)
-    visible = ext_memory_mask(query_index, seq_len, keep_local, valid)
-    match = visible & (values.unsqueeze(0) == target.unsqueeze(1))
-    return masked_logsumexp(scores, match), masked_logsumexp(scores, visible & ~match)
-
-
 @register_criterion("trime_ext_loss", dataclass=TrimeExtLossConfig)
 class TrimeExtLoss(TrimeLoss):
+    SEES_OTHER_WORKERS = True  # the other workers' segments of the step
+
     def __init__(self, task, ce_warmup_ratio, ce_warmup_updates, max_update, sentence_avg,
-                 local_drop_prob=0.9, memory_block_size=2048, seed=1):
-        super().__init__(task, ce_warmup_ratio, ce_warmup_updates, max_update, sentence_avg)
+                 local_drop_prob=0.9, memory_block_size=2048, seed=1, memory_across_workers=False):
+        super().__init__(task, ce_warmup_ratio, ce_warmup_updates, max_update, sentence_avg, memory_across_workers)
         p = float(local_drop_prob)
         if not 0.0 <= p <= 1.0:  # also refuses NaN
             raise ValueError(f"--local-drop-prob must lie in [0, 1], got {local_drop_prob}")
@@ -142,40 +130,28 @@ class TrimeExtLoss(TrimeLoss):
     # -- memory ----------------------------------------------------------------------------------
 
     def training_memory(self, keys, target, valid, sample) -> MemoryBatch:
-        """One stream of N = B·T positions: MemoryBatch (1, N, M) with M = N (dense) or 2 (blockwise)."""
+        """MemoryBatch (B·T, M) over the valid entries of every segment of the step (M: dense), or its
+        (B·T, 2) target-only summary (blockwise)."""
         bsz, tsz, dim = keys.shape
         dropped = self.draw_local_drop(bsz)
         if dropped.shape != (bsz,) or dropped.dtype != torch.bool:
             raise ValueError(f"the local drop pattern must be a ({bsz},) bool tensor, got {tuple(dropped.shape)} "
                              f"{dropped.dtype}")
         self._last_dropped = int(dropped.sum())
-        n = bsz * tsz
-        keep_local = ~dropped.to(keys.device)
-        flat_keys, flat_target, flat_valid = keys.reshape(n, dim), target.reshape(n), valid.reshape(n)
-        scale = dot_scale(dim)
-        if self.memory_block_size == 0 or n <= self.memory_block_size:
-            if n > MAX_DENSE_POSITIONS:
-                raise ValueError(
-                    f"a batch of {bsz} x {tsz} = {n} positions needs a dense {n} x {n} memory; "
-                    f"set --memory-block-size (e.g. 4096) to score it in blocks"
-                )
-            index = torch.arange(n, device=keys.device)
-            mask = ext_memory_mask(index, tsz, keep_local, flat_valid)
-            scores = scaled_dot(flat_keys, flat_keys, scale)
-            return MemoryBatch(scores.unsqueeze(0), flat_target.view(1, 1, n), mask.unsqueeze(0))
-        matches, others = [], []
-        for a in range(0, n, self.memory_block_size):
-            b = min(a + self.memory_block_size, n)
-            args = (flat_keys[a:b], flat_keys, flat_target, flat_valid, flat_target[a:b],
-                    torch.arange(a, b, device=keys.device), keep_local, tsz, scale)
-            if torch.is_grad_enabled() and keys.requires_grad:
-                match, other = checkpoint(_block_sums, *args, use_reentrant=False)
-            else:
-                match, other = _block_sums(*args)
-            matches.append(match)
-            others.append(other)
-        return summary_batch(torch.cat(matches).unsqueeze(0), torch.cat(others).unsqueeze(0),
-                             flat_target.unsqueeze(0))
+        layout = self.worker_layout(keys)
+        entries = sum(layout.entries_of(w) for w in range(layout.world_size))
+        if self.memory_block_size == 0 and entries > MAX_DENSE_POSITIONS:
+            raise ValueError(
+                f"a memory of {entries} positions ({bsz} x {tsz} on this worker) needs a dense {bsz * tsz} x {entries} "
+                "score matrix; set --memory-block-size (e.g. 4096) to score it in blocks"
+            )
+        device = keys.device
+        segment = layout.row_offset + torch.arange(bsz, device=device)  # one stream per segment of the step
+        position = torch.arange(tsz, device=device).expand(bsz, tsz)
+        table, own = self.entry_table(layout, keys, target, valid, segment, position, sample)
+        keep_local = (~dropped).to(device).repeat_interleave(tsz)  # (B·T,)
+        return entry_memory(keys.reshape(-1, dim), table, own, dot_scale(dim), cross_streams=True,
+                            keep_local=keep_local, target=target.reshape(-1), block_size=self.memory_block_size)
 
     # -- logging ---------------------------------------------------------------------------------
 
