@@ -16,6 +16,7 @@ from typing import List, Optional
 
 import numpy as np
 from fairseq import utils
+from fairseq.data import iterators
 from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
@@ -28,6 +29,7 @@ from trime_fairseq.data.documents import DocumentBoundaries
 from trime_fairseq.data.eval_order import StreamOrderDataset
 from trime_fairseq.data.stream import enable_stream_memory, reset_stream_memory
 from trime_fairseq.memory.eval_memory import attach_eval_memory, build_eval_memory
+from trime_fairseq.memory.gathered import DUMMY_BATCH
 from trime_fairseq.memory.keys import ensure_key_capture, require_keys
 from trime_fairseq.memory.options import MODES, OPTIONS_OF_MODE, MemoryOptions
 
@@ -141,17 +143,27 @@ class TrimeLMTask(LanguageModelingTask):
             raise ValueError(f"unknown --batching '{args.batching}', choose one of {batching_names()}")
         validate_consecutive_options(args)
         validate_bm25_options(args)
+        # the criterion's --memory-across-workers (set by build_criterion): batchings deal each step's
+        # runs across the workers, and fairseq's dummy batches are marked
+        self.memory_across_workers = False
+
+    def build_criterion(self, cfg, from_checkpoint=False):
+        criterion = super().build_criterion(cfg, from_checkpoint)
+        self.memory_across_workers = bool(getattr(criterion, "memory_across_workers", False))
+        return criterion
 
     def get_batch_iterator(self, dataset, *args, **kwargs):
         batching = BATCHINGS.get(self.args.batching)
         if batching is None:
-            return super().get_batch_iterator(dataset, *args, **kwargs)
-        # fairseq passes its options positionally or by name: hand them over by name, with
-        # fairseq's defaults, so a batching declares only the ones it reads (and **_ for the rest)
-        call = _BATCH_ITERATOR_SIGNATURE.bind(self, dataset, *args, **kwargs)
-        call.apply_defaults()
-        options = {k: v for k, v in call.arguments.items() if k not in ("self", "dataset")}
-        return batching(self, dataset, **options)
+            itr = super().get_batch_iterator(dataset, *args, **kwargs)
+        else:
+            # fairseq passes its options positionally or by name: hand them over by name, with
+            # fairseq's defaults, so a batching declares only the ones it reads (and **_ for the rest)
+            call = _BATCH_ITERATOR_SIGNATURE.bind(self, dataset, *args, **kwargs)
+            call.apply_defaults()
+            options = {k: v for k, v in call.arguments.items() if k not in ("self", "dataset")}
+            itr = batching(self, dataset, **options)
+        return marking_dummy_batches(itr) if self.memory_across_workers else itr
 
     def load_dataset(self, split: str, epoch=1, combine=False, **kwargs):
         """fairseq's split, refused with the file named when it holds no tokens (fairseq would
@@ -204,4 +216,32 @@ class TrimeLMTask(LanguageModelingTask):
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         if hasattr(criterion, "set_num_updates"):
             criterion.set_num_updates(update_num)
+        if ignore_grad and self.memory_across_workers:  # fairseq's dummy batch, also when first_batch was "DUMMY"
+            sample = {**sample, DUMMY_BATCH: True}
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+
+
+_MARKING_CLASSES = {}
+
+
+def marking_dummy_batches(itr):
+    """``itr`` with its ``first_batch`` marked :data:`DUMMY_BATCH`.
+
+    fairseq's trainer runs ``first_batch`` on a worker whose shard of an epoch (or of a
+    validation split) has run out, so that every worker takes part in every step's
+    collectives; the memory across workers must then leave that batch's entries out.
+    ``first_batch`` is read for nothing else (``trainer.reset_dummy_batch``). The
+    iterator's class becomes a subclass that only overrides this property."""
+    base = type(itr)
+    if not isinstance(itr, iterators.EpochBatchIterator) or base in _MARKING_CLASSES.values():
+        return itr
+    if base not in _MARKING_CLASSES:
+
+        def first_batch(self):
+            batch = super(marking, self).first_batch
+            return {**batch, DUMMY_BATCH: True} if isinstance(batch, dict) and batch else batch
+
+        marking = type(f"DummyMarking{base.__name__}", (base,), {"first_batch": property(first_batch)})
+        _MARKING_CLASSES[base] = marking
+    itr.__class__ = _MARKING_CLASSES[base]
+    return itr
