@@ -148,3 +148,148 @@ def test_option_errors_without_a_group_and_for_trime_loss():
         TrimeExtLoss(tiny_task(), memory_across_workers=True, **base)
     with pytest.raises(ValueError, match="no effect with trime_loss"):
         TrimeLoss(tiny_task(), memory_across_workers=True, **base)
+
+
+# ----------------------------------------------------------------------------------------------
+# fairseq's training loop on 2 workers: every batching, every item once, order, resume
+# ----------------------------------------------------------------------------------------------
+
+TRAIN_LINES, VALID_LINES = 150, 40
+
+
+def copy_first_lines(src, dst, lines):
+    """A copy of binarized data with the first ``lines[split]`` lines of each split (same dictionary)."""
+    import shutil
+
+    from fairseq.data import indexed_dataset
+
+    dst.mkdir()
+    shutil.copy(src / "dict.txt", dst / "dict.txt")
+    for split, n in lines.items():
+        data = indexed_dataset.MMapIndexedDataset(str(src / split))
+        builder = indexed_dataset.MMapIndexedDatasetBuilder(str(dst / f"{split}.bin"), dtype=data._index.dtype)
+        for i in range(min(n, len(data))):
+            builder.add_item(data[i])
+        builder.finalize(str(dst / f"{split}.idx"))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def tiny_wikitext(wikitext2_bin, tmp_path_factory):
+    """The first 150 train / 40 valid lines of the WikiText-2 slice (~8k training tokens, 3 articles)
+    and a BM25 order of its 32-token segments."""
+    from trime_fairseq.cli import bm25_batches
+
+    data = copy_first_lines(wikitext2_bin, tmp_path_factory.mktemp("tiny") / "data",
+                            {"train": TRAIN_LINES, "valid": VALID_LINES})
+    order = data / "bm25-32.order"
+    bm25_batches.main(bm25_batches.get_parser().parse_args([
+        "--data", str(data), "--tokens-per-sample", "32", "--output", str(order), "--topk", "8",
+        "--no-progress-bar"]))
+    return data, order
+
+
+def train_argv(data, save_dir, *extra):
+    return [str(data), "--user-dir", str(ROOT / "trime_fairseq"), "--task", "trime_lm", "--arch", "transformer_lm",
+            "--decoder-layers", "1", "--decoder-embed-dim", "16", "--decoder-input-dim", "16", "--decoder-output-dim", "16",
+            "--decoder-ffn-embed-dim", "32", "--share-decoder-input-output-embed",
+            "--decoder-attention-heads", "2", "--dropout", "0", "--tokens-per-sample", "32", "--optimizer", "adam",
+            "--lr", "0.001", "--seed", "3", "--ce-warmup-updates", "0", "--log-format", "simple",
+            "--log-interval", "100", "--disable-validation", "--no-epoch-checkpoints", "--num-workers", "0",
+            "--save-dir", str(save_dir), "--load-checkpoint-on-all-dp-ranks", *extra]
+
+
+BATCHINGS = {  # name -> (options, updates before the interruption)
+    # fairseq's own order; its batch_by_size drops the epoch's last partial batch when --batch-size is below
+    # --required-batch-size-multiple (default 8), hence the multiple 1
+    "shuffled": (["--criterion", "trime_loss", "--batch-size", "4", "--required-batch-size-multiple", "1"], 5),
+    "consecutive": (["--criterion", "trime_long_loss", "--batching", "consecutive", "--consecutive-segments", "2",
+                     "--batch-size", "4", "--memory-block-size", "0"], 5),
+    "consecutive_across": (["--criterion", "trime_long_loss", "--batching", "consecutive", "--consecutive-segments",
+                            "4", "--batch-size", "2", "--memory-across-workers", "--memory-block-size", "0"], 6),
+    "bm25": (["--criterion", "trime_ext_loss", "--batching", "bm25", "--batch-size", "4", "--update-freq", "2",
+              "--memory-across-workers", "--memory-block-size", "0"], 3),
+    "stream": (["--criterion", "trime_loss", "--batching", "stream", "--batch-size", "3"], 5),
+}
+
+
+@pytest.fixture(scope="module")
+def training_runs(tiny_wikitext, tmp_path_factory):
+    """Per batching: one epoch uninterrupted; the same epoch stopped after k updates and resumed from
+    checkpoint_last.pt. Every worker's (update, ids) of every training batch."""
+    data, order = tiny_wikitext
+    out = tmp_path_factory.mktemp("train")
+    runs = []
+    for name, (options, stop) in BATCHINGS.items():
+        options = options + (["--bm25-order", str(order)] if name == "bm25" else [])
+        runs += [(f"{name}-full", train_argv(data, out / name / "full", *options, "--max-epoch", "1")),
+                 (f"{name}-part", train_argv(data, out / name / "resumed", *options, "--max-update", str(stop))),
+                 (f"{name}-resume", train_argv(data, out / name / "resumed", *options, "--max-epoch", "1"))]
+    launch(train_worker, (str(out), runs))
+    return {name: [torch.load(out / f"{name}-{rank}.pt") for rank in (0, 1)] for name, _ in runs}
+
+
+def training_items(data, name):
+    """Number of items of an epoch of the batching's training dataset (segments with fillers for consecutive)."""
+    from trime_fairseq.data.consecutive import segment_dataset
+    from trime_fairseq.tasks.trime_lm import TrimeLMConfig, TrimeLMTask
+
+    m = {"consecutive": 2, "consecutive_across": 4}.get(name, 1)
+    cfg = TrimeLMConfig(data=str(data), tokens_per_sample=32, batching="consecutive" if m > 1 else "shuffled",
+                        consecutive_segments=m, dataset_impl="mmap", use_plasma_view=False, plasma_path=None, seed=3,
+                        batch_size=None, batch_size_valid=None, data_buffer_size=0, tpu=False)
+    task = TrimeLMTask.setup_task(cfg)
+    task.load_dataset("train")
+    dataset = task.dataset("train")
+    return len(segment_dataset(task, dataset)) if m > 1 else len(dataset)
+
+
+@pytest.mark.parametrize("name", list(BATCHINGS))
+def test_two_workers_see_every_item_once_and_resume_replays_their_batches(tiny_wikitext, training_runs, name):
+    full = training_runs[f"{name}-full"]
+    ids = sorted(i for worker in full for _, batch in worker for i in batch if i >= 0)
+    assert ids == list(range(training_items(tiny_wikitext[0], name))), "every item of the epoch exactly once"
+    assert all(len(worker) > 3 for worker in full), "both workers trained"
+    resumed = [part + rest for part, rest in zip(training_runs[f"{name}-part"], training_runs[f"{name}-resume"])]
+    assert training_runs[f"{name}-part"][0] and training_runs[f"{name}-resume"][0], "interrupted, then resumed"
+    assert resumed == full, "the resumed run replays the same (update, batch) on every worker"
+
+
+def test_runs_and_streams_keep_their_order_across_workers(training_runs, tiny_wikitext):
+    def steps(name):
+        by_update = {}
+        for rank, worker in enumerate(training_runs[f"{name}-full"]):
+            for update, batch in worker:
+                by_update.setdefault(update, [[], []])[rank].append(batch)
+        return by_update
+
+    # whole runs of m = 2 on each worker: rows r·2, r·2 + 1 adjacent and in order
+    for update, (first, second) in steps("consecutive").items():
+        for batch in first + second:
+            assert len(batch) % 2 == 0 and all(b % 2 == 0 and a == b + 1 for b, a in zip(batch[::2], batch[1::2]))
+    # runs of m = 4 across 2 workers x 2 rows: a step's rows (worker 0 then worker 1) are whole runs in order
+    spanned = 0
+    for update, (first, second) in steps("consecutive_across").items():
+        rows = [i for b in first + second for i in b]
+        assert len(rows) % 4 == 0
+        for r in range(0, len(rows), 4):
+            assert rows[r] % 4 == 0 and rows[r:r + 4] == list(range(rows[r], rows[r] + 4))
+        spanned += bool(first) and bool(second)
+    assert spanned > 3, "runs spanned both workers"
+    # stream: every row of a worker continues its stream by one block per step
+    for worker in training_runs["stream-full"]:
+        batches = [batch for _, batch in worker]
+        for row in range(3):
+            blocks = [b[row] for b in batches if b[row] >= 0]
+            assert blocks == list(range(blocks[0], blocks[0] + len(blocks)))
+    # bm25 (update-freq 2): an update's 2 x 2 x 4 segments are one piece of the (rotated) chain
+    from trime_fairseq.data.bm25 import read_order_file
+
+    chain, _ = read_order_file(tiny_wikitext[1])
+    position = np.empty(len(chain), int)
+    position[chain] = np.arange(len(chain))
+    for update, (first, second) in steps("bm25").items():
+        segs = [i for b in first + second for i in b]
+        if len(segs) == 16:
+            gaps = np.diff(np.sort(position[segs]))
+            assert (gaps != 1).sum() <= 1, f"update {update}: not one piece of the chain"

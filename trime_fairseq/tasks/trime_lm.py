@@ -147,8 +147,8 @@ class TrimeLMTask(LanguageModelingTask):
         # runs across the workers, and fairseq's dummy batches are marked
         self.memory_across_workers = False
 
-    def build_criterion(self, cfg, from_checkpoint=False):
-        criterion = super().build_criterion(cfg, from_checkpoint)
+    def build_criterion(self, cfg):
+        criterion = super().build_criterion(cfg)
         self.memory_across_workers = bool(getattr(criterion, "memory_across_workers", False))
         return criterion
 
