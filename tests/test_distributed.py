@@ -293,3 +293,77 @@ def test_runs_and_streams_keep_their_order_across_workers(training_runs, tiny_wi
         if len(segs) == 16:
             gaps = np.diff(np.sort(position[segs]))
             assert (gaps != 1).sum() <= 1, f"update {update}: not one piece of the chain"
+
+
+# ----------------------------------------------------------------------------------------------
+# fairseq-train (the CLI): 2 worker processes with --memory-across-workers vs one process
+# ----------------------------------------------------------------------------------------------
+
+
+def launch_cli_workers(argv, world_size=2, timeout=900):
+    """``argv`` as ``world_size`` fairseq-train processes (../shared/MULTIPROCESS.md); rank 0's output."""
+    import os
+
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen(
+        [*argv, "--distributed-world-size", str(world_size), "--distributed-rank", str(rank), "--distributed-no-spawn",
+         "--distributed-init-method", f"tcp://127.0.0.1:{port}", "--distributed-backend", "gloo",
+         "--ddp-backend", "legacy_ddp"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(world_size)]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=timeout)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for rank, (proc, out) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"worker {rank} failed:\n{out[-5000:]}"
+    return outputs[0]
+
+
+def logged_losses(output, kind="train_inner"):
+    """{update: loss} of fairseq's simple-format log lines (train_inner per --log-interval, valid at validation)."""
+    found = {}
+    for line in output.splitlines():
+        if f"| {kind} |" not in line:
+            continue
+        update = re.search(r"num_updates[= ](\d+)", line)
+        loss = re.search(r"\bloss[= ]([0-9.]+)", line)
+        if update and loss:
+            found[int(update.group(1))] = float(loss.group(1))
+    return found
+
+
+def test_fairseq_train_two_workers_across_equals_one_process(tiny_wikitext, tmp_path):
+    """TRIMELM_long with runs of m = 4 segments: one process with 4 segments per batch, and 2 processes with 2
+    each whose runs span both (--memory-across-workers). Same data, same memory; update 1 is the same loss,
+    later updates differ only by the gradients the workers do not send into each other's keys."""
+    data, _ = tiny_wikitext
+    common = ["fairseq-train", data, "--user-dir", "trime_fairseq", "--task", "trime_lm", "--arch", "transformer_lm",
+              "--decoder-layers", "1", "--decoder-embed-dim", "16", "--decoder-input-dim", "16",
+              "--decoder-output-dim", "16", "--decoder-ffn-embed-dim", "32", "--share-decoder-input-output-embed",
+              "--decoder-attention-heads", "2", "--dropout", "0", "--tokens-per-sample", "32", "--optimizer", "adam",
+              "--lr", "0.003", "--seed", "3", "--criterion", "trime_long_loss", "--ce-warmup-updates", "0",
+              "--batching", "consecutive", "--consecutive-segments", "4", "--memory-block-size", "0",
+              "--max-update", "8", "--validate-interval-updates", "4", "--log-format", "simple", "--log-interval", "1",
+              "--no-epoch-checkpoints", "--no-save", "--num-workers", "0", "--cpu"]
+    single = run_cli([*common, "--batch-size", "4", "--save-dir", tmp_path / "single"])
+    pair = launch_cli_workers([*common, "--batch-size", "2", "--memory-across-workers", "--save-dir", tmp_path / "pair"])
+    assert "training on 2 devices" in pair and "trime_loss=" in pair
+    one, two = logged_losses(single), logged_losses(pair)
+    assert sorted(one) == sorted(two) == list(range(1, 9)), (one, two)
+    assert abs(one[1] - two[1]) <= 0.002, (one[1], two[1])  # same parameters, same step: same loss
+    for update in range(2, 9):
+        assert two[update] == pytest.approx(one[update], rel=0.02), (update, one, two)
+    valid_one, valid_two = logged_losses(single, "valid"), logged_losses(pair, "valid")
+    assert sorted(valid_one) == sorted(valid_two) == [4, 8], (valid_one, valid_two)
+    for update in (4, 8):
+        assert valid_two[update] == pytest.approx(valid_one[update], rel=0.02)
+    # without the option the same 2-worker batches cannot hold a run: a clear error, not a wrong memory
+    proc = subprocess.run([str(a) for a in common] + ["--batch-size", "2", "--save-dir", str(tmp_path / "no")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(__import__("os").environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+    assert proc.returncode != 0 and "cannot hold a run of --consecutive-segments 4" in proc.stdout + proc.stderr
