@@ -154,35 +154,13 @@ def test_option_errors_without_a_group_and_for_trime_loss():
 # fairseq's training loop on 2 workers: every batching, every item once, order, resume
 # ----------------------------------------------------------------------------------------------
 
-TRAIN_LINES, VALID_LINES = 150, 40
-
-
-def copy_first_lines(src, dst, lines):
-    """A copy of binarized data with the first ``lines[split]`` lines of each split (same dictionary)."""
-    import shutil
-
-    from fairseq.data import indexed_dataset
-
-    dst.mkdir()
-    shutil.copy(src / "dict.txt", dst / "dict.txt")
-    for split, n in lines.items():
-        data = indexed_dataset.MMapIndexedDataset(str(src / split))
-        builder = indexed_dataset.MMapIndexedDatasetBuilder(str(dst / f"{split}.bin"), dtype=data._index.dtype)
-        for i in range(min(n, len(data))):
-            builder.add_item(data[i])
-        builder.finalize(str(dst / f"{split}.idx"))
-    return dst
-
-
 @pytest.fixture(scope="module")
-def tiny_wikitext(wikitext2_bin, tmp_path_factory):
-    """The first 150 train / 40 valid lines of the WikiText-2 slice (~8k training tokens, 3 articles)
-    and a BM25 order of its 32-token segments."""
+def tiny_wikitext(wikitext2_tiny_bin, tmp_path_factory):
+    """The tiny WikiText-2 slice and a BM25 order of its 32-token segments."""
     from trime_fairseq.cli import bm25_batches
 
-    data = copy_first_lines(wikitext2_bin, tmp_path_factory.mktemp("tiny") / "data",
-                            {"train": TRAIN_LINES, "valid": VALID_LINES})
-    order = data / "bm25-32.order"
+    data = wikitext2_tiny_bin
+    order = tmp_path_factory.mktemp("bm25") / "bm25-32.order"
     bm25_batches.main(bm25_batches.get_parser().parse_args([
         "--data", str(data), "--tokens-per-sample", "32", "--output", str(order), "--topk", "8",
         "--no-progress-bar"]))
