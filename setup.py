@@ -23,6 +23,8 @@ setup(
         "scipy",  # BM25 batching (sparse products)
         "rank-bm25",
         "sacrebleu",
+        "sacremoses",  # MT data preparation (scripts/prepare_multi30k.sh) and detokenised BLEU
+        "subword-nmt",
         "hydra-core==1.3.2",
         "omegaconf==2.3.0",
         "matplotlib",
@@ -39,6 +41,7 @@ setup(
             "trime-build-datastore = trime_fairseq.cli.build_datastore:cli_main",
             "trime-bm25-batches = trime_fairseq.cli.bm25_batches:cli_main",
             "trime-sweep-memory = trime_fairseq.cli.sweep_memory:cli_main",
+            "trime-tune-mt = trime_fairseq.cli.tune_mt:cli_main",
         ],
     },
 )

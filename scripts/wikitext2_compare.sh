@@ -65,7 +65,8 @@ trime_flags=$(cat "$OUT/best_trime.flags")
 
 say "tuned: $cache_flags (vanilla); $trime_flags (TRIMELM)"
 evaluate() {  # name checkpoint split args... : fairseq-eval-lm -> $OUT/ppl_NAME_SPLIT, reported when done
-  eval_ppl "$2" "$3" "${@:4}" > "$OUT/ppl_$1_$3"
+  [ -s "$OUT/ppl_$1_$3" ] || eval_ppl "$2" "$3" "${@:4}" > "$OUT/ppl_$1_$3" || true
+  [ -s "$OUT/ppl_$1_$3" ] || { say "  $1 $3: fairseq-eval-lm failed (rerun: $2 $3 ${*:4})"; return 1; }
   say "  $1 $3: perplexity $(cat "$OUT/ppl_$1_$3")"
 }
 # the eight evaluations, two at a time (one core each)
@@ -73,10 +74,10 @@ say "evaluating 4 models x {valid, test} with fairseq-eval-lm"
 for split in valid test; do
   evaluate vanilla "$vanilla" $split & p1=$!
   evaluate cache "$vanilla" $split $cache_flags & p2=$!
-  wait $p1 $p2
+  wait $p1; wait $p2
   evaluate trime_none "$trime" $split & p1=$!
   evaluate trime "$trime" $split $trime_flags & p2=$!
-  wait $p1 $p2
+  wait $p1; wait $p2
 done
 ppl() { cat "$OUT/ppl_$1_$2"; }
 

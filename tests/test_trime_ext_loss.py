@@ -174,10 +174,10 @@ def test_gradient_reaches_other_segments_keys():
     for dropped, block in [([False, False], 0), ([False, True], 0), ([True, True], 3)]:
         keys = torch.randn(2, 4, 8, dtype=torch.float64, requires_grad=True)
         crit = with_pattern(ext_criterion(task, block=block), dropped)
-        memory = crit.training_memory(keys, target, valid, {})  # (8, M): one row per position
-        zero = torch.zeros(8, dtype=torch.float64)
-        log_prob = joint_target_log_prob(zero, zero + 2.0, *memory, target.view(8))
-        log_prob[5].backward()  # segment 1, position 1
+        memory = crit.training_memory(keys, target, valid, None)
+        zero = torch.zeros(1, 8, dtype=torch.float64)
+        log_prob = joint_target_log_prob(zero, zero + 2.0, *memory, target.view(1, 8))
+        log_prob[0, 5].backward()  # segment 1, position 1
         grad = keys.grad.abs().sum(-1)
         assert (grad[0, :3] > 0).all() and grad[0, 3] == 0, "valid keys of the other segment, not the pad"
         assert (grad[1, 0] > 0) == (not dropped[1]), "own earlier key only with local memory"
@@ -290,11 +290,11 @@ def test_bad_options_are_clear_errors():
     keys = torch.zeros(1, n, 1)
     target = torch.full((1, n), 5)
     with pytest.raises(ValueError, match="set --memory-block-size"):
-        ext_criterion(task, p=0.0, block=0).training_memory(keys, target, target.ne(1), {})
+        ext_criterion(task, p=0.0, block=0).training_memory(keys, target, target.ne(1), None)
     crit = ext_criterion(task)
     crit.draw_local_drop = lambda bsz: torch.tensor([True, False])  # a pattern for 2 segments, batch of 1
     with pytest.raises(ValueError, match="drop pattern"):
-        crit.training_memory(torch.zeros(1, 3, 2), target[:, :3], target[:, :3].ne(1), {})
+        crit.training_memory(torch.zeros(1, 3, 2), target[:, :3], target[:, :3].ne(1), None)
 
 
 def test_warns_without_bm25_batching(caplog):
@@ -311,7 +311,7 @@ EXT_CONFIGS = sorted((ROOT / "configs" / "trime_ext").glob("*.yaml"))
 
 
 def test_ext_configs_exist():
-    assert [p.stem for p in EXT_CONFIGS] == ["wiki103_247m", "wikitext2_small"]
+    assert [p.stem for p in EXT_CONFIGS] == ["wiki103_247m", "wiki103_7m", "wikitext2_small"]
 
 
 @pytest.mark.parametrize("path", EXT_CONFIGS, ids=lambda p: p.stem)

@@ -144,7 +144,7 @@ def write_outputs(out_dir: Path, results: Dict[str, List[Dict]], subset: str) ->
 
 def main(argv=None):
     cfg, args = eval_lm_config(sys.argv[1:] if argv is None else argv, add_args)
-    from trime_fairseq.tasks.trime_lm import memory_options
+    from trime_fairseq.tasks.memory_config import memory_options
 
     if getattr(cfg.task, "long_memory_size", None) is not None:
         raise ValueError("trime-sweep-memory sets the long-term memory size itself: give --sizes, not --long-memory-size")

@@ -24,23 +24,20 @@ RNG (dropout) is untouched. Nothing is dropped when the criterion is not
 training (validation: fairseq's trainer switches the criterion with the model),
 since evaluation uses the local memory.
 
-The memory is the entry table of :mod:`trime_fairseq.memory.gathered` with one
-stream per segment, ``cross_streams`` (other segments fully visible) and the drop
-pattern as ``keep_local``.
-
-Memory bound: the dense path holds (N, M) scores and masks (M: valid entries).
-Batches with M > ``--memory-block-size`` are scored in checkpointed query blocks
-(target-only summaries, :func:`~trime_fairseq.memory.blockwise.blockwise_target_memory`):
-peak (block, M) per block, forward and backward. With ``--memory-block-size 0``
-(always dense) memories beyond :data:`MAX_DENSE_POSITIONS` positions are refused.
+Memory bound: the dense path holds (N, M) scores and masks (M valid entries).
+Memories of more than ``--memory-block-size`` entries are scored in checkpointed
+query blocks (target-only summaries): peak (block, M) per block, forward and
+backward. With ``--memory-block-size 0`` (always dense) memories beyond
+:data:`MAX_DENSE_POSITIONS` positions are refused.
 
 Memory across workers (``--memory-across-workers``): the paper all-gathers the
 segments of the GPUs of one step; with the option every worker's memory also holds
-the segments of every other worker's batch of the step (detached), which
-``--batching bm25`` makes BM25 neighbours (one update = consecutive pieces of the
-chain across accumulation steps and workers). Without it a worker's memory is its
-own batch (configs/trime_ext: 4 segments per forward, the same 12,288 memory tokens
-as the paper's 4 GPUs × 3,072).
+the segments of every other worker's batch of the step (detached,
+:func:`~trime_fairseq.memory.cross_segment.cross_segment_memory` with the workers'
+layout), which ``--batching bm25`` makes BM25 neighbours (one update = consecutive
+pieces of the chain across accumulation steps and workers). Without it a worker's
+memory is its own batch (configs/trime_ext: 4 segments per forward, the same
+12,288 memory tokens as the paper's 4 GPUs × 3,072).
 """
 
 import logging
@@ -49,18 +46,17 @@ from typing import Optional
 
 import numpy as np
 import torch
+from torch import Tensor
 from fairseq import metrics, utils
 from fairseq.criterions import register_criterion
 from omegaconf import II
-from torch import Tensor
 
-from trime_fairseq.criterions.trime_loss import TrimeLoss, TrimeLossConfig
-from trime_fairseq.memory.gathered import entry_memory
+from trime_fairseq.criterions.trime_loss import TrimeLoss, TrimeLossConfig, is_dummy_batch
+from trime_fairseq.memory.cross_segment import MAX_DENSE_POSITIONS  # noqa: F401 (re-exported)
+from trime_fairseq.memory.cross_segment import cross_segment_memory
 from trime_fairseq.memory.sources import MemoryBatch, dot_scale
 
 logger = logging.getLogger(__name__)
-
-MAX_DENSE_POSITIONS = 32768  # 2^30 scores = 4 GiB in float32: use --memory-block-size beyond
 
 
 @dataclass
@@ -130,28 +126,15 @@ class TrimeExtLoss(TrimeLoss):
     # -- memory ----------------------------------------------------------------------------------
 
     def training_memory(self, keys, target, valid, sample) -> MemoryBatch:
-        """MemoryBatch (B·T, M) over the valid entries of every segment of the step (M: dense), or its
-        (B·T, 2) target-only summary (blockwise)."""
+        """One stream of N = B·T positions: MemoryBatch (1, N, M) with M = N (dense) or 2 (blockwise)."""
         bsz, tsz, dim = keys.shape
         dropped = self.draw_local_drop(bsz)
         if dropped.shape != (bsz,) or dropped.dtype != torch.bool:
             raise ValueError(f"the local drop pattern must be a ({bsz},) bool tensor, got {tuple(dropped.shape)} "
                              f"{dropped.dtype}")
         self._last_dropped = int(dropped.sum())
-        layout = self.worker_layout(keys)
-        entries = sum(layout.entries_of(w) for w in range(layout.world_size))
-        if self.memory_block_size == 0 and entries > MAX_DENSE_POSITIONS:
-            raise ValueError(
-                f"a memory of {entries} positions ({bsz} x {tsz} on this worker) needs a dense {bsz * tsz} x {entries} "
-                "score matrix; set --memory-block-size (e.g. 4096) to score it in blocks"
-            )
-        device = keys.device
-        segment = layout.row_offset + torch.arange(bsz, device=device)  # one stream per segment of the step
-        position = torch.arange(tsz, device=device).expand(bsz, tsz)
-        table, own = self.entry_table(layout, keys, target, valid, segment, position, sample)
-        keep_local = (~dropped).to(device).repeat_interleave(tsz)  # (B·T,)
-        return entry_memory(keys.reshape(-1, dim), table, own, dot_scale(dim), cross_streams=True,
-                            keep_local=keep_local, target=target.reshape(-1), block_size=self.memory_block_size)
+        return cross_segment_memory(keys, target, valid, ~dropped, dot_scale(dim), self.memory_block_size,
+                                    layout=self.worker_layout(keys), withdrawn=is_dummy_batch(sample))
 
     # -- logging ---------------------------------------------------------------------------------
 

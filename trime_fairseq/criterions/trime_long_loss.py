@@ -28,9 +28,9 @@ from fairseq.criterions import register_criterion
 
 import torch
 
-from trime_fairseq.criterions.trime_loss import TrimeLoss, TrimeLossConfig, check_whole_runs
+from trime_fairseq.criterions.trime_loss import TrimeLoss, TrimeLossConfig, check_whole_runs, is_dummy_batch
 from trime_fairseq.memory.blockwise import causal_target_memory
-from trime_fairseq.memory.gathered import DUMMY_BATCH, MemoryEntries, entry_memory
+from trime_fairseq.memory.gathered import MemoryEntries, entry_memory, gather_entries
 from trime_fairseq.memory.sources import MemoryBatch, dot_scale
 
 RUN_KEY = "segments_per_run"  # set by trime_fairseq.data.segments.SegmentDataset.collater
@@ -101,8 +101,10 @@ class TrimeLongLoss(TrimeLoss):
         run, segment = ids // m, ids % m
         token = torch.arange(tsz, device=keys.device)
         position = (segment.unsqueeze(1) << SEGMENT_SHIFT) | token.unsqueeze(0)  # (B, T)
-        entries, own = self.entry_table(self.worker_layout(keys), keys, target, valid, run, position, sample)
-        if not sample.get(DUMMY_BATCH, False):
+        entries = MemoryEntries.of_rows(keys, target, valid, run, position)
+        dummy = is_dummy_batch(sample)
+        entries, own = gather_entries(entries.withdrawn() if dummy else entries, self.worker_layout(keys))
+        if not dummy:
             check_runs_complete(entries, run, m)
         return entry_memory(keys.reshape(-1, dim), entries, own, dot_scale(dim), cross_streams=False,
                             target=target.reshape(-1), block_size=self.memory_block_size)

@@ -6,7 +6,7 @@ similarities sim(q, k) = q·k/√d share one softmax, and gradients flow into
 every memory representation. Subclasses change only which in-batch entries a
 position sees (:meth:`TrimeLoss.training_memory`).
 
-``--memory-across-workers`` (trime_long_loss, trime_ext_loss): the in-batch memory
+``--memory-across-workers`` (trime_long_loss, trime_ext_loss, trime_mt_loss): the in-batch memory
 also holds the entries of every other data-parallel worker's batch of the step,
 all-gathered and detached (:mod:`trime_fairseq.memory.gathered`); the criterion
 says which of them each query sees. TRIMELM's local memory never lies on another
@@ -22,8 +22,7 @@ from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 from omegaconf import II
 
-from trime_fairseq.memory.gathered import (DUMMY_BATCH, MemoryEntries, WorkerLayout, data_parallel_layout,
-                                           gather_entries, require_data_parallel)
+from trime_fairseq.memory.gathered import DUMMY_BATCH, WorkerLayout, data_parallel_layout, require_data_parallel
 from trime_fairseq.memory.keys import ensure_key_capture, get_keys
 from trime_fairseq.memory.mixing import joint_target_log_prob
 from trime_fairseq.memory.sources import MemoryBatch, causal_memory, dot_scale
@@ -44,8 +43,9 @@ class TrimeLossConfig(FairseqDataclass):
         default=False,
         metadata={"help": "the memory also holds the keys and values of every other data-parallel worker's batch "
         "of the step, all-gathered and detached (gradients only into the worker's own entries, as TRIME's code), "
-        "under the criterion's rules: trime_long_loss's runs may span workers, trime_ext_loss sees the other "
-        "workers' segments. Needs >= 2 workers; not trime_loss (its local memory never lies on another worker)"},
+        "under the criterion's rules: trime_long_loss's runs may span workers, trime_ext_loss / trime_mt_loss see "
+        "the other workers' segments / sentences. Needs >= 2 workers; not trime_loss (its local memory never lies "
+        "on another worker)"},
     )
     max_update: int = II("optimization.max_update")
     sentence_avg: bool = II("optimization.sentence_avg")
@@ -126,15 +126,6 @@ class TrimeLoss(FairseqCriterion):
         bsz, tsz, _ = keys.shape
         return data_parallel_layout(bsz, tsz, keys.device, distributed=self.memory_across_workers)
 
-    def entry_table(self, layout: WorkerLayout, keys, target, valid, stream, position, sample):
-        """(entries of every worker, slice of this worker's) for keys (B, T, d), target/valid/position
-        (B, T), stream (B,) or (B, T); a dummy batch's entries take part in the all-gather but stay
-        invisible. Without ``--memory-across-workers``: this batch's entries."""
-        entries = MemoryEntries.of_rows(keys, target, valid, stream, position)
-        if sample.get(DUMMY_BATCH, False):
-            entries = entries.withdrawn()
-        return gather_entries(entries, layout)
-
     def token_losses(self, model, sample, with_memory: bool = True):
         """Per-position terms of one batch, each flattened to (B·T,).
 
@@ -210,6 +201,12 @@ class TrimeLoss(FairseqCriterion):
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
         return True
+
+
+def is_dummy_batch(sample) -> bool:
+    """fairseq's dummy batch (``trime_lm`` / ``trime_translation`` mark it): with memory across workers
+    its entries take part in the all-gather but no worker sees them."""
+    return sample is not None and bool(sample.get(DUMMY_BATCH, False))
 
 
 def check_whole_runs(bsz: int, m: int) -> None:

@@ -266,7 +266,7 @@ class ForwardState:
         parts = {}
         for part in comp.parts:
             if part == DATASTORE:
-                parts[part] = self.hits(positions)
+                parts[part] = self.hits(positions).first(options.knn_k)
             else:
                 parts[part] = self.local_part(LOCAL_KEYS[part], options, positions)
         return parts
@@ -281,10 +281,10 @@ class ForwardState:
         visibility = (options.window, options.long_memory_size, options.memory_reset)
 
         def summarize(term: Term):
-            key = (term, visibility if term.part != DATASTORE else None)
+            key = (term, visibility if term.part != DATASTORE else options.knn_k)
             if key not in self._sums:
                 if term.part == DATASTORE:
-                    pieces = [self.hits(positions)]
+                    pieces = [self.hits(positions).first(options.knn_k)]
                 else:
                     _, index = self.local_rows()
                     rows = index[positions]
@@ -387,10 +387,11 @@ class EvalMemory:
             raise ValueError(f"--eval-memory {opt.mode} needs its datastore: build the EvalMemory with an "
                              "ExternalMemory (build_eval_memory does)")
         mine = self.options
-        if (opt.datastore, opt.knn_k, opt.knn_nprobe, opt.knn_rescore) != (
-                mine.datastore, mine.knn_k, mine.knn_nprobe, mine.knn_rescore):
-            raise ValueError("these options search another datastore / K / nprobe than this EvalMemory was built "
-                             "for; only the temperatures, λ and the cache options may differ")
+        if (opt.datastore, opt.knn_nprobe, opt.knn_rescore) != (mine.datastore, mine.knn_nprobe, mine.knn_rescore) \
+                or opt.knn_k > self.external.k:
+            raise ValueError("these options search another datastore / nprobe, or more neighbours, than this "
+                             f"EvalMemory's datastore search (K = {self.external.k}); only K <= {self.external.k}, "
+                             "the temperatures, λ and the cache options may differ")
         if opt.mode == "trime_ext" and (self.external.metric != "ip" or self.external.key_type != TRIME_KEY):
             raise DatastoreError(
                 f"--eval-memory trime_ext joins datastore entries to Eq. 6, whose similarity is g(c)·g(c_j)/√d: "
@@ -475,7 +476,7 @@ class EvalMemory:
         parts = {}
         if DATASTORE in comp.parts:
             keys = get_keys((None, extra), self.external.key_type)[:, -1]  # (B', d) the live queries
-            parts[DATASTORE] = self.external.search(keys)
+            parts[DATASTORE] = self.external.search(keys).first(self.options.knn_k)
         return full_log_probs(comp, log_probs, lse, parts).view(x.shape[0], 1, -1)
 
 
@@ -498,7 +499,7 @@ def build_eval_memory(options: MemoryOptions, dictionary, documents=None, stream
                       local=local)
 
 
-def attach_eval_memory(model, memory: EvalMemory) -> None:
+def route_normalized_probs(model, memory: EvalMemory) -> None:
     """Route ``model.get_normalized_probs`` through ``memory`` (this instance only): the full
     driver with a sample, the per-step driver without one."""
 
@@ -508,5 +509,10 @@ def attach_eval_memory(model, memory: EvalMemory) -> None:
 
     model.get_normalized_probs = types.MethodType(get_normalized_probs, model)
     model.trime_eval_memory = memory
+
+
+def attach_eval_memory(model, memory: EvalMemory) -> None:
+    """:func:`route_normalized_probs`, and the datastore checks its searches against ``model``."""
+    route_normalized_probs(model, memory)
     if memory.external is not None:
         memory.external.bind(model)

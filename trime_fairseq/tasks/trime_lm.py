@@ -9,36 +9,33 @@ routes the model's ``get_normalized_probs`` through
 ``--datastore`` of trime-build-datastore).
 """
 
-import inspect
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 import numpy as np
 from fairseq import utils
-from fairseq.data import iterators
 from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 from omegaconf import II
 
-from trime_fairseq.data import BATCHINGS, batching_names
+from trime_fairseq.data import batch_iterator, batching_names
 from trime_fairseq.data.bm25_batching import validate_options as validate_bm25_options
 from trime_fairseq.data.consecutive import validate_options as validate_consecutive_options
 from trime_fairseq.data.documents import DocumentBoundaries
 from trime_fairseq.data.eval_order import StreamOrderDataset
 from trime_fairseq.data.stream import enable_stream_memory, reset_stream_memory
 from trime_fairseq.memory.eval_memory import attach_eval_memory, build_eval_memory
-from trime_fairseq.memory.gathered import DUMMY_BATCH
 from trime_fairseq.memory.keys import ensure_key_capture, require_keys
-from trime_fairseq.memory.options import MODES, OPTIONS_OF_MODE, MemoryOptions
+from trime_fairseq.memory.options import MODES
+from trime_fairseq.tasks.memory_config import LocalMemoryConfig, RetrievalMemoryConfig, memory_options  # noqa: F401
+from trime_fairseq.tasks.training_memory import TrainingMemoryTask
 
-_BATCH_ITERATOR_SIGNATURE = inspect.signature(LanguageModelingTask.get_batch_iterator)
-_MEMORY_FLAGS = sorted(set().union(*OPTIONS_OF_MODE.values()))
 
 
 @dataclass
-class TrimeLMConfig(LanguageModelingConfig):
+class TrimeLMConfig(LanguageModelingConfig, LocalMemoryConfig, RetrievalMemoryConfig):
     batching: str = field(
         default="shuffled",
         metadata={"help": "order of training segments in batches: shuffled (fairseq's default) or a "
@@ -53,49 +50,6 @@ class TrimeLMConfig(LanguageModelingConfig):
             "Eq. 7-8 interpolation)"
         },
     )
-    memory_temperature: Optional[float] = field(
-        default=None, metadata={"help": "τ of Eq. 6 dividing memory similarities (trime; default 1.0)"}
-    )
-    cache_lambda: Optional[float] = field(
-        default=None,
-        metadata={"help": "λ: weight of the cache distribution (cache: default 0.1; knn: default 0, no cache)"},
-    )
-    cache_theta: Optional[float] = field(
-        default=None, metadata={"help": "θ: flatness of the cache distribution (cache; default 0.3)"}
-    )
-    cache_size: Optional[int] = field(
-        default=None, metadata={"help": "number of previous tokens in the cache (cache; default: whole input row)"}
-    )
-    datastore: Optional[str] = field(
-        default=None,
-        metadata={"help": "knn / trime_ext: external memory folder written by trime-build-datastore"},
-    )
-    knn_k: Optional[int] = field(
-        default=None, metadata={"help": "knn / trime_ext: K entries retrieved per scored token (default 1024)"}
-    )
-    knn_temperature: Optional[float] = field(
-        default=None, metadata={"help": "knn: T, p_kNN ∝ exp(score / T) (default 1.0)"},
-    )
-    knn_lambda: Optional[float] = field(
-        default=None, metadata={"help": "knn: λ, (1-λ) p_LM + λ p_kNN (default 0.25)"}
-    )
-    interpolation_temperature: Optional[float] = field(
-        default=None, metadata={"help": "trime_ext: τ' of Eq. 7, P' ∝ Σ exp(g·g_j / (√d τ')) (default 1.0)"},
-    )
-    interpolation_lambda: Optional[float] = field(
-        default=None, metadata={"help": "trime_ext: λ of Eq. 8, (1-λ) P + λ P' (default 0.25)"}
-    )
-    knn_nprobe: Optional[int] = field(
-        default=None, metadata={"help": "knn / trime_ext: inverted lists probed (default: the datastore's)"}
-    )
-    knn_rescore: bool = field(
-        default=False,
-        metadata={"help": "knn / trime_ext: re-rank the index's hits with the exact stored keys (PQ codes are "
-        "approximate)"},
-    )
-    knn_gpu: bool = field(
-        default=False, metadata={"help": "knn / trime_ext: search the FAISS index on the GPU (faiss-gpu)"}
-    )
     consecutive_segments: int = field(
         default=1,
         metadata={"help": "--batching consecutive: m, consecutive segments of one document per run "
@@ -106,16 +60,6 @@ class TrimeLMConfig(LanguageModelingConfig):
         metadata={"help": "--batching consecutive: cut runs from the whole split, across document ends "
         "(default: runs stay inside WikiText ' = Title = ' documents)"},
     )
-    long_memory_size: Optional[int] = field(
-        default=None,
-        metadata={"help": "trime / cache: also keep the N stream tokens before each input row in memory, "
-        "across batches (TRIMELM_long evaluation; default 0: the input row only)"},
-    )
-    memory_reset: Optional[str] = field(
-        default=None,
-        metadata={"help": "trime / cache: 'document' limits the memory to the position's own document "
-        "(WikiText headings), 'never' (default) does not"},
-    )
     bm25_order: Optional[str] = field(
         default=None,
         metadata={"help": "--batching bm25: chain of the training segments written by trime-bm25-batches "
@@ -125,17 +69,8 @@ class TrimeLMConfig(LanguageModelingConfig):
     update_freq: List[int] = II("optimization.update_freq")
 
 
-def memory_options(cfg) -> MemoryOptions:
-    """MemoryOptions from a task config: the flags set (not None / False) are validated by
-    :meth:`MemoryOptions.from_flags` (a flag the mode does not use is an error)."""
-    mode = str(getattr(cfg, "eval_memory", "none"))
-    given = {name: getattr(cfg, name) for name in _MEMORY_FLAGS
-             if getattr(cfg, name, None) is not None and getattr(cfg, name, None) is not False}
-    return MemoryOptions.from_flags(mode, given)
-
-
 @register_task("trime_lm", dataclass=TrimeLMConfig)
-class TrimeLMTask(LanguageModelingTask):
+class TrimeLMTask(TrainingMemoryTask, LanguageModelingTask):
     def __init__(self, args, dictionary, output_dictionary=None, targets=None):
         super().__init__(args, dictionary, output_dictionary, targets)
         self.trime_memory_options = memory_options(args)
@@ -143,27 +78,9 @@ class TrimeLMTask(LanguageModelingTask):
             raise ValueError(f"unknown --batching '{args.batching}', choose one of {batching_names()}")
         validate_consecutive_options(args)
         validate_bm25_options(args)
-        # the criterion's --memory-across-workers (set by build_criterion): batchings deal each step's
-        # runs across the workers, and fairseq's dummy batches are marked
-        self.memory_across_workers = False
-
-    def build_criterion(self, cfg):
-        criterion = super().build_criterion(cfg)
-        self.memory_across_workers = bool(getattr(criterion, "memory_across_workers", False))
-        return criterion
 
     def get_batch_iterator(self, dataset, *args, **kwargs):
-        batching = BATCHINGS.get(self.args.batching)
-        if batching is None:
-            itr = super().get_batch_iterator(dataset, *args, **kwargs)
-        else:
-            # fairseq passes its options positionally or by name: hand them over by name, with
-            # fairseq's defaults, so a batching declares only the ones it reads (and **_ for the rest)
-            call = _BATCH_ITERATOR_SIGNATURE.bind(self, dataset, *args, **kwargs)
-            call.apply_defaults()
-            options = {k: v for k, v in call.arguments.items() if k not in ("self", "dataset")}
-            itr = batching(self, dataset, **options)
-        return marking_dummy_batches(itr) if self.memory_across_workers else itr
+        return batch_iterator(self, self.args.batching, dataset, super().get_batch_iterator, args, kwargs)
 
     def load_dataset(self, split: str, epoch=1, combine=False, **kwargs):
         """fairseq's split, refused with the file named when it holds no tokens (fairseq would
@@ -212,36 +129,3 @@ class TrimeLMTask(LanguageModelingTask):
     def begin_valid_epoch(self, epoch, model):
         super().begin_valid_epoch(epoch, model)
         reset_stream_memory(model)
-
-    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
-        if hasattr(criterion, "set_num_updates"):
-            criterion.set_num_updates(update_num)
-        if ignore_grad and self.memory_across_workers:  # fairseq's dummy batch, also when first_batch was "DUMMY"
-            sample = {**sample, DUMMY_BATCH: True}
-        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
-
-
-_MARKING_CLASSES = {}
-
-
-def marking_dummy_batches(itr):
-    """``itr`` with its ``first_batch`` marked :data:`DUMMY_BATCH`.
-
-    fairseq's trainer runs ``first_batch`` on a worker whose shard of an epoch (or of a
-    validation split) has run out, so that every worker takes part in every step's
-    collectives; the memory across workers must then leave that batch's entries out.
-    ``first_batch`` is read for nothing else (``trainer.reset_dummy_batch``). The
-    iterator's class becomes a subclass that only overrides this property."""
-    base = type(itr)
-    if not isinstance(itr, iterators.EpochBatchIterator) or base in _MARKING_CLASSES.values():
-        return itr
-    if base not in _MARKING_CLASSES:
-
-        def first_batch(self):
-            batch = super(marking, self).first_batch
-            return {**batch, DUMMY_BATCH: True} if isinstance(batch, dict) and batch else batch
-
-        marking = type(f"DummyMarking{base.__name__}", (base,), {"first_batch": property(first_batch)})
-        _MARKING_CLASSES[base] = marking
-    itr.__class__ = _MARKING_CLASSES[base]
-    return itr
