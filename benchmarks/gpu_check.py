@@ -183,7 +183,7 @@ def faiss_gpu_build(args, work: str):
 
 def knn_gpu_check(gpu: bool, work: str):
     from fairseq.data import Dictionary
-    from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
+    from fairseq.models.transformer_lm import TransformerLanguageModelConfig
     from omegaconf import OmegaConf
 
     from trime_fairseq.checksums import dictionary_checksum, loaded_model_checksum

@@ -11,12 +11,11 @@
 
 import re
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import PYTHON, ROOT, run_cli
+from conftest import ROOT, run_cli
 from distributed_workers import (SEQ_LEN, free_port, global_sample, inject_pattern, launch, make_criterion,
                                  math_scenarios, math_worker, scenario_task, train_worker)
 from tiny_models import tiny_lm, tiny_task
