@@ -9,8 +9,8 @@ from setuptools import find_packages, setup
 setup(
     name="trime_fairseq",
     version="0.1.0",
-    description="TRIME (local, long-term and external memory), continuous cache, kNN-LM, Transformer-XL and "
-    "LaMemo as a fairseq plugin",
+    description="TRIME (local, long-term and external memory; language models and translation), continuous "
+    "cache, kNN-LM, kNN-MT, Transformer-XL and LaMemo as a fairseq plugin",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",

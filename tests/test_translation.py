@@ -326,3 +326,39 @@ def test_cli_train_datastore_generate_on_multi30k(multi30k_bin, tmp_path):
     assert re.search(r"Generate test with beam=3: BLEU = [0-9.]+", out), out[-2000:]
     scored = run_cli(generate + ["--score-reference"], env={"OMP_NUM_THREADS": "1"})
     assert "Generate test with beam=3" in scored
+
+
+def test_bm25_order_of_other_data_is_a_clear_error(tmp_path):
+    """The training split must be the order file's: another item count, an order of LM segments, or
+    another dictionary never falls back to fairseq's random batches."""
+    from trime_fairseq.data.bm25 import write_order_file
+
+    data = pairs(mt_task(), n=6)
+    d = data.tgt_dict
+    good = dict(split="train", items="target_sentences", source_lang="de", target_lang="en",
+                num_tokens=int(np.sum(data.tgt_sizes)), dictionary_sha256=dictionary_checksum(d))
+    cases = [
+        (dict(good), np.arange(5), "5 items vs 6"),
+        (dict(good, items="segments"), np.arange(6), "an order of segments"),
+        (dict(good, dictionary_sha256="0" * 64), np.arange(6), "a different dictionary"),
+        (dict(good, num_tokens=3), np.arange(6), "3 tokens"),
+    ]
+    for i, (meta, order, message) in enumerate(cases):
+        path = tmp_path / f"order{i}"
+        write_order_file(path, order, meta)
+        task = mt_task(batching="bm25", bm25_order=str(path))
+        task.cfg.update_freq = [1]
+        task.datasets["train"] = data
+        with pytest.raises(ValueError, match=f"built for other training data.*{message}"):
+            task.get_batch_iterator(data, max_tokens=100, max_positions=(64, 64))
+    path = tmp_path / "order_ok"
+    write_order_file(path, np.random.default_rng(0).permutation(6), good)
+    task = mt_task(batching="bm25", bm25_order=str(path))
+    task.cfg.update_freq = [1]
+    task.datasets["train"] = data
+    batches = list(task.get_batch_iterator(data, max_tokens=24, max_positions=(64, 64)).next_epoch_itr(shuffle=True))
+    ids = sorted(int(i) for b in batches for i in b["id"])
+    assert ids == list(range(6)), "every sentence once per epoch"
+    for b in batches:  # filled up to --max-tokens, padding counted (as fairseq's batch_by_size)
+        longest = max(max(int(data.src_sizes[i]), int(data.tgt_sizes[i])) for i in b["id"].tolist())
+        assert len(b["id"]) * longest <= 24
