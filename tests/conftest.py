@@ -70,6 +70,33 @@ def wikitext2_bin(tmp_path_factory, wikitext2_raw):
     return dest
 
 
+TINY_LINES = {"train": 150, "valid": 40}
+
+
+def copy_first_lines(src, dst, lines):
+    """A copy of binarized data with the first ``lines[split]`` lines of each split (same dictionary)."""
+    import shutil
+
+    from fairseq.data import indexed_dataset
+
+    dst.mkdir()
+    shutil.copy(src / "dict.txt", dst / "dict.txt")
+    for split, n in lines.items():
+        data = indexed_dataset.MMapIndexedDataset(str(src / split))
+        builder = indexed_dataset.MMapIndexedDatasetBuilder(str(dst / f"{split}.bin"), dtype=data._index.dtype)
+        for i in range(min(n, len(data))):
+            builder.add_item(data[i])
+        builder.finalize(str(dst / f"{split}.idx"))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def wikitext2_tiny_bin(wikitext2_bin, tmp_path_factory):
+    """The first 150 train / 40 valid lines of the WikiText-2 slice (~8k training tokens, 3 articles),
+    same dictionary: multi-process training runs and sharded datastore builds in seconds."""
+    return copy_first_lines(wikitext2_bin, tmp_path_factory.mktemp("tiny") / "data", TINY_LINES)
+
+
 PYTHON = sys.executable
 
 

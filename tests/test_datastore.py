@@ -352,3 +352,94 @@ def test_cli_builds_a_datastore_from_a_trained_checkpoint(wikitext2_bin, tmp_pat
         out = models[0](**sample["net_input"])
         lp = models[0].get_normalized_probs(out, True, sample)  # searches: refuses keys of another model
     assert torch.isfinite(lp[sample["target"].ne(task.target_dictionary.pad())]).all()
+
+
+# -- sharded builds ------------------------------------------------------------------------------
+
+def tiny_checkpoint(data, save):
+    """One update of a tiny transformer LM, trained in this process (fairseq_cli.train)."""
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.distributed import utils as distributed_utils
+    from fairseq_cli import train
+
+    argv = [str(data), "--user-dir", str(ROOT / "trime_fairseq"), "--task", "trime_lm", "--arch", "transformer_lm",
+            "--decoder-layers", "1", "--decoder-embed-dim", "16", "--decoder-input-dim", "16",
+            "--decoder-output-dim", "16", "--decoder-ffn-embed-dim", "32", "--decoder-attention-heads", "2",
+            "--share-decoder-input-output-embed", "--tokens-per-sample", "32", "--batch-size", "4",
+            "--criterion", "trime_loss", "--ce-warmup-updates", "0", "--optimizer", "adam", "--lr", "0.01",
+            "--max-update", "1", "--disable-validation", "--cpu", "--num-workers", "0", "--save-dir", str(save),
+            "--no-epoch-checkpoints", "--seed", "2"]
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), argv))
+    distributed_utils.call_main(cfg, train.main)
+    return save / "checkpoint_last.pt"
+
+
+def test_sharded_build_merged_equals_the_single_build(wikitext2_tiny_bin, tmp_path, monkeypatch):
+    """2 parts (keys of the first and the second half of the batches) merged = the single build, row for row
+    (with a context window, which fairseq takes from the batch collated before), and the same search results on a
+    flat index; missing, unfinished and mismatched parts are refused."""
+    import shutil
+
+    from trime_fairseq.cli import build_datastore
+    from trime_fairseq.memory import datastore as ds
+
+    ckpt = tiny_checkpoint(wikitext2_tiny_bin, tmp_path / "ckpt")
+
+    def build(output, *extra):
+        return build_datastore.main(build_datastore.get_parser().parse_args(
+            ["--path", str(ckpt), "--data", str(wikitext2_tiny_bin), "--gen-subset", "valid", "--context-window",
+             "16", "--max-tokens", "200", "--output", str(output), "--cpu", "--no-progress-bar", *extra]))
+
+    def merge(output, *extra):
+        return build_datastore.main(build_datastore.get_parser().parse_args(
+            ["--output", str(output), "--merge-shards", "2", "--index-factory", "Flat", "--no-progress-bar", *extra]))
+
+    build(tmp_path / "single", "--index-factory", "Flat")
+    sharded = tmp_path / "sharded"
+    part0 = build(sharded, "--num-shards", "2", "--shard-id", "0")
+    with pytest.raises(DatastoreError, match="missing part"):
+        merge(sharded)
+    part1 = build(sharded, "--num-shards", "2", "--shard-id", "1")
+    batches = part0["spec"]["source"]["batches"] + part1["spec"]["source"]["batches"]
+    assert part0["rows"] > 0 and part1["rows"] > 0 and batches[0] == 0 and batches[1] == batches[2] > 2
+    with pytest.raises(DatastoreError, match="not a datastore|incomplete"):
+        Datastore.load(ds.part_folder(sharded, 0, 2))  # a part is no datastore
+
+    # a merge interrupted after part 0 is not a datastore; rerun, it copies part 1 and completes
+    real_add, calls = ds.DatastoreWriter.add, []
+
+    def crash_on_second(self, keys, values):
+        calls.append(len(keys))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_add(self, keys, values)
+
+    monkeypatch.setattr(ds.DatastoreWriter, "add", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        merge(sharded)
+    with pytest.raises(DatastoreError, match="incomplete"):
+        Datastore.load(sharded)
+    meta = merge(sharded)
+    assert calls == [part0["rows"], part1["rows"], part1["rows"]], "the rerun copies what was not committed"
+    assert meta["parts"] == 2 and meta["source"]["num_shards"] == 2
+
+    single, merged = Datastore.load(tmp_path / "single"), Datastore.load(sharded, expect_model=str(ckpt))
+    assert merged.size == single.size == part0["rows"] + part1["rows"]
+    np.testing.assert_array_equal(np.asarray(merged.keys), np.asarray(single.keys))
+    np.testing.assert_array_equal(np.asarray(merged.values), np.asarray(single.values))
+    queries = np.asarray(single.keys[::7], np.float32) + np.float32(0.01)
+    for a, b in zip(merged.search_ids(queries, 8), single.search_ids(queries, 8)):
+        np.testing.assert_array_equal(a, b)
+
+    # parts that do not belong together, or an unfinished one, are refused
+    odd = tmp_path / "odd"
+    shutil.copytree(ds.part_folder(sharded, 0, 2), ds.part_folder(odd, 0, 2))
+    build(odd, "--num-shards", "2", "--shard-id", "1", "--context-window", "8")
+    with pytest.raises(DatastoreError, match="does not match part 0.*context_window"):
+        merge(odd)
+    (ds.part_folder(odd, 1, 2) / ds.PART).unlink()
+    with pytest.raises(DatastoreError, match="is incomplete"):
+        merge(odd)
+    with pytest.raises(ValueError, match="--shard-id must lie"):
+        build(odd, "--num-shards", "2", "--shard-id", "2")

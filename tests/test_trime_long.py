@@ -11,7 +11,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import PYTHON, ROOT, run_cli
+from conftest import PYTHON, ROOT, copy_first_lines, run_cli
 from fairseq.data import Dictionary, ListDataset, MonolingualDataset, TokenBlockDataset
 from fairseq.sequence_scorer import SequenceScorer
 from tiny_models import lm_sample, row_gradient, tiny_lm, trime_criterion
@@ -562,22 +562,6 @@ def _loss(output: str) -> float:
     return float(found[-1][0])
 
 
-def first_lines_split(src, dst, split: str, lines: int):
-    """A copy of binarized data holding only the first ``lines`` lines of ``split`` (quick evaluation)."""
-    import shutil
-
-    from fairseq.data import indexed_dataset
-
-    dst.mkdir()
-    shutil.copy(src / "dict.txt", dst / "dict.txt")
-    data = indexed_dataset.MMapIndexedDataset(str(src / split))
-    builder = indexed_dataset.MMapIndexedDatasetBuilder(str(dst / f"{split}.bin"), dtype=data._index.dtype)
-    for i in range(min(lines, len(data))):
-        builder.add_item(data[i])
-    builder.finalize(str(dst / f"{split}.idx"))
-    return dst
-
-
 def test_cli_train_long_loss_then_evaluate_with_long_memory(wikitext2_bin, tmp_path):
     """fairseq-train (consecutive batching, trime_long_loss, blockwise memory), then
     fairseq-eval-lm with a long memory, and the sweep (sizes 0 and 1024 in one pass)
@@ -596,7 +580,7 @@ def test_cli_train_long_loss_then_evaluate_with_long_memory(wikitext2_bin, tmp_p
         "--log-format", "simple", "--log-interval", "4", "--seed", "2",
     ], env={"OMP_NUM_THREADS": "1"})
     assert "consecutive batching" in train and (save / "checkpoint_last.pt").exists()
-    valid = first_lines_split(wikitext2_bin, tmp_path / "valid-120", "valid", 120)
+    valid = copy_first_lines(wikitext2_bin, tmp_path / "valid-120", {"valid": 120})
     eval_args = [
         str(valid), "--user-dir", str(ROOT / "trime_fairseq"), "--path", str(save / "checkpoint_last.pt"),
         "--task", "trime_lm", "--eval-memory", "trime", "--memory-temperature", "1.0",

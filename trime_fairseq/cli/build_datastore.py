@@ -22,6 +22,17 @@ train as fairseq's prepare-iwslt14.sh makes it: 3,949,114 entries)::
 An interrupted run resumes when started again with the same arguments
 (``--overwrite`` rebuilds a complete datastore). Load the result with
 ``trime_fairseq.memory.datastore.Datastore.load``.
+
+Sharded (N GPUs or machines extract the keys in parallel; part i runs the model on
+the i-th of N contiguous ranges of the single build's batches), then one merge that
+checks the parts, concatenates them (row for row the single build) and builds the
+index. Every part walks the batches before its range without running the model:
+fairseq's ``--context-window`` takes a batch's context from the batch collated
+before it (so fairseq's own round-robin sharding would change the keys)::
+
+    for i in 0 1 2 3; do trime-build-datastore --path ckpt.pt ... --output dstore/train \
+        --num-shards 4 --shard-id $i & done; wait          # writes dstore/train/part-i-of-4
+    trime-build-datastore --output dstore/train --merge-shards 4 --index-factory IVF4096,PQ64 [--use-gpu-index]
 """
 
 import argparse
@@ -37,7 +48,8 @@ from tqdm import tqdm
 
 from trime_fairseq.checksums import dictionary_checksum, loaded_model_checksum
 from trime_fairseq.memory import faiss_index as fi
-from trime_fairseq.memory.datastore import KEY_DTYPES, KEY_TYPES, DatastoreSpec, DatastoreWriter
+from trime_fairseq.memory.datastore import (KEY_DTYPES, KEY_TYPES, DatastoreSpec, DatastoreWriter, merge_parts,
+                                            part_folder, read_part)
 from trime_fairseq.memory.keys import ensure_key_capture, get_keys
 
 logger = logging.getLogger("trime_fairseq.cli.build_datastore")
@@ -46,8 +58,8 @@ logger = logging.getLogger("trime_fairseq.cli.build_datastore")
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trime-build-datastore", description=__doc__.split("\n\n")[0])
     m = p.add_argument_group("model and data")
-    m.add_argument("--path", required=True, help="fairseq checkpoint of a language model (trime_lm, language_modeling) "
-                   "or a translation model (trime_translation, translation)")
+    m.add_argument("--path", help="fairseq checkpoint of a language model (trime_lm, language_modeling) "
+                   "or a translation model (trime_translation, translation); not with --merge-shards")
     m.add_argument("--data", default=None, help="binarized data folder (default: the checkpoint's)")
     m.add_argument("--gen-subset", default="train", help="split whose positions become memory entries")
     m.add_argument("--tokens-per-sample", type=int, default=None,
@@ -79,6 +91,11 @@ def get_parser() -> argparse.ArgumentParser:
     d.add_argument("--use-gpu-index", action="store_true", help="train / add on the GPU (needs faiss-gpu)")
     d.add_argument("--gpu-device", type=int, default=0)
     d.add_argument("--overwrite", action="store_true", help="rebuild a complete datastore at --output")
+    d.add_argument("--num-shards", type=int, default=1, help="split the key extraction into N parts: this run "
+                   "writes part --shard-id (keys and values only) to OUTPUT/part-i-of-N; then --merge-shards N")
+    d.add_argument("--shard-id", type=int, default=0, help="which part this run writes (0 .. N-1)")
+    d.add_argument("--merge-shards", type=int, default=None, metavar="N", help="merge the N complete parts in "
+                   "OUTPUT into the datastore OUTPUT and build its index (no model, no data needed)")
     d.add_argument("--no-progress-bar", action="store_true")
     return p
 
@@ -177,6 +194,13 @@ def scored_batches(args, task, model, dataset, max_tokens):
 def main(args) -> dict:
     from fairseq import utils
 
+    if args.merge_shards is not None:
+        return merge_main(args)
+    if args.path is None:
+        raise ValueError("--path CHECKPOINT is required (except with --merge-shards)")
+    num_shards, shard_id = int(args.num_shards), int(args.shard_id)
+    if num_shards < 1 or not 0 <= shard_id < num_shards:
+        raise ValueError(f"--shard-id must lie in [0, --num-shards), got {shard_id} of {num_shards}")
     progress = not args.no_progress_bar
     use_cuda = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda" if use_cuda else "cpu")
@@ -204,25 +228,38 @@ def main(args) -> dict:
         source = dict(data=os.path.abspath(task.args.data), split=args.gen_subset,
                       tokens_per_sample=int(task.args.tokens_per_sample) + args.context_window,
                       context_window=args.context_window, max_tokens=max_tokens, batch_size=args.batch_size)
+    itr, num_batches = scored_batches(args, task, model, dataset, max_tokens)
+    output, first, stop = args.output, 0, num_batches  # the batches [first, stop) this run scores
+    if num_shards > 1:  # a contiguous range of the batches; at most max_tokens / B x longest scored tokens each
+        bounds = np.cumsum([0] + [len(r) for r in np.array_split(np.arange(num_batches), num_shards)])
+        first, stop = int(bounds[shard_id]), int(bounds[shard_id + 1])
+        source.update(num_shards=num_shards, shard_id=shard_id, batches=[first, stop], num_batches=num_batches)
+        longest = int(np.max(dataset.tgt_sizes if translation else dataset.sizes))
+        per_batch = max_tokens if max_tokens else args.batch_size * longest
+        capacity = max(1, min(capacity, (stop - first) * per_batch))
+        output = part_folder(args.output, shard_id, num_shards)
     spec = DatastoreSpec(
         dim=key_dim(model, args.key_type, task, device), key_type=args.key_type, metric=args.metric,
         dictionary_size=len(dictionary), dictionary_sha256=dictionary_checksum(dictionary),
         model_path=os.path.abspath(args.path), model_sha256=model_sha, source=source, key_dtype=args.key_dtype,
     )
-    fi.check_factory(args.index_factory, spec.dim, capacity, args.ntrain)  # fail before the long forward pass
-    if args.use_gpu_index and not fi.gpu_available():
-        raise RuntimeError("--use-gpu-index needs faiss-gpu and a CUDA GPU")
-    writer = DatastoreWriter(args.output, spec, capacity, overwrite=args.overwrite)
+    if num_shards == 1:  # (a part has no index: the merge checks the index options)
+        fi.check_factory(args.index_factory, spec.dim, capacity, args.ntrain)  # fail before the long forward pass
+        if args.use_gpu_index and not fi.gpu_available():
+            raise RuntimeError("--use-gpu-index needs faiss-gpu and a CUDA GPU")
+    writer = DatastoreWriter(output, spec, capacity, overwrite=args.overwrite)
 
     if writer.stage == "keys":
-        itr, num_batches = scored_batches(args, task, model, dataset, max_tokens)
-        done = writer.batches_done
-        if done:
-            logger.info(f"resuming: {writer.rows} keys from {done} batches already written")
-        bar = tqdm(itr, total=num_batches, desc=f"keys of {args.gen_subset}", unit="batch", disable=not progress,
-                   mininterval=2.0)
+        done = max(writer.batches_done, first)
+        if writer.batches_done:
+            logger.info(f"resuming: {writer.rows} keys from batches [{first}, {done}) already written")
+        bar = tqdm(itr, total=stop, desc=f"keys of {args.gen_subset}" + (
+            f" (part {shard_id} of {num_shards}: batches {first}-{stop - 1})" if num_shards > 1 else ""),
+            unit="batch", disable=not progress, mininterval=2.0)
         with torch.no_grad():
-            for i, sample in enumerate(bar):
+            for i, sample in enumerate(bar):  # batches before `done` are collated only (context window state)
+                if i >= stop:
+                    break
                 if i < done or "net_input" not in sample:
                     continue
                 sample = utils.move_to_cuda(sample) if use_cuda else sample
@@ -233,7 +270,12 @@ def main(args) -> dict:
                 writer.add(keys[scored], target[scored].int())  # refuses keys its dtype cannot hold
                 if (i + 1) % args.commit_every == 0:
                     writer.commit(i + 1)
-        writer.commit(num_batches)
+        writer.commit(stop)
+    if num_shards > 1:
+        part = writer.finish_part(shard_id, num_shards)
+        logger.info(f"part {shard_id} of {num_shards} complete: {part['rows']} keys in {output} ({time.time() - t0:.1f}s); "
+                    f"when every part is, run: trime-build-datastore --output {args.output} --merge-shards {num_shards}")
+        return part
     n = writer.finish_keys()
     if translation and n != capacity:
         raise RuntimeError(f"{n} entries written for {capacity} target tokens of {args.gen_subset}: a sentence was "
@@ -247,6 +289,32 @@ def main(args) -> dict:
     meta = writer.finalize(nprobe=args.nprobe, extra=dict(seconds=dict(keys=round(t1 - t0, 2),
                                                                           index=round(t2 - t1, 2))))
     logger.info(f"datastore complete: {args.output} ({n} entries; keys {t1 - t0:.1f}s, index {t2 - t1:.1f}s)")
+    return meta
+
+
+def merge_main(args) -> dict:
+    """Merge the complete parts in ``args.output`` and build the index."""
+    progress = not args.no_progress_bar
+    if args.path is not None or args.num_shards != 1:
+        raise ValueError("--merge-shards reads the parts' keys: it takes no --path / --num-shards")
+    if args.merge_shards < 2:
+        raise ValueError(f"--merge-shards N merges N >= 2 parts, got {args.merge_shards}")
+    parts = [read_part(part_folder(args.output, i, args.merge_shards)) for i in range(args.merge_shards)]
+    rows, dim = sum(p["rows"] for p in parts), int(parts[0]["spec"]["dim"])
+    fi.check_factory(args.index_factory, dim, rows, args.ntrain)  # fail before copying
+    if args.use_gpu_index and not fi.gpu_available():
+        raise RuntimeError("--use-gpu-index needs faiss-gpu and a CUDA GPU")
+    t0 = time.time()
+    writer = merge_parts(args.output, args.merge_shards, overwrite=args.overwrite, progress_bar=progress)
+    t1 = time.time()
+    writer.build_index(args.index_factory, ntrain=args.ntrain, seed=args.seed, add_chunk=args.add_chunk,
+                       save_every=args.save_every, use_gpu=args.use_gpu_index, gpu_device=args.gpu_device,
+                       progress_bar=progress)
+    t2 = time.time()
+    meta = writer.finalize(nprobe=args.nprobe, extra=dict(seconds=dict(merge=round(t1 - t0, 2), index=round(t2 - t1, 2)),
+                                                          parts=args.merge_shards))
+    logger.info(f"datastore complete: {args.output} ({rows} entries from {args.merge_shards} parts; merge "
+                f"{t1 - t0:.1f}s, index {t2 - t1:.1f}s)")
     return meta
 
 

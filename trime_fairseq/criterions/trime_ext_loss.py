@@ -24,16 +24,20 @@ RNG (dropout) is untouched. Nothing is dropped when the criterion is not
 training (validation: fairseq's trainer switches the criterion with the model),
 since evaluation uses the local memory.
 
-Memory bound: the dense path holds (N, N) scores and masks. Batches with
-N > ``--memory-block-size`` are scored in checkpointed query blocks (target-only
-summaries, :func:`~trime_fairseq.memory.blockwise.summary_batch`): peak
-(block, N) per block, forward and backward. With ``--memory-block-size 0``
-(always dense) batches beyond :data:`MAX_DENSE_POSITIONS` positions are refused.
+Memory bound: the dense path holds (N, M) scores and masks (M valid entries).
+Memories of more than ``--memory-block-size`` entries are scored in checkpointed
+query blocks (target-only summaries): peak (block, M) per block, forward and
+backward. With ``--memory-block-size 0`` (always dense) memories beyond
+:data:`MAX_DENSE_POSITIONS` positions are refused.
 
-Memory across workers: none (as in ``trime_long_loss``): a worker's memory is
-its own batch. The paper all-gathers the segments of the GPUs of one step; here a
-worker's batch should hold several segments (configs/trime_ext: 4 per forward,
-the same 12,288 memory tokens as the paper's 4 GPUs × 3,072).
+Memory across workers (``--memory-across-workers``): the paper all-gathers the
+segments of the GPUs of one step; with the option every worker's memory also holds
+the segments of every other worker's batch of the step (detached,
+:func:`~trime_fairseq.memory.cross_segment.cross_segment_memory` with the workers'
+layout), which ``--batching bm25`` makes BM25 neighbours (one update = consecutive
+pieces of the chain across accumulation steps and workers). Without it a worker's
+memory is its own batch (configs/trime_ext: 4 segments per forward, the same
+12,288 memory tokens as the paper's 4 GPUs × 3,072).
 """
 
 import logging
@@ -47,12 +51,13 @@ from fairseq import metrics, utils
 from fairseq.criterions import register_criterion
 from omegaconf import II
 
-from trime_fairseq.criterions.trime_loss import TrimeLoss, TrimeLossConfig
+from trime_fairseq.criterions.trime_loss import TrimeLoss, TrimeLossConfig, is_dummy_batch
 from trime_fairseq.memory.cross_segment import MAX_DENSE_POSITIONS  # noqa: F401 (re-exported)
 from trime_fairseq.memory.cross_segment import cross_segment_memory
 from trime_fairseq.memory.sources import MemoryBatch, dot_scale
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass
 class TrimeExtLossConfig(TrimeLossConfig):
@@ -71,9 +76,11 @@ class TrimeExtLossConfig(TrimeLossConfig):
 
 @register_criterion("trime_ext_loss", dataclass=TrimeExtLossConfig)
 class TrimeExtLoss(TrimeLoss):
+    SEES_OTHER_WORKERS = True  # the other workers' segments of the step
+
     def __init__(self, task, ce_warmup_ratio, ce_warmup_updates, max_update, sentence_avg,
-                 local_drop_prob=0.9, memory_block_size=2048, seed=1):
-        super().__init__(task, ce_warmup_ratio, ce_warmup_updates, max_update, sentence_avg)
+                 local_drop_prob=0.9, memory_block_size=2048, seed=1, memory_across_workers=False):
+        super().__init__(task, ce_warmup_ratio, ce_warmup_updates, max_update, sentence_avg, memory_across_workers)
         p = float(local_drop_prob)
         if not 0.0 <= p <= 1.0:  # also refuses NaN
             raise ValueError(f"--local-drop-prob must lie in [0, 1], got {local_drop_prob}")
@@ -126,7 +133,8 @@ class TrimeExtLoss(TrimeLoss):
             raise ValueError(f"the local drop pattern must be a ({bsz},) bool tensor, got {tuple(dropped.shape)} "
                              f"{dropped.dtype}")
         self._last_dropped = int(dropped.sum())
-        return cross_segment_memory(keys, target, valid, ~dropped, dot_scale(dim), self.memory_block_size)
+        return cross_segment_memory(keys, target, valid, ~dropped, dot_scale(dim), self.memory_block_size,
+                                    layout=self.worker_layout(keys), withdrawn=is_dummy_batch(sample))
 
     # -- logging ---------------------------------------------------------------------------------
 

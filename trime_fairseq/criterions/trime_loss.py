@@ -5,6 +5,12 @@ For the target at position t of a segment the memory is
 similarities sim(q, k) = q·k/√d share one softmax, and gradients flow into
 every memory representation. Subclasses change only which in-batch entries a
 position sees (:meth:`TrimeLoss.training_memory`).
+
+``--memory-across-workers`` (trime_long_loss, trime_ext_loss, trime_mt_loss): the in-batch memory
+also holds the entries of every other data-parallel worker's batch of the step,
+all-gathered and detached (:mod:`trime_fairseq.memory.gathered`); the criterion
+says which of them each query sees. TRIMELM's local memory never lies on another
+worker, so trime_loss refuses the option.
 """
 
 import math
@@ -16,6 +22,7 @@ from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 from omegaconf import II
 
+from trime_fairseq.memory.gathered import DUMMY_BATCH, WorkerLayout, data_parallel_layout, require_data_parallel
 from trime_fairseq.memory.keys import ensure_key_capture, get_keys
 from trime_fairseq.memory.mixing import joint_target_log_prob
 from trime_fairseq.memory.sources import MemoryBatch, causal_memory, dot_scale
@@ -32,17 +39,38 @@ class TrimeLossConfig(FairseqDataclass):
         default=None,
         metadata={"help": "number of cross-entropy warm-up updates; overrides --ce-warmup-ratio"},
     )
+    memory_across_workers: bool = field(
+        default=False,
+        metadata={"help": "the memory also holds the keys and values of every other data-parallel worker's batch "
+        "of the step, all-gathered and detached (gradients only into the worker's own entries, as TRIME's code), "
+        "under the criterion's rules: trime_long_loss's runs may span workers, trime_ext_loss / trime_mt_loss see "
+        "the other workers' segments / sentences. Needs >= 2 workers; not trime_loss (its local memory never lies "
+        "on another worker)"},
+    )
     max_update: int = II("optimization.max_update")
     sentence_avg: bool = II("optimization.sentence_avg")
 
 
 @register_criterion("trime_loss", dataclass=TrimeLossConfig)
 class TrimeLoss(FairseqCriterion):
-    def __init__(self, task, ce_warmup_ratio, ce_warmup_updates, max_update, sentence_avg):
+    #: can an entry of another worker's batch ever be visible under this criterion's memory rule?
+    SEES_OTHER_WORKERS = False
+
+    def __init__(self, task, ce_warmup_ratio, ce_warmup_updates, max_update, sentence_avg,
+                 memory_across_workers=False):
         super().__init__(task)
         self.sentence_avg = sentence_avg
         self.warmup_updates = self._warmup_updates(ce_warmup_ratio, ce_warmup_updates, max_update)
         self.num_updates = 0
+        self.memory_across_workers = bool(memory_across_workers)
+        if self.memory_across_workers:
+            if not self.SEES_OTHER_WORKERS:
+                raise ValueError(
+                    "--memory-across-workers has no effect with trime_loss: its memory is the earlier tokens of the "
+                    "position's own segment (TRIMELM's local memory), never on another worker; use trime_long_loss "
+                    "(runs of consecutive segments across workers) or trime_ext_loss (the other segments of the step)"
+                )
+            require_data_parallel("--memory-across-workers")
         if self.warmup_updates > 0 and not hasattr(task, "trime_memory_options"):
             raise ValueError(
                 "the cross-entropy warm-up needs --task trime_lm (it tells the criterion the "
@@ -83,8 +111,7 @@ class TrimeLoss(FairseqCriterion):
         """
         m = self.segments_per_stream(sample)
         bsz, tsz, dim = keys.shape
-        if bsz % m != 0:
-            raise ValueError(f"batch of {bsz} segments does not split into runs of {m}")
+        check_whole_runs(bsz, m)
         shape = (bsz // m, m * tsz)
         return causal_memory(
             queries=keys.reshape(*shape, dim),
@@ -93,6 +120,11 @@ class TrimeLoss(FairseqCriterion):
             valid=valid.reshape(shape),
             scale=dot_scale(dim),
         )
+
+    def worker_layout(self, keys) -> WorkerLayout:
+        """Rows and positions of every worker's batch (one collective with ``--memory-across-workers``)."""
+        bsz, tsz, _ = keys.shape
+        return data_parallel_layout(bsz, tsz, keys.device, distributed=self.memory_across_workers)
 
     def token_losses(self, model, sample, with_memory: bool = True):
         """Per-position terms of one batch, each flattened to (B·T,).
@@ -170,3 +202,17 @@ class TrimeLoss(FairseqCriterion):
     def logging_outputs_can_be_summed() -> bool:
         return True
 
+
+def is_dummy_batch(sample) -> bool:
+    """fairseq's dummy batch (``trime_lm`` / ``trime_translation`` mark it): with memory across workers
+    its entries take part in the all-gather but no worker sees them."""
+    return sample is not None and bool(sample.get(DUMMY_BATCH, False))
+
+
+def check_whole_runs(bsz: int, m: int) -> None:
+    """A worker's batch of ``bsz`` rows read as runs of m rows must hold whole runs."""
+    if bsz % m != 0:
+        raise ValueError(
+            f"batch of {bsz} segments does not split into runs of {m} (a run longer than a worker's batch "
+            "needs trime_long_loss --memory-across-workers)"
+        )

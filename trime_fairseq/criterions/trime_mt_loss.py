@@ -13,7 +13,9 @@ are lexically close (BM25). The math is
 its own entries (the same source as ``trime_ext_loss``'s).
 
 Cross-entropy warm-up and logging as ``trime_loss`` (``in_memory``: share of target
-tokens found among the other sentences' targets).
+tokens found among the other sentences' targets). ``--memory-across-workers``: the
+other sentences of every data-parallel worker's batch of the step join the memory
+(detached), as the released TRIME-MT code all-gathers them.
 """
 
 from dataclasses import dataclass, field
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from fairseq.criterions import register_criterion
 
-from trime_fairseq.criterions.trime_loss import TrimeLoss, TrimeLossConfig
+from trime_fairseq.criterions.trime_loss import TrimeLoss, TrimeLossConfig, is_dummy_batch
 from trime_fairseq.memory.cross_segment import cross_segment_memory
 from trime_fairseq.memory.sources import MemoryBatch, dot_scale
 
@@ -41,9 +43,11 @@ class TrimeMTLossConfig(TrimeLossConfig):
 
 @register_criterion("trime_mt_loss", dataclass=TrimeMTLossConfig)
 class TrimeMTLoss(TrimeLoss):
+    SEES_OTHER_WORKERS = True  # the other workers' sentences of the step
+
     def __init__(self, task, ce_warmup_ratio, ce_warmup_updates, max_update, sentence_avg,
-                 train_memory_temperature=1.0, memory_block_size=4096):
-        super().__init__(task, ce_warmup_ratio, ce_warmup_updates, max_update, sentence_avg)
+                 train_memory_temperature=1.0, memory_block_size=4096, memory_across_workers=False):
+        super().__init__(task, ce_warmup_ratio, ce_warmup_updates, max_update, sentence_avg, memory_across_workers)
         if not train_memory_temperature > 0:
             raise ValueError(f"--train-memory-temperature must be > 0, got {train_memory_temperature}")
         if memory_block_size < 0:
@@ -57,4 +61,5 @@ class TrimeMTLoss(TrimeLoss):
         bsz, _, dim = keys.shape
         own_rows = torch.zeros(bsz, dtype=torch.bool, device=keys.device)  # no entry of the sentence itself
         return cross_segment_memory(keys, target, valid, own_rows, dot_scale(dim, self.memory_temperature),
-                                    self.memory_block_size)
+                                    self.memory_block_size, layout=self.worker_layout(keys),
+                                    withdrawn=is_dummy_batch(sample))

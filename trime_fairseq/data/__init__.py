@@ -11,7 +11,10 @@ package, imported below.
 import inspect
 from typing import Callable, Dict
 
+from fairseq.data import iterators
 from fairseq.tasks import FairseqTask
+
+from trime_fairseq.memory.gathered import DUMMY_BATCH
 
 BATCHINGS: Dict[str, Callable] = {}
 
@@ -38,13 +41,41 @@ def batch_iterator(task, name: str, dataset, task_iterator: Callable, args, kwar
     ``task_iterator`` is the task's own (fairseq's) method, used for ``shuffled``."""
     batching = BATCHINGS.get(name)
     if batching is None:
-        return task_iterator(dataset, *args, **kwargs)
+        return _with_dummy_marked(task, task_iterator(dataset, *args, **kwargs))
     # fairseq passes its options positionally or by name: hand them over by name, with fairseq's
     # defaults, so a batching declares only the ones it reads (and **_ for the rest)
     call = _SIGNATURE.bind(task, dataset, *args, **kwargs)
     call.apply_defaults()
     options = {k: v for k, v in call.arguments.items() if k not in ("self", "dataset")}
-    return batching(task, dataset, fallback=lambda: task_iterator(dataset, **options), **options)
+    itr = batching(task, dataset, fallback=lambda: task_iterator(dataset, **options), **options)
+    return _with_dummy_marked(task, itr)
+
+
+_MARKING_CLASSES = {}
+
+
+def _with_dummy_marked(task, itr):
+    """With the criterion's --memory-across-workers: ``itr`` with its ``first_batch`` marked
+    :data:`~trime_fairseq.memory.gathered.DUMMY_BATCH`.
+
+    fairseq's trainer runs ``first_batch`` on a worker whose shard of an epoch (or of a validation
+    split) has run out, so that every worker takes part in every step's collectives; the memory
+    across workers must then leave that batch's entries out. ``first_batch`` is read for nothing else
+    (``trainer.reset_dummy_batch``). The iterator's class becomes a subclass that only overrides it."""
+    base = type(itr)
+    if (not getattr(task, "memory_across_workers", False) or not isinstance(itr, iterators.EpochBatchIterator)
+            or base in _MARKING_CLASSES.values()):
+        return itr
+    if base not in _MARKING_CLASSES:
+
+        def first_batch(self):
+            batch = super(marking, self).first_batch
+            return {**batch, DUMMY_BATCH: True} if isinstance(batch, dict) and batch else batch
+
+        marking = type(f"DummyMarking{base.__name__}", (base,), {"first_batch": property(first_batch)})
+        _MARKING_CLASSES[base] = marking
+    itr.__class__ = _MARKING_CLASSES[base]
+    return itr
 
 from trime_fairseq.data import consecutive  # noqa: E402,F401  (registers --batching consecutive)
 from trime_fairseq.data import stream  # noqa: E402,F401  (registers --batching stream)

@@ -15,22 +15,30 @@ of its segment plus all tokens of the run's earlier segments as memory
   the one for data without headings such as enwik8). A split without any heading
   is an error unless ``--cross-documents`` is given.
 * Order: the runs are shuffled every epoch with ``numpy.random.default_rng([seed,
-  epoch])`` (fairseq's ``--seed``) and packed b per batch; fairseq's
-  ``EpochBatchIterator`` then shuffles the batches with ``seed + epoch`` as usual.
-  Both depend only on (seed, epoch), so resuming from a checkpoint (which stores
-  the epoch and the position inside it) replays the same order.
-* Workers: fairseq deals whole batches to the workers, so every worker's batch
-  holds whole runs; the memory of a run never needs another worker.
+  epoch])`` (fairseq's ``--seed``) and taken in that order, step after step (no
+  second shuffle of the batches). It depends only on (seed, epoch), so resuming
+  from a checkpoint (which stores the epoch and the position inside it) replays
+  the same batches on every worker.
+* Workers (W data-parallel workers, B segments each): step k takes the next runs
+  of the order and deals them as W batches, worker w getting batch k·W + w
+  (fairseq's ``ShardedIterator``). Each worker's batch holds B // m whole runs, so
+  the memory of a run never needs another worker -- unless the criterion has
+  ``--memory-across-workers`` (``task.memory_across_workers``): a step then holds
+  (W·B) // m runs, laid out as one batch and cut into W contiguous pieces, so a run
+  may span workers (B < m: TRIME's long memories beyond one GPU) and one worker with
+  W·B segments gets exactly the same step. A worker without a batch in the last step
+  gets fairseq's dummy batch.
 * Batch size: B = ``--batch-size``, or ``--max-tokens // L`` (the smaller if both
-  are given); B must be >= m. ``--required-batch-size-multiple`` is not used
-  (a batch is a multiple of m by construction).
+  are given); B must be >= m (W·B >= m across workers). ``--required-batch-size-multiple``
+  is not used (a batch is a multiple of m by construction).
 * The task's own blocks (``--sample-break-mode``) are not used: segments are cut
   from the split's lines (fairseq-preprocess output, each line ending with eos).
 """
 
+import functools
 import logging
 import weakref
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 from fairseq.data import iterators
@@ -101,7 +109,9 @@ def segment_dataset(task, dataset) -> SegmentDataset:
     return segments
 
 
-def runs_per_batch(m: int, seg_len: int, max_tokens: Optional[int], max_sentences: Optional[int]) -> int:
+def runs_per_step(m: int, seg_len: int, max_tokens: Optional[int], max_sentences: Optional[int], num_shards: int,
+                  across_workers: bool) -> int:
+    """Runs in one step of ``num_shards`` workers: B // m per worker, or (W·B) // m across workers."""
     limits = []
     if max_sentences is not None:
         limits.append(int(max_sentences))
@@ -110,12 +120,20 @@ def runs_per_batch(m: int, seg_len: int, max_tokens: Optional[int], max_sentence
     if not limits:
         raise ValueError("--batching consecutive needs --batch-size or --max-tokens")
     segments = min(limits)
+    if across_workers:
+        if segments * num_shards < m:
+            raise ValueError(
+                f"a step of {num_shards} workers x {segments} segments cannot hold a run of --consecutive-segments {m}; "
+                f"give at least {m} segments per step"
+            )
+        return segments * num_shards // m
     if segments < m:
         raise ValueError(
             f"a batch of {segments} segments (--batch-size / --max-tokens // L={seg_len}) cannot hold a run of "
             f"--consecutive-segments {m}; give at least {m} segments ({m * seg_len} tokens) per batch"
+            + (", or let runs span workers (trime_long_loss --memory-across-workers)" if num_shards > 1 else "")
         )
-    return segments // m
+    return segments // m * num_shards
 
 
 def run_order(num_runs: int, seed: int, epoch: int) -> np.ndarray:
@@ -123,13 +141,24 @@ def run_order(num_runs: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([int(seed), int(epoch)]).permutation(num_runs)
 
 
-def batches_for_epoch(segments: SegmentDataset, runs_per: int, seed: int, epoch: int):
-    """List of index arrays; each batch = ``runs_per`` whole runs, rows of a run adjacent and in order."""
+def batches_for_epoch(segments: SegmentDataset, runs_per: int, num_shards: int, seed: int, epoch: int,
+                      across_workers: bool) -> List[np.ndarray]:
+    """Every worker's batches of the epoch in step order: step k is batches k·W .. k·W + W - 1 (worker w
+    gets k·W + w). A step holds ``runs_per`` runs in the epoch's order, rows of a run adjacent and in
+    order; each worker gets whole runs, or (``across_workers``) a contiguous piece of the step's rows.
+    Workers left without rows in the last step get an empty batch (fairseq's dummy batch)."""
     order = run_order(segments.num_runs, seed, epoch)
     m = segments.m
-    rows = (order[:, None] * m + np.arange(m)[None, :]).reshape(-1)  # (R·m,) in run order
-    size = runs_per * m
-    return [rows[i : i + size] for i in range(0, len(rows), size)]
+    batches = []
+    for start in range(0, len(order), runs_per):
+        runs = order[start:start + runs_per]
+        rows = (runs[:, None] * m + np.arange(m)[None, :]).reshape(-1)  # (runs·m,) in run order
+        if across_workers:
+            batches += np.array_split(rows, num_shards)
+        else:
+            size = runs_per // num_shards * m
+            batches += [rows[w * size:(w + 1) * size] for w in range(num_shards)]
+    return batches
 
 
 @register_batching("consecutive")
@@ -140,11 +169,13 @@ def consecutive_batches(task, dataset, *, max_tokens, max_sentences, max_positio
     limit = max_positions if not isinstance(max_positions, (tuple, list)) else min(p for p in max_positions if p)
     if limit is not None and seg_len > limit:
         raise ValueError(f"segments of {seg_len} tokens exceed the model's {limit} positions")
-    runs_per = runs_per_batch(segments.m, seg_len, max_tokens, max_sentences)
+    across = bool(getattr(task, "memory_across_workers", False))
+    runs_per = runs_per_step(segments.m, seg_len, max_tokens, max_sentences, num_shards, across)
     return iterators.EpochBatchIterator(
         dataset=segments,
-        collate_fn=segments.collater,
-        batch_sampler=lambda ds, ep: batches_for_epoch(segments, runs_per, seed, ep),
+        collate_fn=functools.partial(segments.collater, whole_runs=not across),
+        batch_sampler=lambda ds, ep: batches_for_epoch(segments, runs_per, num_shards, seed, ep, across),
+        disable_shuffling=True,  # the runs are shuffled per epoch; a step's batches stay together
         seed=seed,
         num_shards=num_shards,
         shard_id=shard_id,

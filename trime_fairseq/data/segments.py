@@ -123,11 +123,12 @@ class SegmentDataset(FairseqDataset):
             "target": torch.from_numpy(np.asarray(target, dtype=np.int64)),
         }
 
-    def collater(self, samples):
-        """Rows in the given order (runs stay adjacent and in order); padding on the right."""
+    def collater(self, samples, whole_runs: bool = True):
+        """Rows in the given order (runs stay adjacent and in order); padding on the right.
+        ``whole_runs=False``: a piece of a step whose runs span workers (any number of rows)."""
         if len(samples) == 0:
             return {}
-        if len(samples) % self.m != 0:
+        if whole_runs and len(samples) % self.m != 0:
             raise ValueError(f"a batch of {len(samples)} segments does not hold whole runs of {self.m}")
         src = data_utils.collate_tokens([s["source"] for s in samples], self.pad, self.eos, left_pad=False)
         tgt = data_utils.collate_tokens([s["target"] for s in samples], self.pad, self.eos, left_pad=False)

@@ -30,6 +30,7 @@ from trime_fairseq.memory.eval_memory import attach_eval_memory, build_eval_memo
 from trime_fairseq.memory.keys import ensure_key_capture, require_keys
 from trime_fairseq.memory.options import MODES
 from trime_fairseq.tasks.memory_config import LocalMemoryConfig, RetrievalMemoryConfig, memory_options  # noqa: F401
+from trime_fairseq.tasks.training_memory import TrainingMemoryTask
 
 
 
@@ -69,7 +70,7 @@ class TrimeLMConfig(LanguageModelingConfig, LocalMemoryConfig, RetrievalMemoryCo
 
 
 @register_task("trime_lm", dataclass=TrimeLMConfig)
-class TrimeLMTask(LanguageModelingTask):
+class TrimeLMTask(TrainingMemoryTask, LanguageModelingTask):
     def __init__(self, args, dictionary, output_dictionary=None, targets=None):
         super().__init__(args, dictionary, output_dictionary, targets)
         self.trime_memory_options = memory_options(args)
@@ -128,8 +129,3 @@ class TrimeLMTask(LanguageModelingTask):
     def begin_valid_epoch(self, epoch, model):
         super().begin_valid_epoch(epoch, model)
         reset_stream_memory(model)
-
-    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
-        if hasattr(criterion, "set_num_updates"):
-            criterion.set_num_updates(update_num)
-        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)

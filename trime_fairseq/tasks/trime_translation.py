@@ -35,6 +35,7 @@ from trime_fairseq.data.bm25_batching import validate_options as validate_bm25_o
 from trime_fairseq.memory.eval_memory import attach_eval_memory, build_eval_memory
 from trime_fairseq.memory.keys import ensure_key_capture, require_keys
 from trime_fairseq.tasks.memory_config import RETRIEVAL_FLAGS, RetrievalMemoryConfig, memory_options
+from trime_fairseq.tasks.training_memory import TrainingMemoryTask
 
 MT_MODES = ("none", "knn", "trime_ext")
 MT_BATCHINGS = ("shuffled", "bm25")
@@ -62,7 +63,7 @@ class TrimeTranslationConfig(TranslationConfig, RetrievalMemoryConfig):
 
 
 @register_task("trime_translation", dataclass=TrimeTranslationConfig)
-class TrimeTranslationTask(TranslationTask):
+class TrimeTranslationTask(TrainingMemoryTask, TranslationTask):
     def __init__(self, cfg, src_dict, tgt_dict):
         super().__init__(cfg, src_dict, tgt_dict)
         self.args = cfg  # what the batchings read (task.args), as for trime_lm
@@ -83,8 +84,3 @@ class TrimeTranslationTask(TranslationTask):
             require_keys(model, memory.key_names(), f"--eval-memory {options.mode}")
             attach_eval_memory(model, memory)
         return model
-
-    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
-        if hasattr(criterion, "set_num_updates"):
-            criterion.set_num_updates(update_num)
-        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
