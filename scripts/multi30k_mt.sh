@@ -15,7 +15,7 @@
 #   scripts/multi30k_mt.sh                 # UPDATES=1000
 #
 # Environment: UPDATES (1000), OUT (runs/multi30k-mt-$UPDATES), DATA (data-bin/multi30k), BEAM (5), TUNE_SENTENCES (300),
-# IWSLT (../shared/data/iwslt14.tokenized.de-en; skipped when absent), IWSLT_TEST (1000), KS (K grid,
+# IWSLT (../shared/data/iwslt14.tokenized.de-en; skipped when absent), IWSLT_TEST (1000), TED_TUNE_SENTENCES (1000), KS (K grid,
 # 1,2,4,8,16,32,64 as the paper after Zheng et al. 2021), INDEX (FAISS factory of the datastores, IVF256,Flat).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +27,7 @@ TUNE_SENTENCES=${TUNE_SENTENCES:-300}
 KS=${KS:-1,2,4,8,16,32,64}
 IWSLT=${IWSLT:-${TRIME_DATA:-../shared/data}/iwslt14.tokenized.de-en}
 IWSLT_TEST=${IWSLT_TEST:-1000}
+TED_TUNE_SENTENCES=${TED_TUNE_SENTENCES:-1000}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 source scripts/lib.sh
@@ -127,9 +128,9 @@ if [ -f "$IWSLT/valid.de" ]; then
   datastore "$transformer" "$ted" train "$OUT/dstore_ted_transformer" l2 & p1=$!
   datastore "$trime" "$ted" train "$OUT/dstore_ted_trime_mt" ip & p2=$!
   wait $p1; wait $p2
-  ted_knn=$(TUNE_SENTENCES=1000 tune ted_knn "$transformer" "$ted" knn "$OUT/dstore_ted_transformer" \
+  ted_knn=$(TUNE_SENTENCES=$TED_TUNE_SENTENCES tune ted_knn "$transformer" "$ted" knn "$OUT/dstore_ted_transformer" \
     --knn-temperatures 1,10,100 --knn-lambdas 0.1,0.3,0.5)
-  ted_trime=$(TUNE_SENTENCES=1000 tune ted_trime_ext "$trime" "$ted" trime_ext "$OUT/dstore_ted_trime_mt" \
+  ted_trime=$(TUNE_SENTENCES=$TED_TUNE_SENTENCES tune ted_trime_ext "$trime" "$ted" trime_ext "$OUT/dstore_ted_trime_mt" \
     --temperatures 1 --interpolation-temperatures 1,10 --interpolation-lambdas 0.1,0.3,0.5)
   say "decoding IWSLT'14 test (first $IWSLT_TEST pairs)"
   bleu ted_transformer "$transformer" "$ted" test "" > /dev/null & p1=$!
