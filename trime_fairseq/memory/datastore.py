@@ -22,6 +22,7 @@ scaled, so callers apply temperatures and interpolation with
 ``joint_log_probs``).
 """
 
+import hashlib
 import json
 import os
 import time
@@ -317,6 +318,48 @@ def _read_index(path: Path):
         raise DatastoreError(f"cannot read FAISS index {path} (truncated or corrupt?): {detail}") from None
 
 
+@dataclass(frozen=True)
+class Exclusion:
+    """Entries a search must not return: entry i is hidden from query q iff
+    ``entry_labels[i] == query_labels[q]``.
+
+    * own entry (SPALM's training split, ``self``): ``entry_labels=None`` labels every
+      entry with its id, ``query_labels`` holds the query's own entry id;
+    * own document (``document``): ``entry_labels`` = document id of every entry,
+      ``query_labels`` = the query's document.
+
+    A query label of -1 hides nothing. ``max_hidden`` (at most this many entries are
+    hidden per query: 1 for own-entry exclusion) sizes the first over-fetch; None: unknown.
+    """
+
+    query_labels: np.ndarray  # (Q,) int64
+    entry_labels: Optional[np.ndarray] = None  # (N,) int64, None: the entry id
+
+    @classmethod
+    def own_entry(cls, entry_ids) -> "Exclusion":
+        return cls(np.asarray(entry_ids, dtype=np.int64))
+
+    @classmethod
+    def same_label(cls, query_labels, entry_labels) -> "Exclusion":
+        return cls(np.asarray(query_labels, dtype=np.int64), np.asarray(entry_labels))
+
+    @property
+    def max_hidden(self) -> Optional[int]:
+        return 1 if self.entry_labels is None else None
+
+    def check(self, num_queries: int, num_entries: int) -> None:
+        if self.query_labels.shape != (num_queries,):
+            raise ValueError(f"exclusion labels {self.query_labels.shape} do not match {num_queries} queries")
+        if self.entry_labels is not None and self.entry_labels.shape != (num_entries,):
+            raise ValueError(f"exclusion has {self.entry_labels.shape} entry labels for a datastore of {num_entries}")
+
+    def hidden(self, rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """(R, F) bool: hit ``ids[r, f]`` of query ``rows[r]`` is excluded (ids -1 never are)."""
+        mine = self.query_labels[rows][:, None]  # (R, 1)
+        labels = ids if self.entry_labels is None else self.entry_labels[np.where(ids >= 0, ids, 0)]
+        return (ids >= 0) & (mine >= 0) & (labels == mine)
+
+
 # -- reading --------------------------------------------------------------------------------------
 
 ModelRef = Union[str, dict, torch.nn.Module]
@@ -329,6 +372,9 @@ class Datastore:
         self.path, self.meta, self.keys, self.values, self.index = path, meta, keys, values, index
         self.rescore = rescore
         self.size, self.dim, self.metric = int(meta["size"]), int(meta["dim"]), meta["metric"]
+        # sha256 of this build's datastore.json (size, model, dictionary, index, build time):
+        # what artefacts derived from the datastore (SPALM's neighbour files) record
+        self.fingerprint = hashlib.sha256((path / META).read_bytes()).hexdigest()
 
     @classmethod
     def load(cls, path, expect_dim: Optional[int] = None, expect_dictionary=None,
@@ -393,15 +439,17 @@ class Datastore:
         """Refuse (DatastoreError) queries that do not fit this datastore; same checks as :meth:`load`."""
         _check_expectations(self.meta, self.path, dim, dictionary, model, key_type, metric)
 
-    def search(self, queries, k: int, rescore: Optional[bool] = None) -> MemoryBatch:
+    def search(self, queries, k: int, rescore: Optional[bool] = None,
+               exclude: Optional[Exclusion] = None) -> MemoryBatch:
         """Top-k entries of each query: MemoryBatch(scores (Q, k) float32, values (Q, k) long, mask (Q, k) bool).
 
         ``queries`` (Q, d), numpy or torch (results follow a tensor's device). Scores
         are ``q·k`` (ip) or ``-|q - k|^2`` (l2), best first; missing hits (fewer than k
-        found) have mask False, score -inf and value 0.
+        found) have mask False, score -inf and value 0. ``exclude``: entries each query
+        must not retrieve (see :class:`Exclusion`).
         """
         device = queries.device if isinstance(queries, torch.Tensor) else torch.device("cpu")
-        scores, ids = self.search_ids(queries, k, rescore)
+        scores, ids = self.search_ids(queries, k, rescore, exclude)
         valid = ids >= 0
         values = np.where(valid, self.values[np.where(valid, ids, 0)], 0)
         return MemoryBatch(
@@ -410,13 +458,42 @@ class Datastore:
             torch.from_numpy(valid).to(device),
         )
 
-    def search_ids(self, queries, k: int, rescore: Optional[bool] = None):
-        """Like :meth:`search`, with entry ids: scores (Q, k) float32 (-inf: none), ids (Q, k) int64 (-1: none)."""
+    def search_ids(self, queries, k: int, rescore: Optional[bool] = None, exclude: Optional[Exclusion] = None):
+        """Like :meth:`search`, with entry ids: scores (Q, k) float32 (-inf: none), ids (Q, k) int64 (-1: none).
+
+        With ``exclude`` the index is asked for more than k entries (over-fetch), the
+        excluded ones are dropped and the best k kept; a query left with fewer than k
+        asks again for twice as many, until it has k or the index has no further
+        candidates for it (all N entries, or every probed inverted list, returned):
+        only then does it keep fewer than k (missing ones: id -1).
+        """
         q = fi.as_float32(_numpy(queries))
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(f"queries must be (Q, {self.dim}), got {tuple(q.shape)}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if exclude is None:
+            return self._search(q, k, rescore)
+        exclude.check(len(q), self.size)
+        out_scores = np.full((len(q), k), -np.inf, dtype=np.float32)
+        out_ids = np.full((len(q), k), -1, dtype=np.int64)
+        rows = np.arange(len(q))
+        fetch = min(self.size, k + exclude.max_hidden if exclude.max_hidden is not None else 4 * k)
+        while rows.size:
+            scores, ids = self._search(q[rows], fetch, rescore)  # (R, fetch) best first
+            keep = (ids >= 0) & ~exclude.hidden(rows, ids)
+            exhausted = (ids < 0).any(axis=1) | (fetch >= self.size)  # the index has nothing more to give
+            done = (keep.sum(axis=1) >= k) | exhausted
+            take = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # kept entries first, in rank order
+            kept = np.take_along_axis(keep, take, 1)[done]
+            cols = take.shape[1]
+            out_scores[rows[done], :cols] = np.where(kept, np.take_along_axis(scores, take, 1)[done], -np.inf)
+            out_ids[rows[done], :cols] = np.where(kept, np.take_along_axis(ids, take, 1)[done], -1)
+            rows = rows[~done]
+            fetch = min(self.size, 2 * fetch)
+        return out_scores, out_ids
+
+    def _search(self, q: np.ndarray, k: int, rescore: Optional[bool]):
         distances, ids = self.index.search(q, k)  # (Q, k), (Q, k)
         if self.rescore if rescore is None else rescore:
             scores = self.exact_scores(q, ids)
