@@ -3,7 +3,9 @@
 Runs the checkpoint over a split exactly as ``fairseq-eval-lm`` does (same
 ``task.eval_lm_dataloader``, ``--context-window``), stores for every scored
 position (target != pad) its key -- g (``trime_key``, TRIME and kNN-LM) or f
-(``trime_feature``) -- and its next token, then trains and fills a FAISS index::
+(``trime_feature``) -- and its next token, then trains and fills a FAISS index.
+Entry n is the split's n-th token (blocks in stream order, also without a context
+window), which SPALM's neighbour files rely on::
 
     trime-build-datastore --path checkpoints/checkpoint_best.pt --data data-bin/wikitext-103 \\
         --gen-subset train --context-window 1536 --tokens-per-sample 3072 \\
@@ -20,12 +22,14 @@ import logging
 import os
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from trime_fairseq.checksums import dictionary_checksum, model_checksum
+from trime_fairseq.data.eval_order import StreamOrderDataset
 from trime_fairseq.memory import faiss_index as fi
 from trime_fairseq.memory.datastore import KEY_TYPES, DatastoreSpec, DatastoreWriter
 from trime_fairseq.memory.keys import ensure_key_capture, get_keys
@@ -111,9 +115,46 @@ def key_dim(model, key_type: str, dictionary, device) -> int:
     return int(get_keys(out, key_type).size(-1))
 
 
-def main(args) -> dict:
+def scored_keys(model, task, dataset, args, key_type: str, device, skip_batches: int = 0, progress: bool = True):
+    """Keys of the scored positions (target != pad) of ``dataset``, in the split's token order.
+
+    Iterates as ``fairseq-eval-lm`` does (``task.eval_lm_dataloader``, ``args.context_window``,
+    ``args.max_tokens`` / ``args.batch_size``), with the blocks in stream order also without a
+    context window, so the n-th key is the one of the split's n-th token. Yields
+    (batches done, keys (n, d), targets (n,)) per batch; the first ``skip_batches`` batches
+    are read but not run (resuming).
+    """
     from fairseq import utils
 
+    pad = task.target_dictionary.pad()
+    use_cuda = device.type == "cuda"
+    itr = task.eval_lm_dataloader(
+        dataset=dataset if args.context_window > 0 else StreamOrderDataset(dataset),
+        max_tokens=eval_max_tokens(args), batch_size=args.batch_size,
+        max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
+        num_shards=1, shard_id=0, num_workers=args.num_workers, data_buffer_size=0,
+        context_window=args.context_window,
+    )
+    bar = tqdm(itr, total=len(itr), desc=f"keys of {args.gen_subset}", unit="batch", disable=not progress,
+               mininterval=2.0)
+    with torch.no_grad():
+        for i, sample in enumerate(bar):
+            if i < skip_batches or "net_input" not in sample:
+                continue
+            sample = utils.move_to_cuda(sample) if use_cuda else sample
+            net_output = model(**sample["net_input"])
+            keys = get_keys(net_output, key_type)  # (B, T, d)
+            target = sample["target"]  # (B, T); context positions are pad
+            scored = target.ne(pad)
+            yield i + 1, keys[scored], target[scored]
+
+
+def eval_max_tokens(args) -> Optional[int]:
+    """Tokens per batch: --max-tokens, else fairseq-eval-lm's 36000 unless --batch-size is given."""
+    return args.max_tokens or (None if args.batch_size else 36000)
+
+
+def main(args) -> dict:
     progress = not args.no_progress_bar
     use_cuda = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda" if use_cuda else "cpu")
@@ -125,15 +166,14 @@ def main(args) -> dict:
         model.half()
     model.to(device).eval()
     dictionary = task.target_dictionary
-    pad = dictionary.pad()
 
     task.load_dataset(args.gen_subset)
     dataset = task.dataset(args.gen_subset)
     capacity = int(np.sum(dataset.sizes))  # every token is scored once (also with a context window)
-    max_tokens = args.max_tokens or (None if args.batch_size else 36000)
     source = dict(data=os.path.abspath(task.args.data), split=args.gen_subset,
                   tokens_per_sample=int(task.args.tokens_per_sample) + args.context_window,
-                  context_window=args.context_window, max_tokens=max_tokens, batch_size=args.batch_size)
+                  context_window=args.context_window, max_tokens=eval_max_tokens(args), batch_size=args.batch_size,
+                  order="stream")
     spec = DatastoreSpec(
         dim=key_dim(model, args.key_type, dictionary, device), key_type=args.key_type, metric=args.metric,
         dictionary_size=len(dictionary), dictionary_sha256=dictionary_checksum(dictionary),
@@ -145,30 +185,16 @@ def main(args) -> dict:
     writer = DatastoreWriter(args.output, spec, capacity, overwrite=args.overwrite)
 
     if writer.stage == "keys":
-        itr = task.eval_lm_dataloader(
-            dataset=dataset, max_tokens=max_tokens, batch_size=args.batch_size,
-            max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
-            num_shards=1, shard_id=0, num_workers=args.num_workers, data_buffer_size=0,
-            context_window=args.context_window,
-        )
         done = writer.batches_done
         if done:
             logger.info(f"resuming: {writer.rows} keys from {done} batches already written")
-        bar = tqdm(itr, total=len(itr), desc=f"keys of {args.gen_subset}", unit="batch", disable=not progress,
-                   mininterval=2.0)
-        with torch.no_grad():
-            for i, sample in enumerate(bar):
-                if i < done or "net_input" not in sample:
-                    continue
-                sample = utils.move_to_cuda(sample) if use_cuda else sample
-                net_output = model(**sample["net_input"])
-                keys = get_keys(net_output, args.key_type)  # (B, T, d)
-                target = sample["target"]  # (B, T); context positions are pad
-                scored = target.ne(pad)
-                writer.add(keys[scored].half(), target[scored].int())
-                if (i + 1) % args.commit_every == 0:
-                    writer.commit(i + 1)
-        writer.commit(len(itr))
+        batches = 0
+        for batches, keys, targets in scored_keys(model, task, dataset, args, args.key_type, device, done,
+                                                  progress):
+            writer.add(keys.half(), targets.int())
+            if batches % args.commit_every == 0:
+                writer.commit(batches)
+        writer.commit(max(batches, done))
     n = writer.finish_keys()
     logger.info(f"{n} keys of dimension {spec.dim} written ({capacity} tokens in {args.gen_subset})")
     t1 = time.time()

@@ -93,7 +93,7 @@ class DatastoreWriter:
             self.progress = json.loads((self.path / PROGRESS).read_text())
             theirs = {"spec": self.progress.get("spec"), "capacity": self.progress.get("capacity")}
             if theirs != json.loads(json.dumps(identity)):
-                diff = _differences(theirs, identity)
+                diff = settings_differences(theirs, identity)
                 raise DatastoreError(
                     f"{self.path} holds an interrupted build with other settings ({diff}); delete the folder or "
                     "rerun with the same checkpoint, data and options to resume it"
@@ -286,12 +286,12 @@ class DatastoreWriter:
         return _read_index(self.path / name)
 
 
-def _differences(a: dict, b: dict, prefix: str = "") -> str:
+def settings_differences(a: dict, b: dict, prefix: str = "") -> str:
     out = []
     for key in sorted(set(a or {}) | set(b or {})):
         x, y = (a or {}).get(key), (b or {}).get(key)
         if isinstance(x, dict) and isinstance(y, dict):
-            inner = _differences(x, y, f"{prefix}{key}.")
+            inner = settings_differences(x, y, f"{prefix}{key}.")
             if inner:
                 out.append(inner)
         elif x != y:

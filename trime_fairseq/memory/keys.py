@@ -11,14 +11,26 @@ output, two tensors of shape (B, T, d):
 Our own models put them there themselves (``decoder.provides_trime_keys = True``).
 Stock fairseq decoders (``transformer_lm*``, translation decoders) get them
 through :func:`ensure_key_capture`, which adds forward hooks once per decoder.
+
+SPALM's precomputed neighbours travel under two names, in the batch's
+``net_input`` (all neighbours of the file) and in the ``extra`` of the SPALM model's
+output (the k the model used): ``neighbour_tokens`` (B, T, K) long, the next token
+stored with each retrieved datastore entry (padding where a position has fewer
+than K neighbours), and ``neighbour_scores`` (B, T, K) float32, the datastore's raw
+scores (q·k or −|q−k|²). :func:`get_neighbours` reads them as a memory batch.
 """
 
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
+
+from trime_fairseq.memory.sources import MemoryBatch
 
 TRIME_KEY = "trime_key"
 TRIME_FEATURE = "trime_feature"
+NEIGHBOUR_TOKENS = "neighbour_tokens"
+NEIGHBOUR_SCORES = "neighbour_scores"
 
 
 class KeyCapture:
@@ -77,3 +89,17 @@ def get_keys(net_output, name: str = TRIME_KEY) -> Tensor:
             "trime_fairseq.memory.keys.ensure_key_capture(model) before the forward pass"
         )
     return extra[name]
+
+
+def get_neighbours(net_output, pad: int) -> MemoryBatch:
+    """The precomputed neighbours a SPALM model used, as raw-score memory entries:
+    scores (B, T, K) float32 (the datastore's), values (B, T, K), mask (B, T, K) bool."""
+    extra = net_output[1] if len(net_output) > 1 else None
+    if not isinstance(extra, dict) or extra.get(NEIGHBOUR_TOKENS) is None:
+        raise ValueError(
+            "the model output carries no precomputed neighbours: memory over neighbours needs a SPALM model "
+            "fed with --neighbours"
+        )
+    values, scores = extra[NEIGHBOUR_TOKENS], extra[NEIGHBOUR_SCORES]
+    mask = values.ne(pad)
+    return MemoryBatch(scores.float().masked_fill(~mask, float("-inf")), torch.where(mask, values, 0), mask)

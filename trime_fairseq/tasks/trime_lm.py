@@ -7,6 +7,11 @@ Evaluation: ``fairseq-eval-lm --task trime_lm --eval-memory {none,trime,cache,kn
 routes the model's ``get_normalized_probs`` through
 :class:`~trime_fairseq.memory.eval_memory.EvalMemory` (knn / trime_ext: with the
 ``--datastore`` of trime-build-datastore).
+
+SPALM: ``--neighbours DIR`` (written by trime-neighbours) adds every split's
+precomputed neighbours to its items and batches (:mod:`trime_fairseq.data.neighbours`),
+in training and in ``fairseq-eval-lm`` (stream order or ``--context-window``); only
+models that read them (``spalm``) accept the option, and they need it.
 """
 
 import inspect
@@ -23,6 +28,13 @@ from trime_fairseq.data.bm25_batching import validate_options as validate_bm25_o
 from trime_fairseq.data.consecutive import validate_options as validate_consecutive_options
 from trime_fairseq.data.documents import DocumentBoundaries
 from trime_fairseq.data.eval_order import StreamOrderDataset
+from trime_fairseq.data.neighbours import (
+    NeighbourContextWindowDataset,
+    NeighbourDataset,
+    NeighbourFolder,
+    carries_neighbours,
+    token_blocks,
+)
 from trime_fairseq.data.stream import enable_stream_memory, reset_stream_memory
 from trime_fairseq.memory.eval_memory import MODES, MemoryOptions, attach_eval_memory, build_eval_memory
 from trime_fairseq.memory.keys import ensure_key_capture
@@ -114,6 +126,11 @@ class TrimeLMConfig(LanguageModelingConfig):
         metadata={"help": "trime / cache: 'document' limits the memory to the position's own document "
         "(WikiText headings), 'never' (default) does not"},
     )
+    neighbours: Optional[str] = field(
+        default=None,
+        metadata={"help": "SPALM: folder of precomputed neighbours written by trime-neighbours (one sub-folder "
+        "per split); every batch carries the neighbours of its positions"},
+    )
     bm25_order: Optional[str] = field(
         default=None,
         metadata={"help": "--batching bm25: chain of the training segments written by trime-bm25-batches "
@@ -169,6 +186,15 @@ class TrimeLMTask(LanguageModelingTask):
             raise ValueError(f"unknown --batching '{args.batching}', choose one of {batching_names()}")
         validate_consecutive_options(args)
         validate_bm25_options(args)
+        neighbours = getattr(args, "neighbours", None)
+        self.neighbour_folder = NeighbourFolder(neighbours, dictionary) if neighbours else None
+
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
+        if self.neighbour_folder is not None:
+            dataset = self.datasets[split]
+            found = self.neighbour_folder.open(split, int(token_blocks(dataset).sizes.sum()))
+            self.datasets[split] = NeighbourDataset(dataset, found, self.source_dictionary.pad())
 
     def get_batch_iterator(self, dataset, *args, **kwargs):
         batching = BATCHINGS.get(self.args.batching)
@@ -184,10 +210,23 @@ class TrimeLMTask(LanguageModelingTask):
     def eval_lm_dataloader(self, dataset, *args, context_window: int = 0, **kwargs):
         if self.trime_memory_options.uses_stream and context_window == 0:
             dataset = StreamOrderDataset(dataset)  # the stream memory needs the blocks in order
+        if context_window > 0 and carries_neighbours(dataset):
+            # fairseq's context rows, with the neighbours moved along with their targets
+            dataset = NeighbourContextWindowDataset(
+                dataset, self.args.tokens_per_sample, context_window, self.source_dictionary.pad()
+            )
+            context_window = 0
         return super().eval_lm_dataloader(dataset, *args, context_window=context_window, **kwargs)
 
     def build_model(self, args, from_checkpoint=False):
         model = super().build_model(args, from_checkpoint)
+        reads_neighbours = getattr(model, "reads_neighbours", False)
+        if reads_neighbours and self.neighbour_folder is None:
+            raise ValueError(f"{type(model).__name__} reads precomputed neighbours: pass --neighbours DIR "
+                             "(written by trime-neighbours)")
+        if self.neighbour_folder is not None and not reads_neighbours:
+            raise ValueError(f"--neighbours feeds SPALM models (--arch spalm_*); {type(model).__name__} does not "
+                             "read them")
         ensure_key_capture(model)
         # recurrent-memory models carry memory across batches only in stream order
         enable_stream_memory(model, self.args.batching == "stream")
