@@ -37,6 +37,7 @@ setup(
             "trime-build-datastore = trime_fairseq.cli.build_datastore:cli_main",
             "trime-bm25-batches = trime_fairseq.cli.bm25_batches:cli_main",
             "trime-sweep-memory = trime_fairseq.cli.sweep_memory:cli_main",
+            "trime-neighbours = trime_fairseq.cli.neighbours:cli_main",
         ],
     },
 )

@@ -128,6 +128,11 @@ class NeighbourWriter:
     def batches_done(self) -> int:
         return int(self.progress["batches"])
 
+    @property
+    def next_position(self) -> int:
+        """The stream position the next :meth:`add` starts at (committed or not)."""
+        return self._pending
+
     def add(self, values, scores, ids, targets) -> None:
         """Append the neighbours of the next n positions: values / scores / ids (n, K), targets (n,)."""
         n = len(targets)

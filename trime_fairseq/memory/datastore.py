@@ -389,23 +389,7 @@ class Datastore:
         rescore: re-rank the index's (PQ-approximate) hits with the stored keys.
         """
         path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"datastore folder not found: {path}")
-        meta_path = path / META
-        if not meta_path.exists():
-            if (path / PROGRESS).exists():
-                state = json.loads((path / PROGRESS).read_text())
-                raise DatastoreError(
-                    f"{path} is an incomplete datastore (build interrupted at stage '{state.get('stage')}', "
-                    f"{state.get('rows')} keys written); rerun trime-build-datastore with the same arguments to resume"
-                )
-            raise DatastoreError(f"{path} is not a datastore (no {META})")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
-            raise DatastoreError(f"{meta_path} is unreadable: {e}") from None
-        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise DatastoreError(f"{path}: unsupported datastore format {meta.get('format')} v{meta.get('version')}")
+        meta = read_metadata(path)
         n, d = int(meta["size"]), int(meta["dim"])
         _check_expectations(meta, path, expect_dim, expect_dictionary, expect_model, expect_key_type, expect_metric)
         for name, size in ((KEYS, n * d * 2), (VALUES, n * 4)):
@@ -519,6 +503,29 @@ class Datastore:
                 sc = -np.square(keys - qb).sum(-1)
             out[s:s + rows] = np.where(valid, sc, -np.inf)
         return out
+
+
+def read_metadata(path) -> dict:
+    """The ``datastore.json`` of a complete datastore (clear errors for missing folders and interrupted builds)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"datastore folder not found: {path}")
+    meta_path = path / META
+    if not meta_path.exists():
+        if (path / PROGRESS).exists():
+            state = json.loads((path / PROGRESS).read_text())
+            raise DatastoreError(
+                f"{path} is an incomplete datastore (build interrupted at stage '{state.get('stage')}', "
+                f"{state.get('rows')} keys written); rerun trime-build-datastore with the same arguments to resume"
+            )
+        raise DatastoreError(f"{path} is not a datastore (no {META})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DatastoreError(f"{meta_path} is unreadable: {e}") from None
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise DatastoreError(f"{path}: unsupported datastore format {meta.get('format')} v{meta.get('version')}")
+    return meta
 
 
 def _check_expectations(meta, path, dim, dictionary, model, key_type, metric) -> None:
