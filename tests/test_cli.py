@@ -2,6 +2,7 @@
 fairseq-train (trime_loss) -> fairseq-eval-lm without memory / with local memory / with the cache,
 trime-tune, fairseq-hydra-train on a configs/ file, and clear errors for bad options."""
 
+import json
 import re
 import subprocess
 
@@ -53,14 +54,21 @@ def test_eval_lm_with_and_without_memory(wikitext2_bin, trime_checkpoint):
     assert chunked == pytest.approx(local, rel=1e-4)
 
 
-def test_tune_reports_best_memory_options(wikitext2_bin, trime_checkpoint):
+def test_tune_reports_best_memory_options(wikitext2_bin, trime_checkpoint, tmp_path):
+    results = tmp_path / "tune.json"
     out = run_cli([
         "trime-tune", wikitext2_bin, "--user-dir", "trime_fairseq", "--task", "trime_lm", "--path", trime_checkpoint,
         "--gen-subset", "valid", "--tokens-per-sample", "64", "--context-window", "32", "--batch-size", "8", "--cpu",
         "--num-workers", "0", "--eval-memory", "trime", "--temperatures", "1,2", "--no-progress-bar",
+        "--widen-edges", "1", "--results-json", results,
     ])
     best = re.search(r"best: --eval-memory trime --memory-temperature ([0-9.]+)  \(valid perplexity ([0-9.]+)", out)
     assert best, out[-3000:]
+    # machine-readable results; a best value on an edge of the 2-point grid was widened once
+    data = json.loads(results.read_text())
+    assert data["best"] == f"--eval-memory trime --memory-temperature {best.group(1)}"
+    assert len(data["rounds"]) == 2 and len(data["rounds"][1]["axes"]["memory_temperature"]) == 3
+    assert len(data["points"]) == 1 + 3  # plain model + τ in {0.5, 1, 2} or {1, 2, 4}
     # the tuner's number is what fairseq-eval-lm reports for the same options
     reported = perplexity(eval_lm(wikitext2_bin, trime_checkpoint, "--eval-memory", "trime",
                                   "--memory-temperature", best.group(1)))

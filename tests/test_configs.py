@@ -60,26 +60,95 @@ TRANSFORMER_LM_CONFIGS = [p for p in CONFIGS if "trime_lm_" in p.read_text()]
 def test_hydra_config_builds_the_architecture_it_names(path):
     """fairseq-hydra-train fills the model node with transformer_lm's defaults before the
     architecture function runs (which then keeps them): a config must spell out its
-    architecture's sizes, or it silently trains another model than --arch NAME."""
+    architecture's sizes, or it silently trains another model than --arch NAME. Every
+    architecture field is compared, those the file spells out included."""
+    cfg = composed(path)
+    expected = cli_architecture(cfg.model._name)
+    assert len(expected) >= 15, expected
+    differs = {k: (cfg.model[k], v) for k, v in expected.items() if cfg.model[k] != v}
+    assert not differs, f"{path.name} builds {cfg.model._name} with other values (hydra, --arch): {differs}"
+
+
+def composed(path):
+    """The config as fairseq-hydra-train builds the model from it (arch function applied)."""
     from fairseq.models import ARCH_CONFIG_REGISTRY
     from omegaconf import open_dict
 
     GlobalHydra.instance().clear()
     hydra_init(path.stem)
     with initialize_config_dir(config_dir=str(path.parent), version_base="1.1"):
-        cfg = compose(config_name=path.stem, overrides=["task.data=/nonexistent"])
+        cfg = compose(config_name=path.stem, overrides=["task.data=/nonexistent", "task.bm25_order=/nonexistent"]
+                      if "bm25_order" in path.read_text() else ["task.data=/nonexistent"])
     add_defaults(cfg)
     with open_dict(cfg.model):
         ARCH_CONFIG_REGISTRY[cfg.model._name](cfg.model)  # as fairseq.models.build_model does
-    expected = cli_architecture(cfg.model._name)
-    got = {name: cfg.model[name] for name in expected}
-    # a config may deliberately change a field; it must then say so in the file (the field is spelled out)
-    spelled = set(compose_model_keys(path))
-    differs = {k: (got[k], v) for k, v in expected.items() if got[k] != v and k not in spelled}
-    assert not differs, f"{path.name} builds {cfg.model._name} with other values (hydra, --arch): {differs}"
+    return cfg
 
 
-def compose_model_keys(path):
-    from omegaconf import OmegaConf
+# -- against the paper (TRIME Table 11), not against the code's own --arch ------------------------
 
-    return list(OmegaConf.load(path).get("model", {}).keys())
+WIKITEXT103_VOCAB = 267_744  # fairseq-preprocess's dictionary of WikiText-103 (padded to a multiple of 8)
+ENWIK8_VOCAB = 208
+PAPER_PARAMS = {  # Table 11, #Params
+    "trime_lm_wiki103_247m": (247e6, WIKITEXT103_VOCAB),
+    "trime_lm_wiki103_150m": (150e6, WIKITEXT103_VOCAB),
+    "trime_lm_wiki103_7m": (7e6, WIKITEXT103_VOCAB),
+    "trime_lm_enwik8_38m": (38e6, ENWIK8_VOCAB),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(PAPER_PARAMS))
+def test_architecture_has_the_papers_parameter_count(arch):
+    import torch
+    from fairseq.data import Dictionary
+    from fairseq.models.transformer_lm import TransformerLanguageModel
+
+    params, vocab = PAPER_PARAMS[arch]
+    dictionary = Dictionary()
+    for i in range(vocab - dictionary.nspecial):
+        dictionary.add_symbol(f"w{i}")
+    task = type("Task", (), {"source_dictionary": dictionary, "target_dictionary": dictionary})()
+    from fairseq import options
+
+    args = options.parse_args_and_arch(options.get_training_parser(),
+                                       ["/x", "--task", "language_modeling", "--arch", arch])
+    with torch.device("meta"):  # sizes only: nothing is allocated
+        model = TransformerLanguageModel.build_model(args, task)
+    count = sum(p.numel() for p in model.parameters())
+    assert abs(count - params) / params < 0.03, f"{arch}: {count / 1e6:.1f}M parameters, the paper {params / 1e6:g}M"
+
+
+# config -> (tokens per update, training memory per token) of Table 11, on the one worker the config assumes
+PAPER_SETTINGS = {
+    "trime/wiki103_247m": (73_728, 3_072),
+    "trime/wiki103_150m": (36_000, 150),
+    "trime/wiki103_7m": (24_576, 3_072),
+    "trime/enwik8_38m": (49_152, 512),
+    "trime_long/wiki103_247m": (73_728, 12_288),
+    "trime_long/wiki103_150m": (36_000, 36_000),
+    "trime_long/wiki103_7m": (24_576, 24_576),
+    "trime_long/enwik8_38m": (49_152, 49_152),
+    "trime_ext/wiki103_247m": (73_728, 12_288),
+    "trime_ext/wiki103_7m": (24_576, 24_576),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_SETTINGS))
+def test_config_reaches_the_papers_tokens_per_update_and_memory(name):
+    """On one worker (the README's command): Table 11's tokens per update, and the training memory a
+    token can reach (local: its segment; trime_long: its run of m segments, across article ends as
+    Table 11's sizes require; trime_ext: the segments of its batch)."""
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    cfg = composed(path)
+    seg = cfg.task.tokens_per_sample
+    per_forward = (cfg.dataset.batch_size * seg if cfg.dataset.batch_size
+                   else cfg.dataset.max_tokens // seg * seg)
+    tokens_per_update = per_forward * cfg.optimization.update_freq[0]
+    if cfg.criterion._name == "trime_long_loss":
+        memory = cfg.task.consecutive_segments * seg
+        assert cfg.task.cross_documents, f"{name}: runs stop at article ends (~3.3K tokens), not {memory}"
+    elif cfg.criterion._name == "trime_ext_loss":
+        memory = per_forward
+    else:
+        memory = seg
+    assert (tokens_per_update, memory) == PAPER_SETTINGS[name]

@@ -23,9 +23,10 @@ def _data(n=3000, d=16, seed=0, vocab=VOCAB):
     return keys, values
 
 
-def _spec(d=16, metric="ip", vocab=VOCAB, model_sha="1" * 64, dict_sha="0" * 64, key_type="trime_key"):
+def _spec(d=16, metric="ip", vocab=VOCAB, model_sha="1" * 64, dict_sha="0" * 64, key_type="trime_key",
+          key_dtype="float16"):
     return DatastoreSpec(dim=d, key_type=key_type, metric=metric, dictionary_size=vocab, dictionary_sha256=dict_sha,
-                         model_path="ckpt.pt", model_sha256=model_sha)
+                         model_path="ckpt.pt", model_sha256=model_sha, key_dtype=key_dtype)
 
 
 def _build(path, keys, values, factory="Flat", metric="ip", chunk=700, nprobe=None, **spec_kw):
@@ -226,6 +227,31 @@ def test_interrupted_build_is_not_loadable_and_resumes(tmp_path, monkeypatch):
         DatastoreWriter(path, _spec(), capacity=10)
 
 
+def test_non_finite_keys_are_refused_with_their_entry_and_float32_keys_hold_them(tmp_path):
+    keys, values = _data(n=50)
+    big = keys.astype(np.float32)
+    big[37, 5] = 1e5  # an unnormalised feature beyond float16's range (65504)
+    w = DatastoreWriter(tmp_path / "f16", _spec(), capacity=50)
+    w.add(big[:30], values[:30])
+    with pytest.raises(DatastoreError, match=r"entry 37 .*not finite in float16.*--key-dtype float32"):
+        w.add(big[30:], values[30:])
+    nan = big.copy()
+    nan[3, 0] = np.nan
+    with pytest.raises(DatastoreError, match=r"entry 3 .*not finite in the model"):
+        DatastoreWriter(tmp_path / "nan", _spec(key_dtype="float32"), capacity=50).add(nan, values)
+    w = DatastoreWriter(tmp_path / "f32", _spec(key_dtype="float32"), capacity=50)
+    w.add(big, values)
+    w.commit(1)
+    w.finish_keys()
+    w.build_index("Flat", progress_bar=False)
+    meta = w.finalize()
+    assert meta["key_dtype"] == "float32" and (tmp_path / "f32" / "keys.f32").exists()
+    store = Datastore.load(tmp_path / "f32")
+    assert store.keys.dtype == np.float32 and store.keys[37, 5] == 1e5
+    hit = store.search(big[37:38], 1, rescore=True)
+    assert int(hit.values[0, 0]) == int(values[37])
+
+
 # -- the CLI on a trained model ----------------------------------------------------------------
 
 def test_cli_builds_a_datastore_from_a_trained_checkpoint(wikitext2_bin, tmp_path):
@@ -279,3 +305,35 @@ def test_cli_builds_a_datastore_from_a_trained_checkpoint(wikitext2_bin, tmp_pat
     # a stored key's nearest entry (exact re-scoring) is at distance 0
     hit = store.search(np.asarray(store.keys[:3], np.float32), 4, rescore=True)
     assert torch.equal(hit.scores[:, 0], torch.zeros(3))
+
+    # an old checkpoint that fairseq upgrades on load (layer norms under their pre-2019 names):
+    # the builder and the evaluation hash the model as loaded, so they agree -- and agree with the
+    # same weights saved in today's layout
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    renames = {"self_attn_layer_norm": "layer_norms.0", "final_layer_norm": "layer_norms.2"}
+    state["model"] = {
+        next((k.replace(new, old) for new, old in renames.items() if f".{new}." in k), k): v
+        for k, v in state["model"].items()
+    }
+    assert any(".layer_norms.0." in k for k in state["model"])
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    old_out = tmp_path / "dstore_old"
+    build_datastore.main(build_datastore.get_parser().parse_args(
+        ["--path", str(old), "--gen-subset", "valid", "--context-window", "32", "--max-tokens", "4096",
+         "--output", str(old_out), "--index-factory", "Flat", "--metric", "l2", "--cpu", "--no-progress-bar"]))
+    old_meta = json.loads((old_out / "datastore.json").read_text())
+    assert old_meta["model_sha256"] == meta["model_sha256"]
+    Datastore.load(old_out, expect_model=str(old))  # the checkpoint path, loaded (and upgraded) by fairseq
+    from trime_fairseq.cli.loading import eval_batches, eval_lm_config, load_eval_models
+
+    cfg, _ = eval_lm_config([str(wikitext2_bin), "--user-dir", str(ROOT / "trime_fairseq"), "--task", "trime_lm",
+                             "--path", str(old), "--gen-subset", "valid", "--tokens-per-sample", "64",
+                             "--context-window", "32", "--cpu", "--eval-memory", "knn", "--datastore", str(old_out),
+                             "--knn-k", "4", "--max-tokens", "4096"])
+    models, task = load_eval_models(cfg)
+    sample = next(eval_batches(cfg, task, models))
+    with torch.no_grad():
+        out = models[0](**sample["net_input"])
+        lp = models[0].get_normalized_probs(out, True, sample)  # searches: refuses keys of another model
+    assert torch.isfinite(lp[sample["target"].ne(task.target_dictionary.pad())]).all()

@@ -79,7 +79,7 @@ def test_eval_lm_scores_equal_naive_reference(options, with_context):
     key = net_output[1][TRIME_KEY if opt.mode == "trime" else TRIME_FEATURE]
     reference = naive_log_probs(
         net_output[0], key, sample["net_input"]["src_tokens"], task.dictionary.pad(), opt.mode,
-        tau=opt.temperature, lam=opt.cache_lambda, theta=opt.cache_theta, window=opt.cache_size,
+        tau=opt.memory_temperature, lam=opt.cache_lambda, theta=opt.cache_theta, window=opt.cache_size,
     )
     target = sample["target"]
     expected = reference.gather(2, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -105,7 +105,7 @@ def test_softmax_batch_chunks_equal_whole_batch(mode, adaptive):
     "options",
     [
         MemoryOptions("none"),
-        MemoryOptions("trime", temperature=0.5),
+        MemoryOptions("trime", memory_temperature=0.5),
         MemoryOptions("cache", cache_lambda=0.2, cache_theta=0.4, cache_size=4),
     ],
 )
@@ -146,15 +146,15 @@ def test_full_vocabulary_mixing_sums_to_one_and_matches_dense_form():
 
 
 def test_option_errors_are_clear():
-    with pytest.raises(ValueError, match="τ must be > 0"):
+    with pytest.raises(ValueError, match="--memory-temperature must be > 0"):
         tiny_task(eval_memory="trime", memory_temperature=0.0)
     with pytest.raises(ValueError, match="--cache-lambda has no effect with --eval-memory trime"):
         tiny_task(eval_memory="trime", cache_lambda=0.1)
     with pytest.raises(ValueError, match="--memory-temperature has no effect with --eval-memory none"):
         tiny_task(memory_temperature=2.0)
-    with pytest.raises(ValueError, match="λ must lie in"):
+    with pytest.raises(ValueError, match="--cache-lambda must lie in"):
         tiny_task(eval_memory="cache", cache_lambda=1.5)
-    with pytest.raises(ValueError, match="cache size"):
+    with pytest.raises(ValueError, match="--cache-size must be >= 1"):
         tiny_task(eval_memory="cache", cache_size=0)
     with pytest.raises(ValueError, match="unknown --eval-memory"):
         memory_options(type("Cfg", (), {"eval_memory": "bogus"})())

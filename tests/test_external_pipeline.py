@@ -75,7 +75,8 @@ def test_datastore_then_knn_lm_and_trime_ext_evaluation(wikitext2_bin, ext_run):
     tuned = run_cli(["trime-tune", wikitext2_bin, "--user-dir", "trime_fairseq", "--task", "trime_lm",
                      "--path", checkpoint, *EVAL, "--batch-size", "8", "--cpu", "--no-progress-bar",
                      "--eval-memory", "trime_ext", "--datastore", store, "--knn-k", "8",
-                     "--temperatures", "1,2", "--knn-temperatures", "1,4", "--knn-lambdas", "0.25,0.5"], env=ENV)
+                     "--temperatures", "1,2", "--interpolation-temperatures", "1,4", "--interpolation-lambdas", "0.25,0.5",
+                     "--widen-edges", "0"], env=ENV)
     best = re.search(r"best: (.*)  \(valid perplexity ([0-9.]+); without memory ([0-9.]+)\)", tuned)
     assert best, tuned[-3000:]
     assert float(best.group(3)) == pytest.approx(plain, rel=1e-3)

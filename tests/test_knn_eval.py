@@ -124,7 +124,8 @@ def store(tmp_path):
 @pytest.mark.parametrize("options", [
     dict(eval_memory="knn", knn_k=5, knn_temperature=2.0, knn_lambda=0.3),
     dict(eval_memory="knn", knn_k=4, knn_lambda=0.4, cache_lambda=0.2, cache_theta=0.5),
-    dict(eval_memory="trime_ext", knn_k=6, memory_temperature=0.8, knn_temperature=1.5, knn_lambda=0.3),
+    dict(eval_memory="trime_ext", knn_k=6, memory_temperature=0.8, interpolation_temperature=1.5,
+         interpolation_lambda=0.3),
 ])
 def test_external_memory_equals_naive_reference(store, options, softmax_batch):
     path, keys, values = store
@@ -133,7 +134,8 @@ def test_external_memory_equals_naive_reference(store, options, softmax_batch):
     pad = task.dictionary.pad()
     got = scored(model, task, sample, softmax_batch)
     expect = naive(model, sample, keys, values, pad, options["eval_memory"], options["knn_k"],
-                   T=options.get("knn_temperature", 1.0), lam=options["knn_lambda"],
+                   T=options.get("knn_temperature", options.get("interpolation_temperature", 1.0)),
+                   lam=options.get("knn_lambda", options.get("interpolation_lambda")),
                    tau=options.get("memory_temperature", 1.0), cache_lam=options.get("cache_lambda", 0.0),
                    theta=options.get("cache_theta", 0.3))
     real = sample["target"].ne(pad)
@@ -214,7 +216,11 @@ def test_option_errors():
     with pytest.raises(ValueError, match="--knn-k"):
         MemoryOptions("knn", datastore="x", knn_k=0)
     with pytest.raises(ValueError, match="--knn-lambda"):
-        MemoryOptions("trime_ext", datastore="x", knn_lambda=1.5)
+        MemoryOptions("knn", datastore="x", knn_lambda=1.5)
+    with pytest.raises(ValueError, match="--interpolation-lambda"):
+        MemoryOptions("trime_ext", datastore="x", interpolation_lambda=1.5)
+    with pytest.raises(ValueError, match="--knn-temperature has no effect with --eval-memory trime_ext"):
+        tiny_task(eval_memory="trime_ext", datastore="x", knn_temperature=2.0)
     with pytest.raises(ValueError, match="--knn-temperature"):
         MemoryOptions("knn", datastore="x", knn_temperature=0)
     with pytest.raises(ValueError, match="long-term memory"):

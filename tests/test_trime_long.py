@@ -106,7 +106,7 @@ def reference_stream_scores(model, samples, pad, opt: MemoryOptions, doc_starts=
     key of the row that scored it; the memory of a scored token is then built entry by
     entry: earlier positions of its row (context included), plus recorded stream entries
     at positions [s - N, s - c) (s: first scored position of the row, c: its context),
-    limited to the token's document when ``doc_starts`` is given.
+    limited to the token's document when ``doc_starts`` is given (the latest start before it).
     """
     key_name = TRIME_KEY if opt.mode == "trime" else TRIME_FEATURE
     rows, records = [], []
@@ -132,13 +132,14 @@ def reference_stream_scores(model, samples, pad, opt: MemoryOptions, doc_starts=
         d = keys.size(-1)
         for j in range(c, row["length"]):
             p = s + (j - c)
-            doc = -1 if doc_starts is None else int(doc_starts[doc_starts <= p].max())
+            # the latest document start strictly before p (a start b is known from b + 1 on)
+            doc = -1 if doc_starts is None else int(doc_starts[doc_starts < max(p, 1)].max())
             memory = [(keys[jj], row["values"][jj]) for jj in range(j) if s - c + jj >= doc]
             memory += [records[q] for q in range(max(s - opt.long_memory_size, doc, 0), s - c)]
             logits = row["logits"][j].double()
             target = int(row["targets"][j])
             if opt.mode == "trime":
-                sims = [torch.dot(keys[j], k) / (math.sqrt(d) * opt.temperature) for k, _ in memory]
+                sims = [torch.dot(keys[j], k) / (math.sqrt(d) * opt.memory_temperature) for k, _ in memory]
                 num = torch.exp(logits[target]) + sum((torch.exp(x) for x, (_, v) in zip(sims, memory) if v == target),
                                                       torch.tensor(0.0, dtype=torch.float64))
                 den = torch.exp(logits).sum() + sum((torch.exp(x) for x in sims), torch.tensor(0.0, dtype=torch.float64))
@@ -225,7 +226,7 @@ def test_tuning_path_reads_the_stream_and_advances_explicitly():
     lines = random_lines(task.dictionary, 24, seed=8)
     samples = eval_samples(task, lines, 2, context_window=3)
     pad = task.dictionary.pad()
-    points = [MemoryOptions("trime", temperature=0.8, long_memory_size=n) for n in (0, 7, 20)]
+    points = [MemoryOptions("trime", memory_temperature=0.8, long_memory_size=n) for n in (0, 7, 20)]
     points.append(MemoryOptions("cache", cache_lambda=0.2, cache_theta=0.4, long_memory_size=9))
     memory = EvalMemory(MemoryOptions("trime", long_memory_size=20), pad, stream_keys=(TRIME_KEY, TRIME_FEATURE))
     got = {opt: [] for opt in points}
@@ -662,3 +663,23 @@ def test_long_config_builds_the_named_architecture(path):
     assert cfg.task.batching == "consecutive" and cfg.criterion._name == "trime_long_loss"
     m, seg = cfg.task.consecutive_segments, cfg.task.tokens_per_sample
     assert cfg.dataset.batch_size % m == 0 and cfg.dataset.max_tokens >= m * seg
+
+
+def test_impossible_memory_sizes_and_empty_splits_are_clear_errors(tmp_path):
+    task = make_task(8, eval_memory="trime", long_memory_size=10**12)
+    lines = random_lines(task.dictionary, 6, seed=3)
+    with pytest.raises(ValueError, match="--long-memory-size 1000000000000 exceeds the 3[0-9] tokens"):
+        eval_samples(task, lines, 2)
+    # an empty binarized split: the file and the split are named (fairseq fails inside numpy's mmap)
+    from fairseq.data.indexed_dataset import MMapIndexedDatasetBuilder
+
+    d = heading_dictionary()
+    d.save(str(tmp_path / "dict.txt"))
+    builder = MMapIndexedDatasetBuilder(str(tmp_path / "valid.bin"), dtype=np.uint16)
+    builder.finalize(str(tmp_path / "valid.idx"))
+    cfg = TrimeLMConfig(data=str(tmp_path), tokens_per_sample=8, dataset_impl="mmap", use_plasma_view=False,
+                        plasma_path=None, seed=1, batch_size=None, batch_size_valid=None, data_buffer_size=0,
+                        tpu=False)
+    empty_task = TrimeLMTask.setup_task(cfg)
+    with pytest.raises(ValueError, match=r"split 'valid' is empty: .*valid\.bin holds no tokens"):
+        empty_task.load_dataset("valid")

@@ -8,6 +8,7 @@ from tiny_models import lm_sample, tiny_lm, tiny_task, trime_criterion
 
 from trime_fairseq.memory.keys import TRIME_KEY, ensure_key_capture
 from trime_fairseq.memory.mixing import joint_target_log_prob, masked_logsumexp
+from trime_fairseq.memory.options import MemoryOptions
 from trime_fairseq.memory.token_scores import adaptive_target_log_prob, target_token_scores
 
 
@@ -170,7 +171,11 @@ def test_warmup_uses_cross_entropy_then_trime():
     sample = lm_sample(task)
     crit.train()
     crit.set_num_updates(0)
+    memory = crit.training_memory
+    crit.training_memory = lambda *a: pytest.fail("the warm-up must not build the memory")
     loss_warm, _, log_warm = crit(model, sample)
+    assert "trime_loss" not in log_warm and "in_memory" not in log_warm
+    crit.training_memory = memory
     crit.set_num_updates(2)
     loss_trime, _, log = crit(model, sample)
     torch.testing.assert_close(loss_warm, log_warm["ce_loss"])
@@ -187,12 +192,48 @@ def test_warmup_ratio_is_a_fraction_of_max_update():
         trime_criterion(task, ce_warmup_ratio=1.5, max_update=10)
 
 
-def test_model_that_cannot_expose_keys_gives_clear_error():
+def test_a_decoder_without_feed_forward_block_serves_f_only():
+    """lstm_lm has no g: the continuous cache (on f) and plain evaluation work with --task
+    trime_lm; what needs g is refused with a clear error, at build time or at the first loss."""
     from fairseq.models.lstm_lm import LSTMLanguageModel
 
+    from trime_fairseq.memory.eval_memory import EvalMemory
+    from trime_fairseq.memory.keys import TRIME_FEATURE, get_keys
+
+    for mode in ("none", "cache"):
+        task = tiny_task(eval_memory=mode)
+        model = task.build_model(_lstm_args()).double().eval()
+        sample = lm_sample(task, bsz=2, tsz=6)
+        out = model(**sample["net_input"])
+        assert get_keys(out, TRIME_FEATURE).shape == (2, 6, 8) and out[1]["attn"] is None
+        lp = model.get_normalized_probs(out, True, sample)
+        torch.testing.assert_close(lp.exp().sum(-1).double(), torch.ones(2, 6, dtype=torch.float64))
+        if mode == "cache":  # f is the LSTM output fed to fc_out, not the logits
+            plain = EvalMemory(MemoryOptions("none"), task.dictionary.pad()).log_probs(model.decoder, out, sample)
+            assert not torch.allclose(lp, plain)
+    with pytest.raises(ValueError, match="--eval-memory trime needs the memory key g"):
+        tiny_task(eval_memory="trime").build_model(_lstm_args())
     task = tiny_task()
-    with pytest.raises(ValueError, match="cannot expose TRIME keys"):
-        ensure_key_capture(LSTMLanguageModel.build_model(_lstm_args(), task))
+    model = task.build_model(_lstm_args())
+    with pytest.raises(ValueError, match="no 'trime_key'"):
+        trime_criterion(task).token_losses(model, lm_sample(task))
+    assert isinstance(model, LSTMLanguageModel)
+
+
+def test_checkpoint_activations_keep_the_gradient_of_g():
+    """fairseq's --checkpoint-activations runs layers without gradients in the forward pass:
+    the last layer is taken out of checkpointing so that g carries gradients, and the TRIME
+    gradient equals the one without checkpointing."""
+    task = tiny_task()
+    grads = []
+    for checkpointed in (False, True):
+        model = tiny_lm(task, checkpoint_activations=checkpointed)
+        model.train()
+        trime, *_ = trime_criterion(task).token_losses(model, lm_sample(task))
+        trime.sum().backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[1], grads[0])
+    assert hasattr(model.decoder.layers[0], "precheckpoint_forward")  # the other layers stay checkpointed
 
 
 def _lstm_args():
@@ -200,7 +241,7 @@ def _lstm_args():
 
     from fairseq.models.lstm_lm import base_architecture
 
-    args = Namespace(tokens_per_sample=64, max_target_positions=64, criterion="cross_entropy")
+    args = Namespace(arch="lstm_lm", tokens_per_sample=64, max_target_positions=64, criterion="cross_entropy")
     base_architecture(args)
     args.decoder_embed_dim = args.decoder_hidden_size = args.decoder_out_embed_dim = 8
     return args

@@ -22,7 +22,8 @@ def tiny_task(words: int = 20, **task_options) -> TrimeLMTask:
     return TrimeLMTask(cfg, tiny_dictionary(words))
 
 
-def tiny_lm(task, adaptive: bool = False, layers: int = 2, dim: int = 16, pre_norm: bool = True, seed: int = 0):
+def tiny_lm(task, adaptive: bool = False, layers: int = 2, dim: int = 16, pre_norm: bool = True, seed: int = 0,
+            checkpoint_activations: bool = False):
     """A 2-layer transformer_lm without dropout; adaptive softmax with cutoffs 10,16 if asked."""
     torch.manual_seed(seed)
     cfg = TransformerLanguageModelConfig(
@@ -41,6 +42,7 @@ def tiny_lm(task, adaptive: bool = False, layers: int = 2, dim: int = 16, pre_no
         adaptive_softmax_dropout=0.0,
         tokens_per_sample=64,
         max_target_positions=64,
+        checkpoint_activations=checkpoint_activations,
     )
     model = task.build_model(OmegaConf.structured(cfg))
     assert isinstance(model, TransformerLanguageModel)

@@ -39,16 +39,24 @@ def model_checksum(state_dict: Mapping) -> str:
     return h.hexdigest()
 
 
-def checkpoint_model_checksum(path: str) -> str:
-    """:func:`model_checksum` of the ``model`` state of a fairseq checkpoint file."""
-    import torch
+def loaded_model_checksum(model) -> str:
+    """The fingerprint of a model's weights that datastores record and check: :func:`model_checksum`
+    of ``model.state_dict()`` *after* fairseq loaded a checkpoint into it (so after fairseq's
+    ``upgrade_state_dict`` renamed or added entries) and *before* any dtype conversion
+    (``--fp16`` halves the model later). The datastore builder and the evaluation both call
+    this, at that moment, so an old checkpoint that needs upgrading hashes the same in both."""
+    return model_checksum(model.state_dict())
 
+
+def checkpoint_model_checksum(path: str) -> str:
+    """:func:`loaded_model_checksum` of the model a fairseq checkpoint file builds (loaded the way
+    fairseq loads it, upgrades included)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"{path} is not a fairseq checkpoint (no 'model' entry)")
-    return model_checksum(state["model"])
+    from fairseq import checkpoint_utils
+
+    models, _ = checkpoint_utils.load_model_ensemble([str(path)])
+    return loaded_model_checksum(models[0])
 
 
 def is_checksum(text: str) -> bool:

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trime_fairseq.checksums import dictionary_checksum, model_checksum
+from trime_fairseq.checksums import dictionary_checksum, loaded_model_checksum
 from trime_fairseq.data.eval_order import StreamOrderDataset
 from trime_fairseq.memory import faiss_index as fi
-from trime_fairseq.memory.datastore import KEY_TYPES, DatastoreSpec, DatastoreWriter
+from trime_fairseq.memory.datastore import KEY_DTYPES, KEY_TYPES, DatastoreSpec, DatastoreWriter
 from trime_fairseq.memory.keys import ensure_key_capture, get_keys
 
 logger = logging.getLogger("trime_fairseq.cli.build_datastore")
@@ -50,13 +50,15 @@ def get_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch-size", type=int, default=None)
     m.add_argument("--model-overrides", default="{}", help="dict of model args to override, as eval-lm")
     m.add_argument("--cpu", action="store_true", help="run the LM on the CPU even if CUDA is available")
-    m.add_argument("--fp16", action="store_true", help="run the LM in float16 (keys are stored in float16 anyway)")
+    m.add_argument("--fp16", action="store_true", help="run the LM in float16")
     m.add_argument("--num-workers", type=int, default=0)
     d = p.add_argument_group("datastore")
     d.add_argument("--output", required=True, help="datastore folder to write")
     d.add_argument("--key-type", default="trime_key", choices=KEY_TYPES,
                    help="trime_key: g, input of the last feed-forward block (TRIME, kNN-LM); "
                    "trime_feature: f, the output representation")
+    d.add_argument("--key-dtype", default="float16", choices=KEY_DTYPES,
+                   help="storage of the keys: float16 (half the disk; a key beyond ±65504 is refused) or float32")
     d.add_argument("--metric", default="ip", choices=sorted(fi.METRICS),
                    help="ip: inner product (TRIME's sim); l2: negative squared distance (kNN-LM)")
     d.add_argument("--index-factory", default="IVF4096,PQ64", help="FAISS index factory string ('Flat': exact)")
@@ -160,7 +162,7 @@ def main(args) -> dict:
     device = torch.device("cuda" if use_cuda else "cpu")
     t0 = time.time()
     model, task, state = load_lm(args)
-    model_sha = model_checksum(state["model"])
+    model_sha = loaded_model_checksum(model)  # as loaded (upgraded), before --fp16: what evaluation checks
     del state
     if args.fp16:
         model.half()
@@ -177,7 +179,7 @@ def main(args) -> dict:
     spec = DatastoreSpec(
         dim=key_dim(model, args.key_type, dictionary, device), key_type=args.key_type, metric=args.metric,
         dictionary_size=len(dictionary), dictionary_sha256=dictionary_checksum(dictionary),
-        model_path=os.path.abspath(args.path), model_sha256=model_sha, source=source,
+        model_path=os.path.abspath(args.path), model_sha256=model_sha, source=source, key_dtype=args.key_dtype,
     )
     fi.check_factory(args.index_factory, spec.dim, capacity, args.ntrain)  # fail before the long forward pass
     if args.use_gpu_index and not fi.gpu_available():
@@ -191,7 +193,7 @@ def main(args) -> dict:
         batches = 0
         for batches, keys, targets in scored_keys(model, task, dataset, args, args.key_type, device, done,
                                                   progress):
-            writer.add(keys.half(), targets.int())
+            writer.add(keys, targets.int())  # refuses keys its dtype cannot hold
             if batches % args.commit_every == 0:
                 writer.commit(batches)
         writer.commit(max(batches, done))

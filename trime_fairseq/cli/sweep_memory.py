@@ -34,7 +34,8 @@ import torch
 from trime_fairseq.atomic import atomic_path, atomic_write_text
 from trime_fairseq.cli.loading import eval_batches, eval_lm_config, load_eval_models
 from trime_fairseq.data.documents import DocumentBoundaries
-from trime_fairseq.memory.eval_memory import EvalMemory, MemoryOptions
+from trime_fairseq.memory.eval_memory import EvalMemory, local_key_names
+from trime_fairseq.memory.options import MemoryOptions
 
 logger = logging.getLogger("trime_fairseq.sweep_memory")
 
@@ -69,7 +70,7 @@ def sweep_model(cfg, base: MemoryOptions, sizes: List[int]) -> List[Dict]:
     pad = task.target_dictionary.pad()
     documents = DocumentBoundaries.from_dictionary(task.target_dictionary) if base.memory_reset == "document" else None
     capacity = replace(base, long_memory_size=max(sizes))
-    memory = EvalMemory(capacity, pad, documents=documents, stream_keys=(base.key_name,))
+    memory = EvalMemory(capacity, pad, documents=documents, stream_keys=local_key_names(base))
     points = [replace(base, long_memory_size=n) for n in sizes]
     totals = {n: 0.0 for n in sizes}
     seconds = {n: 0.0 for n in sizes}

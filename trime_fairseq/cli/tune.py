@@ -4,105 +4,160 @@ Takes every ``fairseq-eval-lm`` option (the same data, checkpoint, context
 window, batching and ``--task trime_lm`` memory options) plus the grids below,
 runs the model over the split once, and scores every grid point on the same
 forward passes (``EvalMemory.target_log_probs``: the distribution
-``fairseq-eval-lm`` reports, evaluated at the target only).
+``fairseq-eval-lm`` reports, evaluated at the target only; each distinct memory
+summary -- per τ, θ, T, τ′ -- is computed once per batch and shared by the
+grid points that use it, and the datastore is searched once per batch).
 
     trime-tune data-bin/wikitext-2 --user-dir trime_fairseq --task trime_lm \\
         --path checkpoints/trime/checkpoint_best.pt --gen-subset valid \\
-        --eval-memory trime --temperatures 0.5,1,2
+        --eval-memory trime --temperatures 0.5,1,2 --results-json tune.json
 
-kNN-LM (T x λ) and TRIMELM_ext (τ x τ' x λ) take the datastore options of
-fairseq-eval-lm; the datastore is searched once per batch for all grid points:
+| mode | grid |
+|---|---|
+| trime | τ (``--temperatures``) |
+| cache | λ_c × θ (``--cache-lambdas``, ``--cache-thetas``) |
+| knn | T × λ (``--knn-temperatures``, ``--knn-lambdas``); a cache given on the command line is kept |
+| trime_ext | τ × τ′ × λ (``--temperatures``, ``--interpolation-temperatures``, ``--interpolation-lambdas``) |
 
-    trime-tune data-bin/wikitext-2 --user-dir trime_fairseq --task trime_lm \\
-        --path checkpoints/trime_ext/checkpoint_best.pt --gen-subset valid \\
-        --eval-memory trime_ext --datastore dstore/train --knn-k 1024
+``--widen-edges R`` (default 2): when the best value of an axis lies on the edge
+of its grid, the axis is extended past that edge (temperatures and θ by a factor
+2, λ towards 0 or 1) and the split is scored again, at most R more times, so
+that the reported best is an interior point of the grid or lies at a bound of
+the option itself (λ = 0 or 1), which the output says.
 """
 
+import json
 import logging
 import math
 import sys
-from dataclasses import replace
-from typing import Dict, List
+import time
+from dataclasses import asdict, replace
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from trime_fairseq.atomic import atomic_write_text
 from trime_fairseq.cli.loading import eval_batches, eval_lm_config, load_eval_models
-from trime_fairseq.memory.eval_memory import EvalMemory, MemoryOptions
+from trime_fairseq.memory.eval_memory import EvalMemory, local_key_names
+from trime_fairseq.memory.options import MemoryOptions
 
 logger = logging.getLogger("trime_fairseq.tune")
 
+#: the axes of each mode: (MemoryOptions field, grid option)
+AXES = {
+    "trime": (("memory_temperature", "temperatures"),),
+    "cache": (("cache_lambda", "cache_lambdas"), ("cache_theta", "cache_thetas")),
+    "knn": (("knn_temperature", "knn_temperatures"), ("knn_lambda", "knn_lambdas")),
+    "trime_ext": (("memory_temperature", "temperatures"), ("interpolation_temperature", "interpolation_temperatures"),
+                  ("interpolation_lambda", "interpolation_lambdas")),
+}
+LAMBDAS = {"cache_lambda", "knn_lambda", "interpolation_lambda"}
+
 
 def _floats(text: str) -> List[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+    values = sorted({float(x) for x in text.split(",") if x.strip()})
+    if not values:
+        raise ValueError(f"empty grid '{text}'")
+    return values
 
 
 def add_args(parser):
     group = parser.add_argument_group("trime-tune grids")
-    group.add_argument("--temperatures", default="0.25,0.5,1,2,4", help="τ values (--eval-memory trime, trime_ext)")
-    group.add_argument("--cache-lambdas", default="0.02,0.05,0.1,0.2,0.3", help="λ values (--eval-memory cache)")
-    group.add_argument("--cache-thetas", default="0.05,0.1,0.3,0.5,1.0", help="θ values (--eval-memory cache)")
-    group.add_argument("--knn-temperatures", default="0.5,1,2,5,10,20",
-                       help="T values (--eval-memory knn), τ' values (--eval-memory trime_ext)")
-    group.add_argument("--knn-lambdas", default="0.05,0.1,0.25,0.4,0.6",
-                       help="λ values of the kNN interpolation (--eval-memory knn, trime_ext)")
+    group.add_argument("--temperatures", default="0.25,0.5,1,2,4", help="τ values of Eq. 6 (trime, trime_ext)")
+    group.add_argument("--cache-lambdas", default="0.02,0.05,0.1,0.2,0.3", help="λ values (cache)")
+    group.add_argument("--cache-thetas", default="0.05,0.1,0.3,0.5,1.0", help="θ values (cache)")
+    group.add_argument("--knn-temperatures", default="0.5,1,2,5,10,20", help="T values (knn)")
+    group.add_argument("--knn-lambdas", default="0.05,0.1,0.25,0.4,0.6", help="λ values (knn)")
+    group.add_argument("--interpolation-temperatures", default="0.5,1,2,5,10",
+                       help="τ' values of Eq. 7 (trime_ext)")
+    group.add_argument("--interpolation-lambdas", default="0.05,0.1,0.25,0.4,0.6",
+                       help="λ values of Eq. 8 (trime_ext)")
+    group.add_argument("--widen-edges", type=int, default=2,
+                       help="rounds of extending an axis whose best value lies on its grid's edge (0: never)")
+    group.add_argument("--results-json", default=None, help="write every grid point and the best to this file")
 
 
-def grid(base: MemoryOptions, args) -> List[MemoryOptions]:
-    """The options to score: the plain model, then the grid of the chosen memory
-    (knn: T x λ, the cache options as given; trime_ext: τ x τ' x λ)."""
-    if base.mode == "trime":
-        points = [replace(base, temperature=t) for t in _floats(args.temperatures)]
-    elif base.mode == "cache":
-        points = [
-            replace(base, cache_lambda=lam, cache_theta=theta)
-            for lam in _floats(args.cache_lambdas)
-            for theta in _floats(args.cache_thetas)
-        ]
-    elif base.mode == "knn":
-        points = [
-            replace(base, knn_temperature=t, knn_lambda=lam)
-            for t in _floats(args.knn_temperatures)
-            for lam in _floats(args.knn_lambdas)
-        ]
-    elif base.mode == "trime_ext":
-        points = [
-            replace(base, temperature=tau, knn_temperature=t, knn_lambda=lam)
-            for tau in _floats(args.temperatures)
-            for t in _floats(args.knn_temperatures)
-            for lam in _floats(args.knn_lambdas)
-        ]
-    else:
+def axes_of(base: MemoryOptions, args) -> Dict[str, List[float]]:
+    if base.mode not in AXES:
         raise ValueError("trime-tune needs --eval-memory trime, cache, knn or trime_ext")
+    return {name: _floats(getattr(args, option)) for name, option in AXES[base.mode]}
+
+
+def grid(base: MemoryOptions, axes: Dict[str, Sequence[float]]) -> List[MemoryOptions]:
+    """The plain model, then every combination of the axes' values on top of ``base``."""
+    points = [base]
+    for name, values in axes.items():
+        points = [replace(p, **{name: v}) for p in points for v in values]
     return [MemoryOptions("none")] + points
+
+
+def widen(axes: Dict[str, List[float]], best: MemoryOptions) -> Tuple[Dict[str, List[float]], List[str]]:
+    """The axes extended past the edge their best value lies on (temperatures and θ by a factor
+    2, λ by the grid's last step towards 1, or halved towards 0), and the axes whose best value
+    is the option's own bound (λ = 0 or 1: nothing further to try)."""
+    new, at_bound = {}, []
+    for name, values in axes.items():
+        value, values = getattr(best, name), list(values)
+        if value == values[-1]:
+            if name not in LAMBDAS:
+                values.append(value * 2)
+            elif value >= 1.0:
+                at_bound.append(name)
+            else:
+                values.append(min(1.0, value + (value - values[-2] if len(values) > 1 else 0.1)))
+        if value == values[0]:
+            if name not in LAMBDAS:
+                values.insert(0, value / 2)
+            elif value <= 0.0:
+                at_bound.append(name)
+            else:
+                values.insert(0, value / 2 if value > 0.01 else 0.0)
+        new[name] = values
+    return new, at_bound
+
+
+def on_edge(axes: Dict[str, List[float]], best: MemoryOptions) -> List[str]:
+    """Names of the axes whose best value is the first or last of its grid."""
+    edges = []
+    for name, values in axes.items():
+        value = getattr(best, name)
+        if len(values) == 1 or value in (values[0], values[-1]):
+            edges.append(name)
+    return edges
 
 
 def describe(opt: MemoryOptions) -> str:
     """The fairseq-eval-lm flags that select ``opt`` (grid values; the fixed options are the command line's)."""
     if opt.mode == "trime":
-        return f"--eval-memory trime --memory-temperature {opt.temperature:g}"
+        return f"--eval-memory trime --memory-temperature {opt.memory_temperature:g}"
     if opt.mode == "cache":
         return f"--eval-memory cache --cache-lambda {opt.cache_weight:g} --cache-theta {opt.cache_theta:g}"
     if opt.mode == "knn":
         cache = f" --cache-lambda {opt.cache_weight:g} --cache-theta {opt.cache_theta:g}" if opt.uses_cache else ""
         return f"--eval-memory knn --knn-temperature {opt.knn_temperature:g} --knn-lambda {opt.knn_lambda:g}{cache}"
     if opt.mode == "trime_ext":
-        return (f"--eval-memory trime_ext --memory-temperature {opt.temperature:g} "
-                f"--knn-temperature {opt.knn_temperature:g} --knn-lambda {opt.knn_lambda:g}")
+        return (f"--eval-memory trime_ext --memory-temperature {opt.memory_temperature:g} "
+                f"--interpolation-temperature {opt.interpolation_temperature:g} "
+                f"--interpolation-lambda {opt.interpolation_lambda:g}")
     return "--eval-memory none"
 
 
 @torch.no_grad()
-def score_grid(cfg, points: List[MemoryOptions]) -> Dict[MemoryOptions, float]:
-    """Perplexity of every option set on ``cfg.dataset.gen_subset``."""
-    models, task = load_eval_models(cfg)
+def score_grid(cfg, points: List[MemoryOptions], loaded=None, label: str = "") -> Dict[MemoryOptions, float]:
+    """Perplexity of every option set on ``cfg.dataset.gen_subset``, one pass over the split."""
+    models, task = loaded or load_eval_models(cfg)
     if len(models) != 1:
         raise ValueError("trime-tune scores one model; pass a single --path")
     model = models[0]  # in eval mode: prepare_for_inference_ did it
     pad = task.target_dictionary.pad()
     # the task's memory (built from the command line's options: datastore, stream) scores every point
-    memory = getattr(model, "trime_eval_memory", None) or EvalMemory(points[0], pad)
+    memory = getattr(model, "trime_eval_memory", None)
+    if memory is None:
+        keys = sorted({k for p in points for k in local_key_names(p)})
+        memory = EvalMemory(points[-1], pad, stream_keys=keys or None)
+    memory.reset()
     totals = {opt: 0.0 for opt in points}
-    count = 0
+    count, batches, started = 0, 0, time.time()
     for sample in eval_batches(cfg, task, models):
         net_output = model(**sample["net_input"])
         scored = sample["target"].ne(pad)
@@ -111,24 +166,64 @@ def score_grid(cfg, points: List[MemoryOptions]) -> Dict[MemoryOptions, float]:
             log_prob = memory.target_log_probs(model.decoder, net_output, sample, opt)
             totals[opt] += float(log_prob[scored].double().sum())
         memory.advance(net_output, sample)  # the long-term memory (if any) moves on
+        batches += 1
+        if batches % 50 == 0:
+            logger.info(f"{label}{batches} batches, {count} tokens scored for {len(points)} grid points "
+                        f"({count / (time.time() - started):.0f} tokens/s)")
     if count == 0:
         raise ValueError(f"no tokens to score in split '{cfg.dataset.gen_subset}'")
     return {opt: math.exp(-total / count) for opt, total in totals.items()}
+
+
+def tune(cfg, base: MemoryOptions, axes: Dict[str, List[float]], rounds: int):
+    """Score the grid; widen edges up to ``rounds`` times. Returns (ppl of every point, best, history)."""
+    loaded = load_eval_models(cfg)
+    ppl: Dict[MemoryOptions, float] = {}
+    history = []
+    for r in range(rounds + 1):
+        points = [p for p in grid(base, axes) if p not in ppl]
+        logger.info(f"round {r + 1}: {len(points)} new grid points over {cfg.dataset.gen_subset} "
+                    f"({', '.join(f'{k}={v}' for k, v in axes.items())})")
+        ppl.update(score_grid(cfg, points, loaded, label=f"round {r + 1}: "))
+        best = min((p for p in ppl if p.mode != "none"), key=ppl.get)
+        edges = on_edge(axes, best)
+        history.append(dict(round=r + 1, axes={k: list(v) for k, v in axes.items()}, best=describe(best),
+                            perplexity=ppl[best], on_edge=edges))
+        if not edges or r == rounds:
+            break
+        axes, at_bound = widen(axes, best)
+        if set(edges) <= set(at_bound):
+            history[-1]["at_bound"] = at_bound
+            break
+    return ppl, best, history
 
 
 def main(argv=None):
     cfg, args = eval_lm_config(sys.argv[1:] if argv is None else argv, add_args)
     from trime_fairseq.tasks.trime_lm import memory_options
 
-    points = grid(memory_options(cfg.task), args)
-    ppl = score_grid(cfg, points)
-    rows = sorted(ppl.items(), key=lambda kv: kv[1])
-    print(f"{'perplexity':>12}  options ({cfg.dataset.gen_subset})")
-    for opt, value in rows:
+    base = memory_options(cfg.task)
+    axes = axes_of(base, args)
+    if args.widen_edges < 0:
+        raise ValueError(f"--widen-edges must be >= 0, got {args.widen_edges}")
+    ppl, best, history = tune(cfg, base, axes, args.widen_edges)
+    plain = next(p for p in ppl if p.mode == "none")
+    subset = cfg.dataset.gen_subset
+    print(f"{'perplexity':>12}  options ({subset})")
+    for opt, value in sorted(ppl.items(), key=lambda kv: kv[1]):
         print(f"{value:12.2f}  {describe(opt)}")
-    best = min((opt for opt in points if opt.mode != "none"), key=ppl.get)
-    print(f"best: {describe(best)}  ({cfg.dataset.gen_subset} perplexity {ppl[best]:.2f}; "
-          f"without memory {ppl[points[0]]:.2f})")
+    edges = history[-1]["on_edge"]
+    if edges:
+        note = history[-1].get("at_bound") and "at the option's bound" or "on the edge of the widened grid"
+        print(f"note: the best value of {', '.join(edges)} lies {note}")
+    print(f"best: {describe(best)}  ({subset} perplexity {ppl[best]:.2f}; without memory {ppl[plain]:.2f})")
+    if args.results_json:
+        atomic_write_text(args.results_json, json.dumps(dict(
+            split=subset, checkpoint=cfg.common_eval.path, best=describe(best), best_perplexity=ppl[best],
+            plain_perplexity=ppl[plain], on_edge=edges, rounds=history,
+            points=[dict(flags=describe(p), perplexity=v, options=asdict(p)) for p, v in
+                    sorted(ppl.items(), key=lambda kv: kv[1])],
+        ), indent=2) + "\n")
     return best, ppl
 
 

@@ -94,18 +94,23 @@ class TrimeLoss(FairseqCriterion):
             scale=dot_scale(dim),
         )
 
-    def token_losses(self, model, sample):
+    def token_losses(self, model, sample, with_memory: bool = True):
         """Per-position terms of one batch, each flattened to (B·T,).
 
         Returns (trime, ce, in_memory, valid): the TRIME loss -log P(x_t),
         the plain cross-entropy, whether the target occurs in the position's
-        memory, and whether the position has a real (non-pad) target.
+        memory, and whether the position has a real (non-pad) target. Without
+        ``with_memory`` (the cross-entropy warm-up) no memory is built and
+        ``trime`` / ``in_memory`` are None.
         """
         ensure_key_capture(model)
         net_output = model(**sample["net_input"])
         target = model.get_targets(sample, net_output)  # (B, T)
         valid = target.ne(self.padding_idx)
         token_score, token_lse = target_token_scores(model.decoder, net_output, target)  # (B·T,)
+        ce = token_lse - token_score
+        if not with_memory:
+            return None, ce, None, valid.reshape(-1)
 
         memory = self.training_memory(get_keys(net_output), target, valid, sample)
         stream_shape = memory.mask.shape[:-1]  # (R, S)
@@ -119,22 +124,27 @@ class TrimeLoss(FairseqCriterion):
             stream_target,
         )
         in_memory = (memory.mask & (memory.values == stream_target.unsqueeze(-1))).any(-1)
-        return -log_prob.reshape(-1), token_lse - token_score, in_memory.reshape(-1), valid.reshape(-1)
+        return -log_prob.reshape(-1), ce, in_memory.reshape(-1), valid.reshape(-1)
 
     def forward(self, model, sample, reduce=True):
-        trime, ce, in_memory, valid = self.token_losses(model, sample)
-        loss_vec = ce if self.in_warmup else trime
+        warmup = self.in_warmup  # plain cross-entropy: the memory is not even built
+        trime, ce, in_memory, valid = self.token_losses(model, sample, with_memory=not warmup)
+        loss_vec = ce if warmup else trime
         ntokens = int(valid.sum())
         nsentences = sample["target"].size(0)
         logging_output = {
             "loss": loss_vec.masked_fill(~valid, 0.0).sum().data,
-            "trime_loss": trime.masked_fill(~valid, 0.0).sum().data,
             "ce_loss": ce.masked_fill(~valid, 0.0).sum().data,
-            "in_memory": (in_memory & valid).sum().data,
             "ntokens": ntokens,
             "nsentences": nsentences,
             "sample_size": nsentences if self.sentence_avg else ntokens,
         }
+        if not warmup:
+            logging_output.update(
+                trime_loss=trime.masked_fill(~valid, 0.0).sum().data,
+                in_memory=(in_memory & valid).sum().data,
+                trime_tokens=ntokens,
+            )
         loss = loss_vec.masked_fill(~valid, 0.0).sum()
         return loss, logging_output["sample_size"], logging_output
 
@@ -147,10 +157,13 @@ class TrimeLoss(FairseqCriterion):
         if sample_size == 0 or ntokens == 0:
             return
         metrics.log_scalar("loss", total("loss") / sample_size / math.log(2), sample_size, round=3)
-        metrics.log_scalar("trime_loss", total("trime_loss") / ntokens / math.log(2), ntokens, round=3)
         metrics.log_scalar("ce_loss", total("ce_loss") / ntokens / math.log(2), ntokens, round=3)
-        metrics.log_scalar("in_memory", total("in_memory") / ntokens, ntokens, round=3)
-        metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["trime_loss"].avg))
+        trime_tokens = total("trime_tokens")
+        if trime_tokens > 0:  # not during the cross-entropy warm-up
+            metrics.log_scalar("trime_loss", total("trime_loss") / trime_tokens / math.log(2), trime_tokens,
+                               round=3)
+            metrics.log_scalar("in_memory", total("in_memory") / trime_tokens, trime_tokens, round=3)
+        metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["loss"].avg))
         metrics.log_derived("ce_ppl", lambda meters: utils.get_perplexity(meters["ce_loss"].avg))
 
     @staticmethod

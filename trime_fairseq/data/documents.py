@@ -5,18 +5,30 @@ document structure is gone. WikiText marks a document by a level-1 heading line
 `` = Title = `` (sub-sections are `` = = Section = = ``), so a document is found
 from the tokens themselves, through the dictionary's ``=`` symbol.
 
-The rule is stated on stream *entries* -- entry k is the pair (x_k, y_k) of an
+The rule is stated on stream *entries* -- entry k is the pair (x_k, x_{k+1}) of an
 input token and the token that follows it, i.e. a memory entry / a scored
-position -- and it only looks backwards, so that training (whole token arrays)
-and evaluation (a stream arriving batch by batch) use literally the same test:
+position -- and training (whole token arrays) and evaluation (a stream arriving
+batch by batch) use literally the same test:
 
-    entry k starts a document  iff  x_{k-1} = eos,  x_k = "=",  y_k != "="
+    entry b starts a document  iff  x_{b-1} = eos,  x_b = "=",  x_{b+1} != "="
 
 i.e. the first entry of a document is the one that *reads* the heading's opening
 ``=`` (and predicts the title's first word); the entry predicting that ``=`` from
 the previous line's ``eos`` is the last entry of the previous document. The stream
-start (entry 0) always starts a document. In a token array ``tokens`` (targets),
-entry k has x_k = tokens[k-1] (eos for k = 0) and y_k = tokens[k].
+start (entry 0) always starts a document.
+
+**Causality.** Whether b starts a document depends on x_{b+1}, the token b
+predicts. So a *query* never uses the start it sits on: the memory of the
+position q is limited to the latest document start b < q (strictly before it;
+entry 0 for q = 0). Position b itself still sees the previous document, and
+from b + 1 on -- once x_{b+1} has been read as an input -- the new document's
+entries only (entry b included). Nothing a position is scored on depends on
+its own target (``tests/test_causality.py`` perturbs every target and checks it).
+Training runs (``--batching consecutive``) are cut at the starts b: that is data
+layout, not a memory bound of a scored query.
+
+In a token array ``tokens`` (targets), entry k has x_k = tokens[k-1] (eos for
+k = 0) and x_{k+1} = tokens[k].
 """
 
 from dataclasses import dataclass
@@ -45,11 +57,11 @@ class DocumentBoundaries:
             return None
         return cls(eos=dictionary.eos(), heading=heading)
 
-    def starts(self, prev_src, src, tgt):
+    def starts(self, prev_src, src, next_src):
         """Element-wise rule on entries (numpy arrays or torch tensors of equal shape):
-        True where the entry (x_k = ``src``, y_k = ``tgt``) starts a document,
-        ``prev_src`` being x_{k-1}."""
-        return (prev_src == self.eos) & (src == self.heading) & (tgt != self.heading)
+        True where the entry b with x_b = ``src`` starts a document, ``prev_src``
+        being x_{b-1} and ``next_src`` x_{b+1}. Only queries after b may use it."""
+        return (prev_src == self.eos) & (src == self.heading) & (next_src != self.heading)
 
     def starts_in_tokens(self, tokens: np.ndarray) -> np.ndarray:
         """Sorted entry indices k (= target positions in ``tokens``) that start a

@@ -56,16 +56,26 @@ def summary_batch(match: Tensor, other: Tensor, target: Tensor) -> MemoryBatch:
     return MemoryBatch(scores.masked_fill(~mask, 0.0), values, mask)
 
 
-def target_summary(parts: Iterable[MemoryBatch], target: Tensor) -> MemoryBatch:
-    """The two-entry summary of the union of flattened memory batches (Q, M_i) of the
-    same queries, target (Q,): what concatenating them would give at the target."""
+def target_sums(parts: Iterable[MemoryBatch], target: Tensor, scale: float = 1.0):
+    """(match, other) log-sums (Q,) over the union of flattened memory batches (Q, M_i) of
+    the same queries, their scores multiplied by ``scale``; target (Q,)."""
     match = other = None
     for part in parts:
         hit = part.mask & (part.values == target.unsqueeze(-1))  # values may be (1, M): broadcast
-        m, o = masked_logsumexp(part.scores, hit), masked_logsumexp(part.scores, part.mask & ~hit)
+        scores = part.scores * scale if scale != 1.0 else part.scores
+        m, o = masked_logsumexp(scores, hit), masked_logsumexp(scores, part.mask & ~hit)
         match = m if match is None else torch.logaddexp(match, m)
         other = o if other is None else torch.logaddexp(other, o)
-    return summary_batch(match, other, target)
+    if match is None:
+        empty = torch.full(target.shape, float("-inf"), device=target.device)
+        return empty, empty.clone()
+    return match, other
+
+
+def target_summary(parts: Iterable[MemoryBatch], target: Tensor) -> MemoryBatch:
+    """The two-entry summary of the union of flattened memory batches (Q, M_i) of the
+    same queries, target (Q,): what concatenating them would give at the target."""
+    return summary_batch(*target_sums(parts, target), target)
 
 
 def causal_target_memory(

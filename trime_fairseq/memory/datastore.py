@@ -2,7 +2,8 @@
 
 A datastore folder holds::
 
-    keys.f16        (N, d) float16 raw memmap -- g (``trime_key``) or f (``trime_feature``)
+    keys.f16        (N, d) float16 raw memmap -- g (``trime_key``) or f (``trime_feature``);
+                    keys.f32 (float32) with ``key_dtype="float32"``
     values.i32      (N,)   int32 next-token ids (int16 would overflow a 267k vocabulary)
     index.faiss     FAISS index over the keys (ids 0..N-1 = rows of the memmaps)
     datastore.json  metadata, written last: its presence marks a complete datastore
@@ -41,9 +42,12 @@ from trime_fairseq.memory import faiss_index as fi
 from trime_fairseq.memory.sources import MemoryBatch
 
 FORMAT, VERSION = "trime-datastore", 1
-KEYS, VALUES, INDEX, META, PROGRESS = "keys.f16", "values.i32", "index.faiss", "datastore.json", "progress.json"
+VALUES, INDEX, META, PROGRESS = "values.i32", "index.faiss", "datastore.json", "progress.json"
 TRAINED, PARTIAL = "index.trained.faiss", "index.partial.faiss"
-KEY_DTYPE, VALUE_DTYPE = np.float16, np.int32
+VALUE_DTYPE = np.int32
+#: key storage: dtype name -> (file name, numpy dtype)
+KEY_DTYPES = {"float16": ("keys.f16", np.float16), "float32": ("keys.f32", np.float32)}
+KEY_FILES = tuple(name for name, _ in KEY_DTYPES.values())
 KEY_TYPES = ("trime_key", "trime_feature")
 
 
@@ -63,10 +67,13 @@ class DatastoreSpec:
     model_path: str
     model_sha256: str
     source: dict = field(default_factory=dict)  # split, context window, tokens per sample, ...
+    key_dtype: str = "float16"  # storage of the keys (KEY_DTYPES)
 
     def __post_init__(self):
         if self.dim < 1:
             raise DatastoreError(f"key dimension must be >= 1, got {self.dim}")
+        if self.key_dtype not in KEY_DTYPES:
+            raise DatastoreError(f"unknown key dtype '{self.key_dtype}', choose one of {sorted(KEY_DTYPES)}")
         if self.key_type not in KEY_TYPES:
             raise DatastoreError(f"unknown key type '{self.key_type}', choose one of {KEY_TYPES}")
         fi.metric_of(self.metric)
@@ -84,7 +91,7 @@ class DatastoreWriter:
         if (self.path / META).exists() and not overwrite:
             raise DatastoreError(f"{self.path} already holds a complete datastore; pass --overwrite to rebuild it")
         if overwrite:  # a complete datastore or an interrupted build: start again
-            for name in (META, PROGRESS, KEYS, VALUES, INDEX, TRAINED, PARTIAL):
+            for name in (META, PROGRESS, *KEY_FILES, VALUES, INDEX, TRAINED, PARTIAL):
                 if (self.path / name).exists():
                     (self.path / name).unlink()
         self.path.mkdir(parents=True, exist_ok=True)
@@ -104,7 +111,7 @@ class DatastoreWriter:
                 self._truncate(self.progress["rows"])
                 self._open_memmaps("r", self.progress["rows"])
         else:
-            for name in (KEYS, VALUES, INDEX, TRAINED, PARTIAL):
+            for name in (*KEY_FILES, VALUES, INDEX, TRAINED, PARTIAL):
                 if (self.path / name).exists():
                     (self.path / name).unlink()
             self._open_memmaps("w+", self.capacity)
@@ -140,7 +147,18 @@ class DatastoreWriter:
         start = self._pending
         if start + n > self.capacity:
             raise DatastoreError(f"more keys than the datastore's capacity {self.capacity}")
-        self.keys[start:start + n] = keys.astype(KEY_DTYPE)
+        stored = keys.astype(self._key_dtype)
+        finite = np.isfinite(stored).all(axis=1)
+        if not finite.all():
+            row = int(np.flatnonzero(~finite)[0])
+            was = "finite before conversion" if np.isfinite(keys[row]).all() else "not finite in the model"
+            raise DatastoreError(
+                f"the key of entry {start + row} (the {start + row}-th scored token of the split) is not finite in "
+                f"{self.spec.key_dtype} ({was}; max |value| {float(np.nanmax(np.abs(keys[row].astype(np.float64)))):g}); "
+                + ("rebuild with --key-dtype float32" if was.startswith("finite") else
+                   "the model produced inf/NaN features (run it without --fp16)")
+            )
+        self.keys[start:start + n] = stored
         self.values[start:start + n] = values.astype(VALUE_DTYPE)
         self._pending = start + n
 
@@ -239,7 +257,6 @@ class DatastoreWriter:
             format=FORMAT,
             version=VERSION,
             size=self.rows,
-            key_dtype="float16",
             value_dtype="int32",
             **asdict(self.spec),
             index=dict(self.progress["index"], nprobe=nprobe, type=type(index).__name__),
@@ -253,13 +270,23 @@ class DatastoreWriter:
         return meta
 
     # -- helpers ------------------------------------------------------------------------------------
+    @property
+    def _key_file(self) -> str:
+        return KEY_DTYPES[self.spec.key_dtype][0]
+
+    @property
+    def _key_dtype(self):
+        return KEY_DTYPES[self.spec.key_dtype][1]
+
     def _open_memmaps(self, mode: str, rows: int) -> None:
-        self.keys = np.memmap(self.path / KEYS, dtype=KEY_DTYPE, mode=mode, shape=(rows, self.spec.dim))
+        self.keys = np.memmap(self.path / self._key_file, dtype=self._key_dtype, mode=mode,
+                              shape=(rows, self.spec.dim))
         self.values = np.memmap(self.path / VALUES, dtype=VALUE_DTYPE, mode=mode, shape=(rows,))
         self._pending = int(self.progress["rows"]) if hasattr(self, "progress") else 0
 
     def _truncate(self, rows: int) -> None:
-        for name, size in ((KEYS, rows * self.spec.dim * 2), (VALUES, rows * 4)):
+        key_bytes = np.dtype(self._key_dtype).itemsize
+        for name, size in ((self._key_file, rows * self.spec.dim * key_bytes), (VALUES, rows * 4)):
             if os.path.getsize(self.path / name) != size:
                 os.truncate(self.path / name, size)
 
@@ -392,14 +419,18 @@ class Datastore:
         meta = read_metadata(path)
         n, d = int(meta["size"]), int(meta["dim"])
         _check_expectations(meta, path, expect_dim, expect_dictionary, expect_model, expect_key_type, expect_metric)
-        for name, size in ((KEYS, n * d * 2), (VALUES, n * 4)):
+        key_dtype = meta.get("key_dtype", "float16")
+        if key_dtype not in KEY_DTYPES:
+            raise DatastoreError(f"{path}: unknown key dtype '{key_dtype}'")
+        key_file, key_np = KEY_DTYPES[key_dtype]
+        for name, size in ((key_file, n * d * np.dtype(key_np).itemsize), (VALUES, n * 4)):
             if not (path / name).exists():
                 raise DatastoreError(f"{path}: missing {name}")
             actual = os.path.getsize(path / name)
             if actual != size:
                 raise DatastoreError(f"{path / name} has {actual} bytes, expected {size} for {n} entries "
                                      f"(truncated or from another build)")
-        keys = np.memmap(path / KEYS, dtype=KEY_DTYPE, mode="r", shape=(n, d))
+        keys = np.memmap(path / key_file, dtype=key_np, mode="r", shape=(n, d))
         values = np.memmap(path / VALUES, dtype=VALUE_DTYPE, mode="r", shape=(n,))
         if check_values and n and (values.min() < 0 or values.max() >= meta["dictionary_size"]):
             raise DatastoreError(f"{path / VALUES} holds ids outside [0, {meta['dictionary_size']}) (corrupt)")

@@ -1,231 +1,361 @@
-"""Evaluation-time memory behind ``get_normalized_probs``.
+"""Evaluation-time memory behind ``get_normalized_probs``: the drivers of the mode composition.
 
-``fairseq-eval-lm`` (and ``fairseq-generate``) call ``model(**net_input)`` and
-then ``model.get_normalized_probs(net_output, log_probs, sample)``, possibly
-several times per forward on consecutive chunks of the flattened (B·T)
-positions (``--softmax-batch``). :class:`EvalMemory` owns the memory options
-and turns one forward's keys into next-token distributions:
+What a mode computes is :mod:`trime_fairseq.memory.compose` (one description per
+mode); this module *gathers* the memory parts of a composition for the positions
+a caller scores and hands them to its combiners. Three drivers, one composition:
 
-* ``trime``: Eq. 6 -- token scores and memory similarities
-  g(c)·g(c_j)/(√d·τ) in one softmax;
-* ``cache``: continuous cache (Grave et al. 2017) -- (1-λ)·p_LM + λ·p_cache with
-  p_cache ∝ Σ exp(θ·f(c)·f(c_j)) over the previous ``cache_size`` tokens;
-* ``knn``: kNN-LM (Khandelwal et al. 2020) -- (1-λ)·p_LM + λ·p_kNN with
-  p_kNN ∝ Σ exp(score/T) over the K nearest datastore entries (score = q·k or
-  -|q-k|²); with ``--cache-lambda`` the continuous cache is interpolated on top:
-  (1-λ_c)·p_kNN-LM + λ_c·p_cache (Table 2's "kNN-LM + cache");
-* ``trime_ext``: TRIMELM_ext (Appendix F) -- the K retrieved entries join the
-  local (and long) memory in Eq. 6 with temperature τ, then Eq. 7-8:
-  (1-λ)·P + λ·P' with P' ∝ Σ exp(sim/τ') over the same memory;
-* ``none``: the model's own distribution.
+* **full vocabulary** -- :meth:`EvalMemory.log_probs`, the ``get_normalized_probs``
+  hook of ``fairseq-eval-lm`` and ``fairseq-generate --score-reference``. fairseq
+  calls it once per forward pass, or once per ``--softmax-batch`` chunk of the
+  flattened (B·T) positions; positions whose target is padding (the context of
+  ``--context-window``, padding) are not scored by fairseq, so they get the
+  model's own distribution and no memory work;
+* **target only** -- :meth:`EvalMemory.target_log_probs` (``trime-tune``,
+  ``trime-sweep-memory``): log P(target) under any options on the same forward
+  pass; every distinct (part, scale) summary is computed once per forward and
+  reused by every grid point;
+* **per step** -- :meth:`EvalMemory.step_log_probs`, the hook under
+  ``fairseq-generate`` / sampling (``sample=None``): the last position of every
+  live hypothesis searches the datastore, in one batched search. A composition
+  with a local memory cannot be applied step by step (the hypothesis' own prefix
+  is not kept): that is an error, never the plain distribution.
 
-The memory of a position is every earlier position of its input row (with
-``--context-window`` the context tokens are memory too). Memory values are the
-next tokens, read from the input row itself, so they never depend on which
-positions are scored. The datastore (:mod:`trime_fairseq.memory.external`) is
-searched only for positions with a real target (not for context positions),
-once per forward pass whatever ``--softmax-batch`` chunking follows.
+Parts and where they come from (raw scores; the composition scales them):
 
-With ``long_memory_size`` N > 0 (``--long-memory-size``: trime, cache, trime_ext,
-knn with a cache) the memory also holds up to N earlier entries of the
-evaluation stream, carried across batches (:mod:`trime_fairseq.memory.stream`, a
-ring buffer per key kind); ``memory_reset="document"`` limits every in-row and
-long memory to the position's own document.
-The stream state belongs to the EvalMemory: :meth:`EvalMemory.reset` starts a new
-stream; :meth:`EvalMemory.log_probs` adds a batch to it after the batch's last
-``--softmax-batch`` chunk; callers of :meth:`EvalMemory.target_log_probs` (which
-only reads the stream) call :meth:`EvalMemory.advance` once per batch.
+* local (``LOCAL_G`` on g, ``LOCAL_F`` on f): the earlier positions of the
+  scored position's input row (with ``--context-window`` the context tokens are
+  memory too), their values the next tokens read from the row itself; with a
+  stream memory (``--long-memory-size``, ``--memory-reset``,
+  :mod:`trime_fairseq.memory.stream`) also the N earlier stream entries, and
+  limited to the position's document;
+* ``DATASTORE``: the K nearest entries of the external memory
+  (:mod:`trime_fairseq.memory.external`), searched once per scored position.
+
+Per-forward state lives in :class:`ForwardState`, an explicit object owned by
+the EvalMemory (recognised by the identity of the forward's ``extra`` dict,
+nothing is written into fairseq's output): the chunk offset, raw local scores
+(computed once per forward and key kind, for the scored positions only), the
+datastore hits and the memoised target summaries. The stream state belongs to
+the EvalMemory: :meth:`EvalMemory.reset` starts a new stream; the full driver
+adds a batch to it after the batch's last chunk; callers of the target driver
+call :meth:`EvalMemory.advance` once per batch.
 """
 
 import types
-from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from trime_fairseq.memory.blockwise import target_summary
+from trime_fairseq.memory.blockwise import target_sums
+from trime_fairseq.memory.compose import (
+    DATASTORE,
+    LOCAL_KEYS,
+    Composition,
+    Term,
+    composition,
+    full_log_probs,
+    target_log_prob,
+)
 from trime_fairseq.memory.datastore import DatastoreError
 from trime_fairseq.memory.external import ExternalMemory
 from trime_fairseq.memory.keys import TRIME_FEATURE, TRIME_KEY, get_keys
-from trime_fairseq.memory.mixing import (
-    fp32,
-    interpolate,
-    interpolate_memory,
-    joint_log_probs,
-    joint_target_log_prob,
-    memory_target_log_prob,
-)
-from trime_fairseq.memory.sources import MemoryBatch, causal_memory, dot_scale
-from trime_fairseq.memory.stream import EvalStream, StreamBatch, concat_memory
+from trime_fairseq.memory.mixing import fp32
+from trime_fairseq.memory.options import MODES, MemoryOptions  # noqa: F401  (re-exported)
+from trime_fairseq.memory.sources import MemoryBatch, concat_memory, scaled_dot
+from trime_fairseq.memory.stream import EvalStream, StreamBatch
 from trime_fairseq.memory.token_scores import all_token_scores, target_token_scores
 
-MODES = ("none", "trime", "cache", "knn", "trime_ext")
-RESETS = ("never", "document")
-DATASTORE_MODES = ("knn", "trime_ext")
+
+def local_key_names(options: MemoryOptions) -> Tuple[str, ...]:
+    """The key kinds (g / f) of the local parts ``options`` uses."""
+    names = []
+    if options.mode in ("trime", "trime_ext"):
+        names.append(TRIME_KEY)
+    if options.uses_cache:
+        names.append(TRIME_FEATURE)
+    return tuple(names)
 
 
-@dataclass(frozen=True)
-class MemoryOptions:
-    mode: str = "none"
-    temperature: float = 1.0  # τ of Eq. 6
-    cache_lambda: Optional[float] = None  # λ of the cache interpolation (cache: 0.1; knn: 0, no cache)
-    cache_theta: float = 0.3  # θ, flatness of the cache distribution
-    cache_size: Optional[int] = None  # None: every earlier position of the row
-    long_memory_size: int = 0  # N: earlier stream entries in memory (0: the input row only)
-    memory_reset: str = "never"  # "document": memory only from the position's own document
-    datastore: Optional[str] = None  # external memory folder (knn, trime_ext)
-    knn_k: int = 1024  # K entries retrieved per scored position
-    knn_temperature: float = 1.0  # T of kNN-LM; τ' of Eq. 7 (trime_ext)
-    knn_lambda: float = 0.25  # λ of the kNN-LM interpolation / Eq. 8
-    knn_nprobe: Optional[int] = None  # inverted lists probed (None: the datastore's default)
-    knn_rescore: bool = False  # re-rank the index's hits with the exact stored keys
-    knn_gpu: bool = False  # search the index on the GPU (faiss-gpu)
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"unknown eval memory '{self.mode}', choose one of {MODES}")
-        if self.temperature <= 0:
-            raise ValueError(f"memory temperature τ must be > 0, got {self.temperature}")
-        if self.cache_lambda is not None and not 0.0 <= self.cache_lambda <= 1.0:
-            raise ValueError(f"cache λ must lie in [0, 1], got {self.cache_lambda}")
-        if self.cache_theta <= 0:
-            raise ValueError(f"cache θ must be > 0, got {self.cache_theta}")
-        if self.cache_size is not None and self.cache_size < 1:
-            raise ValueError(f"cache size must be >= 1, got {self.cache_size}")
-        if self.long_memory_size < 0:
-            raise ValueError(f"long-term memory size must be >= 0, got {self.long_memory_size}")
-        if self.memory_reset not in RESETS:
-            raise ValueError(f"unknown memory reset '{self.memory_reset}', choose one of {RESETS}")
-        if not self.uses_row_memory and (self.long_memory_size > 0 or self.memory_reset != "never"):
-            raise ValueError(
-                "a long-term memory / memory reset needs eval memory trime, cache, trime_ext or knn with a cache "
-                "(--cache-lambda)"
-            )
-        if self.uses_cache and self.cache_size is not None and self.long_memory_size > 0:
-            raise ValueError(
-                "--cache-size limits the cache to the input row; with --long-memory-size the cache is the row "
-                "plus N earlier stream tokens: give one of them"
-            )
-        if (self.mode in DATASTORE_MODES) != (self.datastore is not None):
-            raise ValueError(
-                f"--eval-memory {self.mode} needs --datastore" if self.mode in DATASTORE_MODES
-                else f"--datastore is used by --eval-memory {' / '.join(DATASTORE_MODES)}, not {self.mode}"
-            )
-        if self.knn_k < 1:
-            raise ValueError(f"--knn-k must be >= 1, got {self.knn_k}")
-        if self.knn_temperature <= 0:
-            raise ValueError(f"--knn-temperature must be > 0, got {self.knn_temperature}")
-        if not 0.0 <= self.knn_lambda <= 1.0:
-            raise ValueError(f"--knn-lambda must lie in [0, 1], got {self.knn_lambda}")
-        if self.knn_nprobe is not None and self.knn_nprobe < 1:
-            raise ValueError(f"--knn-nprobe must be >= 1, got {self.knn_nprobe}")
-
-    @property
-    def cache_weight(self) -> float:
-        """λ of the continuous cache: 0.1 by default for ``cache``, 0 (no cache) for ``knn``."""
-        if self.mode == "cache":
-            return 0.1 if self.cache_lambda is None else self.cache_lambda
-        if self.mode == "knn":
-            return 0.0 if self.cache_lambda is None else self.cache_lambda
-        return 0.0
-
-    @property
-    def uses_cache(self) -> bool:
-        return self.mode == "cache" or (self.mode == "knn" and self.cache_weight > 0)
-
-    @property
-    def uses_row_memory(self) -> bool:
-        """Whether the in-row (local) memory takes part: Eq. 6 or a continuous cache."""
-        return self.mode in ("trime", "trime_ext") or self.uses_cache
-
-    @property
-    def uses_datastore(self) -> bool:
-        return self.mode in DATASTORE_MODES
-
-    @property
-    def uses_stream(self) -> bool:
-        return self.long_memory_size > 0 or self.memory_reset != "never"
-
-    @property
-    def key_name(self) -> str:
-        """The representation the in-row / long memory searches with: g (trime) or f (cache)."""
-        return TRIME_KEY if self.mode in ("trime", "trime_ext") else TRIME_FEATURE
-
-    def scale(self, dim: int) -> float:
-        return dot_scale(dim, self.temperature) if self.mode in ("trime", "trime_ext") else self.cache_theta
-
-    def external_scale(self, dim: int) -> float:
-        """Multiplier of the datastore's raw scores: 1/T (knn) or 1/(√d·τ) (trime_ext, Eq. 6)."""
-        return dot_scale(dim, self.temperature) if self.mode == "trime_ext" else 1.0 / self.knn_temperature
-
-    @property
-    def ext_rescale(self) -> float:
-        """trime_ext: Eq. 7 memory scores at τ' from Eq. 6 scores at τ (sim/τ' = (sim/τ)·τ/τ')."""
-        return self.temperature / self.knn_temperature
+def next_tokens(src_tokens: Tensor, pad: int) -> Tensor:
+    """Memory value of every input position: the token that follows it in the row, (B, T);
+    ``pad`` for the last column (no position of the row sees it)."""
+    return torch.cat([src_tokens[:, 1:], src_tokens.new_full((src_tokens.size(0), 1), pad)], 1)
 
 
-def next_tokens(src_tokens: Tensor, target: Optional[Tensor], pad: int) -> Tensor:
-    """Memory value of every input position: the token that follows it, (B, T).
+class ForwardState:
+    """What the ``get_normalized_probs`` calls of one forward pass share.
 
-    ``src[j+1]`` inside the row; the target where one is given (the last
-    position of a row); ``pad`` where neither is known.
+    Created by :class:`EvalMemory` for a new forward (a new ``extra`` dict), it
+    tracks the ``--softmax-batch`` chunk offset and the targets seen, and gathers
+    memory parts for flat positions of the (B, T) output, computing each raw
+    score matrix once.
     """
-    shifted = torch.cat([src_tokens[:, 1:], src_tokens.new_full((src_tokens.size(0), 1), pad)], 1)
-    if target is None or target.shape != src_tokens.shape:
-        return shifted
-    return torch.where(target.ne(pad), target, shifted)
+
+    def __init__(self, memory: "EvalMemory", net_output, sample):
+        self.memory = memory
+        self.extra = net_output[1]
+        keys = self.extra.get(TRIME_KEY) if self.extra.get(TRIME_KEY) is not None else self.extra.get(TRIME_FEATURE)
+        if keys is None:
+            get_keys(net_output)  # raises the error that explains key capture
+        self.bsz, self.tsz = keys.shape[:2]
+        self.total = self.bsz * self.tsz
+        self.device = keys.device
+        self.next_position = 0  # the next --softmax-batch chunk starts here
+        self.targets = torch.full((self.total,), memory.pad, dtype=torch.long, device=self.device)
+        self.sample = sample
+        self.stream_batch: Optional[StreamBatch] = None
+        if memory.stream is not None:
+            self.stream_batch = memory.stream.place(sample, self._src_tokens())
+        self._local_rows: Optional[Tuple[Tensor, Tensor]] = None
+        self._raw: Dict[tuple, Tensor] = {}
+        self._pieces: Dict[tuple, List[MemoryBatch]] = {}
+        self._hits: Optional[MemoryBatch] = None
+        self._hit_row = torch.full((self.total,), -1, dtype=torch.long, device=self.device)
+        self._sums: Dict[tuple, Tuple[Tensor, Tensor]] = {}
+        self._sum_positions: Optional[Tensor] = None
+
+    # -- positions --------------------------------------------------------------------------------
+    def claim(self, x: Tensor) -> int:
+        """The flat position of the first row of ``x``: 0 for the whole (B, T) output, else the
+        chunk that follows the previous one."""
+        n = x.shape[0] * x.shape[1]
+        if tuple(x.shape[:2]) == (self.bsz, self.tsz):
+            start = 0
+        else:
+            start = self.next_position
+        if start + n > self.total:
+            raise RuntimeError("get_normalized_probs got more positions than the forward pass produced")
+        self.next_position = start + n
+        return start
+
+    @property
+    def done(self) -> bool:
+        return self.next_position == self.total
+
+    def record_targets(self, start: int, target: Tensor) -> None:
+        target = target.reshape(-1)
+        self.targets[start : start + target.numel()] = target
+        if self.stream_batch is not None:
+            self.stream_batch.add_targets(start, target)
+
+    # -- the local memory: the scored row, the stream ---------------------------------------------
+    def _src_tokens(self) -> Tensor:
+        src = self.sample["net_input"].get("src_tokens")
+        if src is None or tuple(src.shape) != (self.bsz, self.tsz):
+            raise ValueError("the local memory reads the scored sequence from net_input['src_tokens'] (B, T), "
+                             "aligned with the decoder's positions (a language model)")
+        return src
+
+    def local_rows(self) -> Tuple[Tensor, Tensor]:
+        """(flat positions (k,) that can be scored -- not context, not padding --, index (B·T,)
+        of each flat position among them or -1)."""
+        if self._local_rows is None:
+            src = self._src_tokens()
+            context = self.sample.get("start_indices")
+            context = torch.as_tensor(context if context is not None else [0] * self.bsz, device=self.device)
+            cols = torch.arange(self.tsz, device=self.device)
+            scorable = (cols.unsqueeze(0) >= context.view(-1, 1)) & src.ne(self.memory.pad)
+            flat = scorable.reshape(-1).nonzero().squeeze(1)
+            index = torch.full((self.total,), -1, dtype=torch.long, device=self.device)
+            index[flat] = torch.arange(flat.numel(), device=self.device)
+            self._local_rows = (flat, index)
+        return self._local_rows
+
+    def _keys(self, name: str) -> Tensor:
+        return get_keys((None, self.extra), name)  # (B, T, d)
+
+    def _row_raw(self, name: str) -> Tensor:
+        """(k, T) raw q·k of every scorable position against the positions of its row."""
+        key = ("row", name)
+        if key not in self._raw:
+            flat, _ = self.local_rows()
+            keys = self._keys(name)
+            rows = flat // self.tsz
+            out = fp32(keys).new_empty(flat.numel(), self.tsz)
+            for b in rows.unique().tolist():  # one (n_b, d) x (d, T) product per row
+                sel = (rows == b).nonzero().squeeze(1)
+                out[sel] = scaled_dot(keys[b, flat[sel] % self.tsz], keys[b], 1.0)
+            self._raw[key] = out
+        return self._raw[key]
+
+    def _long_raw(self, name: str) -> Tuple[Tensor, Tensor]:
+        """Raw scores of the scorable positions against the ring buffer (k, N) and the batch's own
+        stream entries (k, S)."""
+        key = ("long", name)
+        if key not in self._raw:
+            flat, _ = self.local_rows()
+            keys = self._keys(name)
+            queries = keys.reshape(-1, keys.size(-1))[flat]
+            buffer = self.memory.stream.buffer(name)
+            batch = self.stream_batch
+            self._raw[key] = (buffer.scores(queries), scaled_dot(queries, keys.reshape(-1, keys.size(-1))[batch.flat],
+                                                                 1.0))
+        return self._raw[key]
+
+    def local_pieces(self, name: str, options: MemoryOptions) -> List[MemoryBatch]:
+        """The local memory on key kind ``name`` of every scorable position, as raw pieces
+        (k, M_i): the row (k, T), then with a long-term memory the ring buffer (k, N) and
+        the batch's earlier entries (k, S)."""
+        reset = options.memory_reset == "document"
+        size = options.long_memory_size
+        key = (name, options.window, size, reset)
+        if key in self._pieces:
+            return self._pieces[key]
+        flat, _ = self.local_rows()
+        src = self._src_tokens()
+        rows, cols = flat // self.tsz, flat % self.tsz
+        values = next_tokens(src, self.memory.pad)  # (B, T)
+        j = torch.arange(self.tsz, device=self.device).unsqueeze(0)  # (1, T)
+        offset = cols.unsqueeze(1) - j  # (k, T) i - j
+        mask = (offset > 0) & values[rows].ne(self.memory.pad)
+        if options.window is not None:
+            mask &= offset <= options.window
+        batch = self.stream_batch
+        if batch is not None:
+            entries = batch.entry_of_flat[flat]
+            if (entries < 0).any():
+                raise RuntimeError("a scorable position is no entry of the evaluation stream")
+            doc_lo, lo, hi = batch.query_bounds(entries, size, self.memory.documents if reset else None)
+            if reset:
+                mask &= batch.row_start[rows].unsqueeze(1) + j >= doc_lo.unsqueeze(1)
+        pieces = [MemoryBatch(self._row_raw(name), values[rows], mask)]
+        if size > 0:
+            ring_raw, batch_raw = self._long_raw(name)
+            buffer = self.memory.stream.buffer(name)
+            pos = batch.positions.unsqueeze(0)
+            pieces.append(MemoryBatch(ring_raw, buffer.slot_values(self.device), buffer.window(lo, hi)))
+            pieces.append(MemoryBatch(batch_raw, batch.values().unsqueeze(0),
+                                      (pos >= lo.unsqueeze(1)) & (pos < hi.unsqueeze(1))))
+        self._pieces[key] = pieces
+        return pieces
+
+    def local_part(self, name: str, options: MemoryOptions, positions: Tensor) -> MemoryBatch:
+        """The local memory (n, M) of flat ``positions`` (n,), raw scores."""
+        _, index = self.local_rows()
+        rows = index[positions]
+        if (rows < 0).any():
+            raise RuntimeError("a scored position lies in the context or padding of its row")
+        return concat_memory([piece.rows(rows) for piece in self.local_pieces(name, options)])
+
+    # -- the external memory ----------------------------------------------------------------------
+    def hits(self, positions: Tensor) -> MemoryBatch:
+        """Raw datastore hits (n, K) of flat ``positions``; each position is searched once."""
+        missing = positions[self._hit_row[positions] < 0].unique()
+        if missing.numel():
+            keys = self._keys(self.memory.external.key_type)
+            found = self.memory.external.search(keys.reshape(-1, keys.size(-1))[missing])
+            start = 0 if self._hits is None else self._hits.mask.size(0)
+            self._hits = found if self._hits is None else MemoryBatch(
+                torch.cat([self._hits.scores, found.scores]), torch.cat([self._hits.values, found.values]),
+                torch.cat([self._hits.mask, found.mask]))
+            self._hit_row[missing] = torch.arange(start, start + missing.numel(), device=self.device)
+        return self._hits.rows(self._hit_row[positions])
+
+    # -- gathering for a composition --------------------------------------------------------------
+    def parts(self, comp: Composition, options: MemoryOptions, positions: Tensor) -> Dict[str, MemoryBatch]:
+        """Raw memory batches (n, M) of every part of ``comp`` for flat ``positions`` (n,)."""
+        parts = {}
+        for part in comp.parts:
+            if part == DATASTORE:
+                parts[part] = self.hits(positions)
+            else:
+                parts[part] = self.local_part(LOCAL_KEYS[part], options, positions)
+        return parts
+
+    def summarizer(self, options: MemoryOptions, positions: Tensor, target: Tensor):
+        """``summarize(term)`` for :func:`~trime_fairseq.memory.compose.target_log_prob` at flat
+        ``positions`` (the forward's scored positions), memoised per (term, local visibility)."""
+        if self._sum_positions is None:
+            self._sum_positions = positions
+        elif not torch.equal(self._sum_positions, positions):
+            raise RuntimeError("target summaries of one forward pass are for one set of scored positions")
+        visibility = (options.window, options.long_memory_size, options.memory_reset)
+
+        def summarize(term: Term):
+            key = (term, visibility if term.part != DATASTORE else None)
+            if key not in self._sums:
+                if term.part == DATASTORE:
+                    pieces = [self.hits(positions)]
+                else:
+                    _, index = self.local_rows()
+                    rows = index[positions]
+                    if (rows < 0).any():
+                        raise RuntimeError("a scored position lies in the context or padding of its row")
+                    pieces = [p.rows(rows) for p in self.local_pieces(LOCAL_KEYS[term.part], options)]
+                self._sums[key] = target_sums(pieces, target, term.scale)
+            return self._sums[key]
+
+        return summarize
 
 
 class EvalMemory:
-    """Computes evaluation distributions with memory for one model."""
+    """Evaluation distributions with memory for one model (see the module docstring)."""
 
     def __init__(self, options: MemoryOptions, pad: int, documents=None, stream_keys=None,
-                 external: Optional[ExternalMemory] = None):
+                 external: Optional[ExternalMemory] = None, local: bool = True):
         """``documents``: a :class:`~trime_fairseq.data.documents.DocumentBoundaries`
         (needed for ``memory_reset="document"``); ``stream_keys``: the key kinds the
-        stream memory keeps (default: the one of ``options.mode``; name both
-        TRIME_KEY and TRIME_FEATURE to score trime and cache options on one stream).
-        The stream memory holds ``options.long_memory_size`` entries; other
-        options passed to :meth:`target_log_probs` may use fewer. ``external``:
-        the datastore of ``knn`` / ``trime_ext`` (see :func:`build_eval_memory`)."""
+        stream memory keeps (default: those of ``options``; name both TRIME_KEY and
+        TRIME_FEATURE to score trime and cache options on one stream). The stream
+        memory holds ``options.long_memory_size`` entries; other options passed to
+        :meth:`target_log_probs` may use fewer. ``external``: the datastore of
+        ``knn`` / ``trime_ext`` (see :func:`build_eval_memory`). ``local``: whether
+        the task's sequences have a local memory (language models; translation: no)."""
         self.options = options
         self.pad = pad
         self.documents = documents
+        self.local = local
         if options.memory_reset == "document" and documents is None:
             raise ValueError("--memory-reset document needs the dictionary's document boundaries")
         self.stream: Optional[EvalStream] = None
         if options.uses_stream:
-            names = tuple(stream_keys) if stream_keys else (options.key_name,)
+            names = tuple(stream_keys) if stream_keys else local_key_names(options)
             self.stream = EvalStream(options.long_memory_size, names, documents, pad)
         self.external = external
         if options.uses_datastore:
             self._check_external(options)
+        composition(options, 1, local)  # refuses modes this task cannot apply, now
+        self._state: Optional[ForwardState] = None
 
-    # -- the evaluation stream ---------------------------------------------------------
+    def key_names(self) -> Tuple[str, ...]:
+        """Every key kind (g / f) this memory reads from the model."""
+        names = set(local_key_names(self.options))
+        if self.external is not None:
+            names.add(self.external.key_type)
+        return tuple(sorted(names))
+
+    # -- state ----------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Start a new evaluation stream (forget the long-term memory)."""
+        """Start a new evaluation stream (forget the long-term memory and the forward in flight)."""
         if self.stream is not None:
             self.stream.reset()
+        self._state = None
+
+    def _forward(self, net_output, sample) -> ForwardState:
+        extra = net_output[1] if len(net_output) > 1 else None
+        if not isinstance(extra, dict):
+            raise ValueError("the decoder output carries no extra dict with memory keys")
+        if self._state is None or self._state.extra is not extra:
+            self._state = ForwardState(self, net_output, sample)
+        return self._state
 
     def advance(self, net_output, sample) -> None:
         """Add a scored batch to the stream memory (after :meth:`target_log_probs`;
         :meth:`log_probs` does it by itself). No-op without a stream memory."""
         if self.stream is None:
             return
-        batch = self._stream_batch(net_output, sample)
-        batch.add_targets(0, sample["target"])
-        self.stream.commit(batch, {name: get_keys(net_output, name) for name in self.stream.buffers})
+        state = self._forward(net_output, sample)
+        state.record_targets(0, sample["target"])
+        self._commit(state)
 
-    def _stream_batch(self, net_output, sample) -> StreamBatch:
-        extra = net_output[1]
-        batch = extra.get("_trime_stream_batch")
-        if batch is None:
-            batch = self.stream.place(sample, sample["net_input"]["src_tokens"])
-            extra["_trime_stream_batch"] = batch
-        return batch
+    def _commit(self, state: ForwardState) -> None:
+        if state.stream_batch is not None:
+            self.stream.commit(state.stream_batch, {name: state._keys(name) for name in self.stream.buffers})
 
     def _check_stream(self, opt: MemoryOptions) -> None:
+        if not opt.uses_stream:
+            return
         if self.stream is None:
             raise ValueError(
                 "these options need a stream memory: build the EvalMemory with long_memory_size >= "
@@ -237,32 +367,14 @@ class EvalMemory:
             )
         if opt.memory_reset == "document" and self.documents is None:
             raise ValueError("--memory-reset document needs the dictionary's document boundaries")
+        missing = set(local_key_names(opt)) - set(self.stream.buffers) if opt.long_memory_size > 0 else set()
+        if missing:
+            raise ValueError(f"the stream memory keeps no {sorted(missing)} keys (it keeps {sorted(self.stream.buffers)})"
+                             "; build the EvalMemory with stream_keys naming every key kind it is asked to score with")
 
-    def _stream_memory(self, memory: MemoryBatch, batch: StreamBatch, net_output, start: int, n: int,
-                       opt: MemoryOptions) -> Tuple[MemoryBatch, Tensor, List[MemoryBatch]]:
-        """The stream's share of the memory of flat positions start..start+n.
-
-        Returns the in-row memory (n, T) limited to each position's document if asked,
-        the indices (k,) of the chunk's scored positions, and their long-term memory
-        parts (k, N) and (k, S) (empty list without a long-term memory). Unscored
-        positions (context, padding) have no long-term memory: it is not computed.
-        """
-        flat_q = torch.arange(start, start + n, device=memory.mask.device)
-        documents = self.documents if opt.memory_reset == "document" else None
-        doc_lo, lo, hi = batch.query_bounds(flat_q, opt.long_memory_size, documents)
-        if documents is not None:
-            same_doc = batch.column_positions(flat_q) >= doc_lo.unsqueeze(1)  # (n, T)
-            memory = MemoryBatch(memory.scores, memory.values, memory.mask & same_doc)
-        sel = (batch.entry_of_flat[flat_q] >= 0).nonzero().squeeze(1)  # (k,) scored positions of the chunk
-        if opt.long_memory_size == 0 or sel.numel() == 0:
-            return memory, sel, []
-        keys = get_keys(net_output, opt.key_name)  # (B, T, d)
-        queries = keys.reshape(-1, keys.size(-1))[flat_q[sel]]
-        scale = opt.scale(keys.size(-1))
-        return memory, sel, self.stream.long_memory(batch, opt.key_name, keys, queries, lo[sel], hi[sel], scale)
-
-    # -- the external memory (datastore) -------------------------------------------------
     def _check_external(self, opt: MemoryOptions) -> None:
+        if not opt.uses_datastore:
+            return
         if self.external is None:
             raise ValueError(f"--eval-memory {opt.mode} needs its datastore: build the EvalMemory with an "
                              "ExternalMemory (build_eval_memory does)")
@@ -270,7 +382,7 @@ class EvalMemory:
         if (opt.datastore, opt.knn_k, opt.knn_nprobe, opt.knn_rescore) != (
                 mine.datastore, mine.knn_k, mine.knn_nprobe, mine.knn_rescore):
             raise ValueError("these options search another datastore / K / nprobe than this EvalMemory was built "
-                             "for; only τ, T (τ'), λ and the cache options may differ")
+                             "for; only the temperatures, λ and the cache options may differ")
         if opt.mode == "trime_ext" and (self.external.metric != "ip" or self.external.key_type != TRIME_KEY):
             raise DatastoreError(
                 f"--eval-memory trime_ext joins datastore entries to Eq. 6, whose similarity is g(c)·g(c_j)/√d: "
@@ -279,243 +391,101 @@ class EvalMemory:
                 "trime-build-datastore --key-type trime_key --metric ip)"
             )
 
-    def _search(self, net_output, flat_q: Tensor):
-        """Raw datastore hits (k, K) of the forward's flat positions ``flat_q`` (k,)."""
-        keys = get_keys(net_output, self.external.key_type)  # (B, T, d)
-        return self.external.search(keys.reshape(-1, keys.size(-1))[flat_q])
+    def composition(self, options: MemoryOptions, extra) -> Composition:
+        g = extra.get(TRIME_KEY) if options.mode in ("trime", "trime_ext") else None
+        if options.mode in ("trime", "trime_ext") and g is None:
+            get_keys((None, extra), TRIME_KEY)  # raises the key-capture error
+        return composition(options, None if g is None else g.size(-1), self.local)
 
-    def _search_forward(self, net_output, flat_target: Tensor) -> None:
-        """Search every position of the forward with a real target once; later
-        :meth:`_external` calls on this forward read the cached hits (tuning scores
-        many options on one forward)."""
-        extra = net_output[1]
-        if "_trime_external" in extra:
-            return
-        flat = flat_target.ne(self.pad).nonzero().squeeze(1)  # (P,)
-        row_of_flat = torch.full_like(flat_target, -1)
-        row_of_flat[flat] = torch.arange(flat.numel(), device=flat.device)
-        extra["_trime_external"] = (row_of_flat, self._search(net_output, flat))
-
-    def _external(self, net_output, flat_q: Tensor, opt: MemoryOptions) -> MemoryBatch:
-        """Datastore memory (k, K) of the forward's flat positions ``flat_q``, scaled for ``opt``."""
-        cached = net_output[1].get("_trime_external")
-        if cached is None:
-            hits = self._search(net_output, flat_q)
-        else:
-            row_of_flat, all_hits = cached
-            rows = row_of_flat[flat_q]
-            if (rows < 0).any():
-                raise RuntimeError("a scored position has no datastore search (its target is padding)")
-            hits = all_hits.rows(rows)
-        return hits.scaled(opt.external_scale(self.external.dim))
-
-    # -- memory of a forward pass -------------------------------------------------
-    def row_memory(self, net_output, src_tokens: Tensor, target: Optional[Tensor], options=None) -> MemoryBatch:
-        """Causal in-row memory of all positions: MemoryBatch (B, T, T)."""
-        opt = options or self.options
-        values = next_tokens(src_tokens, target, self.pad)
-        keys = get_keys(net_output, opt.key_name)
-        window = opt.cache_size if opt.uses_cache else None
-        return causal_memory(keys, keys, values, values.ne(self.pad), opt.scale(keys.size(-1)), window)
-
-    def _chunk_memory(self, net_output, sample, start: int, n: int, opt: MemoryOptions, row_memory=None):
-        """Every memory of flat positions start..start+n of a forward, for ``opt``.
-
-        Returns (memory, sel, long, external): the in-row memory (n, T) or None
-        (knn without a cache); the chunk-relative indices (k,) of the positions
-        that also have long-term / external memory (None: no such memory); their
-        long-term parts (k, ·) and their scaled datastore hits (k, K) or None.
-        """
-        src_tokens = sample["net_input"]["src_tokens"]
-        bsz, tsz = src_tokens.shape
-        target = sample.get("target")
-        if row_memory is None and opt.uses_row_memory:
-            row_target = target if target is not None and target.shape == src_tokens.shape else None
-            row_memory = self.row_memory(net_output, src_tokens, row_target, opt)
-        memory = self._positions(row_memory, start, n, tsz) if row_memory is not None else None
-        sel, long, external = None, [], None
-        if opt.uses_stream:
-            if target is None:
-                raise ValueError("the long-term memory needs the targets of the scored positions")
-            self._check_stream(opt)
-            batch = self._stream_batch(net_output, sample)
-            if target.numel() == n:  # this chunk's targets (or the batch's)
-                batch.add_targets(start, target)
-            memory, sel, long = self._stream_memory(memory, batch, net_output, start, n, opt)
-        if opt.uses_datastore:
-            if target is None:
-                raise ValueError("the datastore is searched for positions with a target; the sample has none")
-            if sel is None:
-                chunk_target = target.reshape(-1) if target.numel() == n else target.reshape(-1)[start:start + n]
-                sel = chunk_target.ne(self.pad).nonzero().squeeze(1)
-            external = self._external(net_output, start + sel, opt)
-        return memory, sel, long, external
-
-    # -- the get_normalized_probs hook ----------------------------------------------
+    # -- driver 1: the full vocabulary (get_normalized_probs with a sample) --------------------------
     def log_probs(self, decoder, net_output, sample) -> Tensor:
-        """Log-probabilities (…, V) for ``net_output[0]``: the whole (B, T) batch
-        or a flattened chunk (1, n) of it, as fairseq's SequenceScorer passes
-        (it sets ``sample["target"]`` to the chunk's targets)."""
-        x, extra = net_output[0], net_output[1]
-        src_tokens = sample["net_input"]["src_tokens"]
-        bsz, tsz = src_tokens.shape
-        target = sample.get("target") if sample is not None else None
-        if x.shape[:2] == (bsz, tsz):
-            start = 0
-        else:  # a --softmax-batch chunk: positions follow the previous chunk's
-            start = extra.get("_trime_next_position", 0)
-        n = x.shape[0] * x.shape[1]
-        if start + n > bsz * tsz:
-            raise RuntimeError("get_normalized_probs got more positions than the forward pass produced")
-        extra["_trime_next_position"] = (start + n) % (bsz * tsz)
-
-        flat_target = target.reshape(-1) if target is not None else None
+        """Log-probabilities (…, V) for ``net_output[0]``: the whole (B, T) output or a
+        flattened chunk (1, n) of it, as fairseq's SequenceScorer passes (it sets
+        ``sample["target"]`` to the chunk's targets). Without a sample: :meth:`step_log_probs`."""
+        if sample is None:
+            return self.step_log_probs(decoder, net_output)
+        x = net_output[0]
+        state = self._forward(net_output, sample)
+        start = state.claim(x)
+        target = sample.get("target")
+        if target is None or target.numel() != x.shape[0] * x.shape[1]:
+            raise ValueError("the evaluation memory scores the positions of a sample with targets (the chunk's)")
+        flat_target = target.reshape(-1)
         scores, lse = all_token_scores(decoder, x, flat_target)  # (n, V), (n,)
-        opt = self.options
-        if opt.mode == "none":
-            out = scores - lse.unsqueeze(-1)
-        else:
-            memory, sel, long, external = self._chunk_memory(net_output, sample, start, n, opt)
-            out = self._mix_rows(scores, lse, memory, sel, long, external, opt)
-            if self.stream is not None and start + n == bsz * tsz:  # the batch's last chunk
-                batch = self._stream_batch(net_output, sample)
-                self.stream.commit(batch, {name: get_keys(net_output, name) for name in self.stream.buffers})
+        out = fp32(scores) - fp32(lse).unsqueeze(-1)
+        scored = flat_target.ne(self.pad).nonzero().squeeze(1)  # (k,) the rest is not scored by fairseq
+        if scored.numel():
+            comp = self.composition(self.options, state.extra)
+            parts = state.parts(comp, self.options, start + scored)
+            out[scored] = full_log_probs(comp, scores[scored], lse[scored], parts)
+        state.record_targets(start, flat_target)
+        if state.done:
+            self._commit(state)
         return out.view(*x.shape[:-1], -1)
 
-    def _mix_rows(self, scores: Tensor, lse: Tensor, memory: Optional[MemoryBatch], sel: Optional[Tensor],
-                  long: List[MemoryBatch], external: Optional[MemoryBatch], opt: MemoryOptions) -> Tensor:
-        """:meth:`mix` where the rows ``sel`` also have long-term parts ``long`` and datastore hits ``external``."""
-        if sel is None or (not long and external is None):
-            return self.mix(scores, lse, memory, None, opt)
-        rest = torch.ones(scores.size(0), dtype=torch.bool, device=scores.device)
-        rest[sel] = False
-        rest = rest.nonzero().squeeze(1)
-        own = concat_memory(([memory.rows(sel)] if memory is not None else []) + long) if (
-            memory is not None or long) else None
-        with_more = self.mix(scores[sel], lse[sel], own, external, opt)
-        out = with_more.new_empty(scores.size(0), with_more.size(-1))
-        out[sel] = with_more
-        if rest.numel() > 0:
-            out[rest] = self.mix(scores[rest], lse[rest], memory.rows(rest) if memory is not None else None, None,
-                                 opt)
-        return out
-
-    def mix(self, token_scores: Tensor, token_lse: Tensor, memory: Optional[MemoryBatch],
-            external: Optional[MemoryBatch] = None, options=None) -> Tensor:
-        """Full-vocabulary (n, V) log-probabilities for flattened positions.
-
-        ``memory``: in-row (+ long-term) memory (n, M), scaled for the mode; ``external``:
-        scaled datastore hits (n, K) (knn, trime_ext) or None.
-        """
-        opt = options or self.options
-        if opt.mode in ("trime", "trime_ext"):
-            if external is not None:
-                memory = concat_memory([memory, external])
-            out = joint_log_probs(token_scores, token_lse, *memory)  # Eq. 6
-            if opt.mode == "trime_ext":  # Eq. 7-8: P' over the same memory at τ'
-                out = interpolate_memory(out, *memory.scaled(opt.ext_rescale), opt.knn_lambda)
-            return out
-        out = fp32(token_scores) - fp32(token_lse).unsqueeze(-1)
-        if external is not None:  # kNN-LM
-            out = interpolate_memory(out, *external, opt.knn_lambda)
-        if memory is not None and opt.uses_cache:  # continuous cache (on top of kNN-LM)
-            out = interpolate_memory(out, *memory, opt.cache_weight)
-        return out
-
-    @staticmethod
-    def _positions(memory: MemoryBatch, start: int, n: int, tsz: int) -> MemoryBatch:
-        """Rows start..start+n of the flattened (B·T, M) memory, computing only touched rows."""
-        first, last = start // tsz, (start + n - 1) // tsz
-        touched = MemoryBatch(
-            memory.scores[first : last + 1], memory.values[first : last + 1], memory.mask[first : last + 1]
-        ).flatten()
-        offset = start - first * tsz
-        index = torch.arange(offset, offset + n, device=memory.mask.device)
-        return touched.rows(index)
-
-    # -- target-only scoring (tuning) ---------------------------------------------------
+    # -- driver 2: the target only (tuning) ------------------------------------------------------------
     def target_log_probs(self, decoder, net_output, sample, options: MemoryOptions) -> Tensor:
-        """log P(target) of every position, (B, T), under ``options``; the same
-        distribution :meth:`log_probs` gives, without materialising (B·T, V)."""
-        src_tokens, target = sample["net_input"]["src_tokens"], sample["target"]
-        score, lse = target_token_scores(decoder, net_output, target)
-        if options.mode == "none":
-            return (score - lse).view_as(target)
-        memory = self.row_memory(net_output, src_tokens, target, options) if options.uses_row_memory else None
-        if options.uses_stream or options.uses_datastore:
-            return self._chunked_target_log_probs(score, lse, memory, net_output, sample, options)
-        if options.mode == "trime":
-            return joint_target_log_prob(score.view_as(target), lse.view_as(target), *memory, target)
-        log_p = (score - lse).view_as(target)
-        log_q = memory_target_log_prob(*memory, target)
-        return interpolate(log_p, log_q, options.cache_weight, memory.mask.any(-1))
-
-    _QUERY_CHUNK = 1024  # query positions per step of the chunked path (bounds the (n, N) scores)
-
-    def _chunked_target_log_probs(self, score, lse, row_memory, net_output, sample, options) -> Tensor:
-        """target_log_probs with the stream and / or datastore memory, in chunks of query positions."""
+        """log P(target) of every position, (B, T), under ``options``: the distribution
+        :meth:`log_probs` gives, without materialising (B·T, V). Positions whose target is
+        padding get the model's own log-probability."""
+        self._check_stream(options)
+        self._check_external(options)
         target = sample["target"]
-        bsz, tsz = target.shape
-        flat_target = target.reshape(-1)
-        if options.uses_stream:
-            self._check_stream(options)
-            self._stream_batch(net_output, sample).add_targets(0, target)
-        if options.uses_datastore:
-            self._check_external(options)
-            self._search_forward(net_output, flat_target)
-        out = []
-        for start in range(0, bsz * tsz, self._QUERY_CHUNK):
-            n = min(self._QUERY_CHUNK, bsz * tsz - start)
-            part = slice(start, start + n)
-            tgt, sc, ls = flat_target[part], score[part], lse[part]
-            rows, sel, long, external = self._chunk_memory(net_output, sample, start, n, options, row_memory)
-            log_p = self._target_mix(sc, ls, tgt, [rows] if rows is not None else [], None, options)
-            if sel is not None and sel.numel() and (long or external is not None):
-                own = ([rows.rows(sel)] if rows is not None else []) + long
-                log_p = log_p.index_copy(0, sel, self._target_mix(sc[sel], ls[sel], tgt[sel], own, external, options))
-            out.append(log_p)
-        return torch.cat(out).view_as(target)
-
-    @staticmethod
-    def _target_mix(score: Tensor, lse: Tensor, target: Tensor, parts: List[MemoryBatch],
-                    external: Optional[MemoryBatch], opt: MemoryOptions) -> Tensor:
-        """:meth:`mix` at the target only, (q,): memory given as parts (q, M_i), summarised
-        per query (:func:`target_summary`) instead of concatenated."""
-        if opt.mode in ("trime", "trime_ext"):
-            if external is not None:
-                parts = parts + [external]
-            memory = target_summary(parts, target)
-            out = joint_target_log_prob(score, lse, *memory, target)  # Eq. 6
-            if opt.mode == "trime_ext":  # Eq. 7-8
-                rescaled = target_summary([p.scaled(opt.ext_rescale) for p in parts], target)
-                out = interpolate(out, memory_target_log_prob(*rescaled, target), opt.knn_lambda,
-                                  rescaled.mask.any(-1))
-            return out
+        state = self._forward(net_output, sample)
+        score, lse = target_token_scores(decoder, net_output, target)  # (B·T,)
         out = fp32(score) - fp32(lse)
-        if external is not None:  # kNN-LM
-            out = interpolate(out, memory_target_log_prob(*external, target), opt.knn_lambda, external.mask.any(-1))
-        if parts and opt.uses_cache:
-            memory = target_summary(parts, target)
-            out = interpolate(out, memory_target_log_prob(*memory, target), opt.cache_weight, memory.mask.any(-1))
-        return out
+        flat_target = target.reshape(-1)
+        scored = flat_target.ne(self.pad).nonzero().squeeze(1)
+        comp = self.composition(options, state.extra)
+        if scored.numel() and comp.terms:
+            summarize = state.summarizer(options, scored, flat_target[scored])
+            out = out.index_copy(0, scored, target_log_prob(comp, score[scored], lse[scored], flat_target[scored],
+                                                            summarize))
+        return out.view_as(target)
+
+    # -- driver 3: one decoding step (generation) -------------------------------------------------------
+    def step_log_probs(self, decoder, net_output) -> Tensor:
+        """(B', 1, V) log-probabilities of the next token of every live hypothesis: the last
+        position's query searches the datastore (one batched search, nothing else kept)."""
+        extra = net_output[1] if len(net_output) > 1 else None
+        if not isinstance(extra, dict):
+            raise ValueError(
+                f"--eval-memory {self.options.mode} at generation needs the decoder's memory keys, but the decoder "
+                "output carries no extra dict"
+            )
+        comp = self.composition(self.options, extra)
+        local = comp.parts - {DATASTORE}
+        if local:
+            raise ValueError(
+                f"--eval-memory {self.options.mode} uses the local memory of the scored sequence, which a decoding "
+                "step does not have: evaluate it with fairseq-eval-lm (or use --eval-memory knn without a cache)"
+            )
+        x = net_output[0][:, -1:]  # (B', 1, ·): EnsembleModel passes the last step already
+        scores, lse = all_token_scores(decoder, x)  # (B', V), (B',)
+        parts = {}
+        if DATASTORE in comp.parts:
+            keys = get_keys((None, extra), self.external.key_type)[:, -1]  # (B', d) the live queries
+            parts[DATASTORE] = self.external.search(keys)
+        return full_log_probs(comp, scores, lse, parts).view(x.shape[0], 1, -1)
 
 
-def build_eval_memory(options: MemoryOptions, dictionary, documents=None, stream_keys=None) -> EvalMemory:
+def build_eval_memory(options: MemoryOptions, dictionary, documents=None, stream_keys=None,
+                      local: bool = True) -> EvalMemory:
     """An EvalMemory for ``options``, opening the datastore of knn / trime_ext
     (checked against ``dictionary`` now, against the model on its first search)."""
     external = None
     if options.uses_datastore:
         external = ExternalMemory(options.datastore, options.knn_k, nprobe=options.knn_nprobe,
                                   rescore=options.knn_rescore, use_gpu=options.knn_gpu, dictionary=dictionary)
-    return EvalMemory(options, dictionary.pad(), documents=documents, stream_keys=stream_keys, external=external)
+    return EvalMemory(options, dictionary.pad(), documents=documents, stream_keys=stream_keys, external=external,
+                      local=local)
 
 
 def attach_eval_memory(model, memory: EvalMemory) -> None:
-    """Route ``model.get_normalized_probs`` through ``memory`` (this instance only)."""
+    """Route ``model.get_normalized_probs`` through ``memory`` (this instance only): the full
+    driver with a sample, the per-step driver without one."""
 
     def get_normalized_probs(self, net_output, log_probs, sample=None):
-        if sample is None or not isinstance(net_output[1], dict):
-            return type(self).get_normalized_probs(self, net_output, log_probs, sample)
         out = memory.log_probs(self.decoder, net_output, sample)
         return out if log_probs else out.exp()
 

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from trime_fairseq.checksums import model_checksum
+from trime_fairseq.checksums import loaded_model_checksum
 from trime_fairseq.memory.datastore import Datastore, DatastoreError
 from trime_fairseq.memory.sources import MemoryBatch
 
@@ -56,16 +56,18 @@ class ExternalMemory:
         return self.store.dim
 
     def bind(self, model) -> None:
-        """Check searches against ``model``: remember the checksum of the state dict
-        fairseq loads into it (``fairseq-eval-lm`` loads the checkpoint after the task
-        builds the model); without one, the model's own state dict is checked."""
+        """Check searches against ``model``: remember :func:`loaded_model_checksum` right after
+        fairseq loads a checkpoint into it (``fairseq-eval-lm`` loads it after the task builds the
+        model, and may convert it to fp16 later) -- the moment the datastore builder hashes it too;
+        without a load, the model's own state dict is checked."""
         self.model = model
         load = model.load_state_dict
 
         def load_state_dict(module, state_dict, *args, **kwargs):
-            self.model_sha256 = model_checksum(state_dict)
+            result = load(state_dict, *args, **kwargs)
+            self.model_sha256 = loaded_model_checksum(module)
             self._checked = False
-            return load(state_dict, *args, **kwargs)
+            return result
 
         model.load_state_dict = types.MethodType(load_state_dict, model)
 

@@ -40,7 +40,12 @@ class RingBuffer:
 
     def _allocate(self, keys: Tensor) -> None:
         n, d = self.capacity, keys.size(-1)
-        self.keys = keys.new_zeros(n, d)
+        try:
+            self.keys = keys.new_zeros(n, d)
+        except (RuntimeError, MemoryError) as e:
+            gib = n * d * keys.element_size() / 2**30
+            raise MemoryError(f"a long-term memory of {n} entries of dimension {d} needs {gib:.1f} GiB of keys, "
+                              f"which could not be allocated; use a smaller --long-memory-size") from e
         self.values = torch.zeros(n, dtype=torch.long, device=keys.device)
         self.positions = torch.full((n,), -1, dtype=torch.long, device=keys.device)
 
@@ -71,12 +76,24 @@ class RingBuffer:
         Query q sees the slots with stream position in [lo[q], hi[q]); an empty
         buffer answers with M = 0 entries.
         """
+        scores = self.scores(queries, scale)  # (Q, N)
+        return MemoryBatch(scores, self.slot_values(queries.device), self.window(lo, hi))
+
+    def scores(self, queries: Tensor, scale: float = 1.0) -> Tensor:
+        """(Q, N) float32 ``scale``·q·k against every slot ((Q, 0) while empty)."""
         if self.keys is None:
-            q = queries.size(0)
-            empty = fp32(queries).new_zeros(q, 0)
-            return MemoryBatch(empty, torch.zeros(1, 0, dtype=torch.long, device=queries.device),
-                               torch.zeros(q, 0, dtype=torch.bool, device=queries.device))
-        scores = scaled_dot(queries, self.keys, scale)  # (Q, N)
+            return fp32(queries).new_zeros(queries.size(0), 0)
+        return scaled_dot(queries, self.keys, scale)
+
+    def slot_values(self, device=None) -> Tensor:
+        """(1, N) next-token value of every slot."""
+        if self.values is None:
+            return torch.zeros(1, 0, dtype=torch.long, device=device)
+        return self.values.unsqueeze(0)
+
+    def window(self, lo: Tensor, hi: Tensor) -> Tensor:
+        """(Q, N) bool: filled slots whose stream position lies in [lo[q], hi[q])."""
+        if self.positions is None:
+            return torch.zeros(lo.size(0), 0, dtype=torch.bool, device=lo.device)
         pos = self.positions.unsqueeze(0)  # (1, N)
-        mask = (pos >= 0) & (pos >= lo.unsqueeze(1)) & (pos < hi.unsqueeze(1))
-        return MemoryBatch(scores, self.values.unsqueeze(0), mask)
+        return (pos >= 0) & (pos >= lo.unsqueeze(1)) & (pos < hi.unsqueeze(1))

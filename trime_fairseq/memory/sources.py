@@ -12,7 +12,7 @@ visibility mask, all broadcastable to (..., Q, M) -- which
 """
 
 import math
-from typing import NamedTuple, Optional
+from typing import Iterable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -39,6 +39,18 @@ class MemoryBatch(NamedTuple):
         m = self.mask.size(-1)
         values = self.values.expand_as(self.mask)
         return MemoryBatch(self.scores.reshape(-1, m), values.reshape(-1, m), self.mask.reshape(-1, m))
+
+
+def concat_memory(parts: Iterable[MemoryBatch]) -> MemoryBatch:
+    """Concatenate flattened memory batches (Q, M_i) of the same queries along the entries: (Q, ΣM_i)."""
+    parts = list(parts)
+    if len(parts) == 1:
+        return parts[0]
+    return MemoryBatch(
+        torch.cat([p.scores for p in parts], -1),
+        torch.cat([p.values.expand_as(p.mask) for p in parts], -1),
+        torch.cat([p.mask for p in parts], -1),
+    )
 
 
 def scaled_dot(queries: Tensor, keys: Tensor, scale: float) -> Tensor:

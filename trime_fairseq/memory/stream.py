@@ -19,7 +19,11 @@ position is s and which starts with c context tokens (``--long-memory-size N``):
   N <= c adds nothing to a row with c context tokens.
 
 With ``--memory-reset document`` a position sees only entries of its own
-document (rule: :mod:`trime_fairseq.data.documents`), local memory included.
+document, local memory included. The rule (:mod:`trime_fairseq.data.documents`)
+reads inputs only: whether entry b starts a document depends on x_{b+1}, so the
+query at b is bounded by the latest start *before* it, and b's own start applies
+from b + 1 on. Entry values (next tokens) are read from the inputs too; the
+batch's targets are needed only to commit its last entry.
 
 :class:`EvalStream` owns the state (ring buffers, stream position, last sample
 id, current document start) and resets it explicitly; :class:`StreamBatch` is
@@ -34,19 +38,8 @@ import torch
 from torch import Tensor
 
 from trime_fairseq.memory.ring_buffer import RingBuffer
-from trime_fairseq.memory.sources import MemoryBatch, scaled_dot
 
 NO_LIMIT = -1  # a document lower bound that hides nothing (stream positions are >= 0)
-
-
-def concat_memory(parts: Iterable[MemoryBatch]) -> MemoryBatch:
-    """Concatenate flattened memory batches (Q, M_i) along the entries: (Q, ΣM_i)."""
-    parts = list(parts)
-    return MemoryBatch(
-        torch.cat([p.scores for p in parts], -1),
-        torch.cat([p.values.expand_as(p.mask) for p in parts], -1),
-        torch.cat([p.mask for p in parts], -1),
-    )
 
 
 class StreamBatch:
@@ -76,9 +69,11 @@ class StreamBatch:
         self.entry_of_flat[self.flat] = torch.arange(num, device=device)
         self.x = src_tokens.reshape(-1)[self.flat]  # (S,) input token of each entry
         self.x_prev = torch.cat([self.x.new_tensor([prev_src]), self.x[:-1]])  # (S,) x_{k-1}
+        # (S,) x_{k+1}: the value (next token) of every entry but the last, read from the inputs
+        self.x_next = torch.cat([self.x[1:], self.x.new_tensor([pad])])
         self.targets = torch.full((bsz * tsz,), pad, dtype=torch.long, device=device)  # filled as scored
         self.known = 0  # flat positions < known have their target
-        self.doc_start = doc_start  # document start in force before the batch
+        self.doc_start = doc_start  # the document bound of the batch's first entry
         self.committed = False
 
     @property
@@ -94,38 +89,40 @@ class StreamBatch:
         self.known = max(self.known, start + n)
 
     def values(self) -> Tensor:
-        """(S,) next token of every entry (pad where not known yet)."""
-        return self.targets[self.flat]
+        """(S,) next token of every entry; the last entry's is its target (pad until scored)."""
+        if self.size == 0:
+            return self.x_next
+        last = self.targets[self.flat[-1]]
+        return torch.cat([self.x_next[:-1], last.view(1)])
 
-    def entry_doc_starts(self, documents) -> Tensor:
-        """(S,) stream position of the document start in force at every entry."""
+    def query_doc_bounds(self, documents) -> Tensor:
+        """(S,) lowest stream position each entry, as a query, may see: the latest document
+        start strictly before it (inputs only: a start b is known once x_{b+1} is read)."""
         if documents is None:
             return torch.full_like(self.positions, NO_LIMIT)
-        known = self.flat < self.known
-        flags = documents.starts(self.x_prev, self.x, self.values()) & known
+        flags = documents.starts(self.x_prev, self.x, self.x_next)  # the last flag is never read here
         marks = torch.where(flags, self.positions, torch.full_like(self.positions, self.doc_start))
-        return torch.cummax(marks, 0).values if marks.numel() else marks
+        inclusive = torch.cummax(marks, 0).values if marks.numel() else marks
+        return torch.cat([marks.new_tensor([self.doc_start]), inclusive[:-1]]) if marks.numel() else marks
 
-    def query_bounds(self, flat_q: Tensor, size: int, documents):
-        """Windows of the queries at flat positions ``flat_q`` (n,): (doc_lo, lo, hi).
+    def next_doc_start(self, documents) -> int:
+        """The document bound of the entry after the batch (all entries and the last target known)."""
+        if documents is None or self.size == 0:
+            return self.doc_start
+        flags = documents.starts(self.x_prev, self.x, self.values())
+        hits = self.positions[flags]
+        return max(self.doc_start, int(hits.max())) if hits.numel() else self.doc_start
+
+    def query_bounds(self, entries: Tensor, size: int, documents):
+        """Windows of the queries at entry indices ``entries`` (n,): (doc_lo, lo, hi).
 
         doc_lo: lowest stream position of the query's document (NO_LIMIT without
-        resets); long memory = stream positions [lo, hi). Unscored positions
-        (context, padding) get an empty long memory and no document limit.
+        resets); long memory = stream positions [lo, hi).
         """
-        entry = self.entry_of_flat[flat_q]
-        scored = entry >= 0
-        doc = self.entry_doc_starts(documents)
-        doc_lo = torch.where(scored, doc[entry.clamp(min=0)] if doc.numel() else entry, NO_LIMIT)
-        row = flat_q // self.tsz
+        doc_lo = self.query_doc_bounds(documents)[entries]
+        row = self.flat[entries] // self.tsz
         lo = torch.maximum(self.first[row] - size, doc_lo)
-        hi = self.row_start[row]
-        return doc_lo, torch.where(scored, lo, 0), torch.where(scored, hi, 0)
-
-    def column_positions(self, flat_q: Tensor) -> Tensor:
-        """(n, T) stream position of every column of each query's row."""
-        row = flat_q // self.tsz
-        return self.row_start[row].unsqueeze(1) + torch.arange(self.tsz, device=flat_q.device).unsqueeze(0)
+        return doc_lo, lo, self.row_start[row]
 
 
 class EvalStream:
@@ -181,23 +178,14 @@ class EvalStream:
         self.pending = batch
         return batch
 
-    def long_memory(self, batch: StreamBatch, name: str, batch_keys: Tensor, queries: Tensor,
-                    lo: Tensor, hi: Tensor, scale: float) -> List[MemoryBatch]:
-        """Entries at stream positions [lo, hi) for queries (n, d): the ring buffer's
-        slots (n, N) and the batch's own entries (n, S), values (1, ·)."""
-        buffer = self.buffers.get(name)
-        if buffer is None:
+    def buffer(self, name: str) -> RingBuffer:
+        """The ring buffer of key kind ``name`` (g or f)."""
+        if name not in self.buffers:
             raise ValueError(
                 f"the stream memory keeps no '{name}' keys (it keeps {sorted(self.buffers)}); build the "
                 "EvalMemory with stream_keys naming every key kind it is asked to score with"
             )
-        parts = [buffer.search(queries, scale, lo, hi)]
-        if batch.size > 0:
-            keys = batch_keys.reshape(-1, batch_keys.size(-1))[batch.flat]  # (S, d)
-            pos = batch.positions.unsqueeze(0)
-            mask = (pos >= lo.unsqueeze(1)) & (pos < hi.unsqueeze(1))
-            parts.append(MemoryBatch(scaled_dot(queries, keys, scale), batch.values().unsqueeze(0), mask))
-        return parts
+        return self.buffers[name]
 
     def commit(self, batch: StreamBatch, keys: Dict[str, Tensor]) -> None:
         """Append the batch's entries (keys: name -> (B, T, d)) and move the stream on."""
@@ -208,11 +196,15 @@ class EvalStream:
         values = batch.values()
         if (values == self.pad).any():
             raise ValueError("long-term memory: a scored position has a padding target")
+        targets = batch.targets[batch.flat]
+        if not torch.equal(values, targets):
+            raise ValueError("long-term memory: the scored tokens are not one contiguous stream (a target differs "
+                             "from the next scored input); evaluate in fairseq-eval-lm's unshuffled order")
         for name, buffer in self.buffers.items():
             k = keys[name]
             buffer.append(k.reshape(-1, k.size(-1))[batch.flat], values, batch.positions)
         if batch.size > 0:
-            self.doc_start = int(batch.entry_doc_starts(self.documents)[-1].clamp(min=0))
+            self.doc_start = batch.next_doc_start(self.documents)
             self.last_src = int(batch.x[-1])
         self.position += batch.size
         self.last_id = batch.ids[-1]

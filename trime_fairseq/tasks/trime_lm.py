@@ -15,9 +15,12 @@ models that read them (``spalm``) accept the option, and they need it.
 """
 
 import inspect
+import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+import numpy as np
+from fairseq import utils
 from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
@@ -36,20 +39,12 @@ from trime_fairseq.data.neighbours import (
     token_blocks,
 )
 from trime_fairseq.data.stream import enable_stream_memory, reset_stream_memory
-from trime_fairseq.memory.eval_memory import MODES, MemoryOptions, attach_eval_memory, build_eval_memory
-from trime_fairseq.memory.keys import ensure_key_capture
+from trime_fairseq.memory.eval_memory import attach_eval_memory, build_eval_memory
+from trime_fairseq.memory.keys import ensure_key_capture, require_keys
+from trime_fairseq.memory.options import MODES, OPTIONS_OF_MODE, MemoryOptions
 
 _BATCH_ITERATOR_SIGNATURE = inspect.signature(LanguageModelingTask.get_batch_iterator)
-_LONG = {"long_memory_size", "memory_reset"}
-_CACHE = {"cache_lambda", "cache_theta", "cache_size"}
-_KNN = {"datastore", "knn_k", "knn_temperature", "knn_lambda", "knn_nprobe", "knn_rescore", "knn_gpu"}
-_OPTIONS_OF_MODE = {
-    "none": set(),
-    "trime": {"memory_temperature"} | _LONG,
-    "cache": _CACHE | _LONG,
-    "knn": _KNN | _CACHE | _LONG,
-    "trime_ext": {"memory_temperature"} | _KNN | _LONG,
-}
+_MEMORY_FLAGS = sorted(set().union(*OPTIONS_OF_MODE.values()))
 
 
 @dataclass
@@ -89,11 +84,16 @@ class TrimeLMConfig(LanguageModelingConfig):
         default=None, metadata={"help": "knn / trime_ext: K entries retrieved per scored token (default 1024)"}
     )
     knn_temperature: Optional[float] = field(
-        default=None,
-        metadata={"help": "knn: T, p_kNN ∝ exp(score / T); trime_ext: τ' of Eq. 7 (default 1.0)"},
+        default=None, metadata={"help": "knn: T, p_kNN ∝ exp(score / T) (default 1.0)"},
     )
     knn_lambda: Optional[float] = field(
-        default=None, metadata={"help": "knn / trime_ext: λ of the kNN interpolation, Eq. 8 (default 0.25)"}
+        default=None, metadata={"help": "knn: λ, (1-λ) p_LM + λ p_kNN (default 0.25)"}
+    )
+    interpolation_temperature: Optional[float] = field(
+        default=None, metadata={"help": "trime_ext: τ' of Eq. 7, P' ∝ Σ exp(g·g_j / (√d τ')) (default 1.0)"},
+    )
+    interpolation_lambda: Optional[float] = field(
+        default=None, metadata={"help": "trime_ext: λ of Eq. 8, (1-λ) P + λ P' (default 0.25)"}
     )
     knn_nprobe: Optional[int] = field(
         default=None, metadata={"help": "knn / trime_ext: inverted lists probed (default: the datastore's)"}
@@ -141,40 +141,12 @@ class TrimeLMConfig(LanguageModelingConfig):
 
 
 def memory_options(cfg) -> MemoryOptions:
-    """MemoryOptions from a task config; options that the mode does not use are an error."""
+    """MemoryOptions from a task config: the flags set (not None / False) are validated by
+    :meth:`MemoryOptions.from_flags` (a flag the mode does not use is an error)."""
     mode = str(getattr(cfg, "eval_memory", "none"))
-    if mode not in _OPTIONS_OF_MODE:
-        raise ValueError(f"unknown --eval-memory '{mode}', choose one of {MODES}")
-    given = {  # flags left at None (or False) were not given
-        name for names in _OPTIONS_OF_MODE.values() for name in names
-        if getattr(cfg, name, None) is not None and getattr(cfg, name, None) is not False
-    }
-    unused = sorted(given - _OPTIONS_OF_MODE[mode])
-    if unused:
-        flags = ", ".join("--" + name.replace("_", "-") for name in unused)
-        raise ValueError(f"{flags} has no effect with --eval-memory {mode}")
-    defaults = MemoryOptions()
-
-    def pick(name, default):
-        value = getattr(cfg, name, None)
-        return default if value is None else value
-
-    return MemoryOptions(
-        mode=mode,
-        temperature=pick("memory_temperature", defaults.temperature),
-        cache_lambda=getattr(cfg, "cache_lambda", None),
-        cache_theta=pick("cache_theta", defaults.cache_theta),
-        cache_size=pick("cache_size", defaults.cache_size),
-        long_memory_size=pick("long_memory_size", defaults.long_memory_size),
-        memory_reset=pick("memory_reset", defaults.memory_reset),
-        datastore=getattr(cfg, "datastore", None),
-        knn_k=pick("knn_k", defaults.knn_k),
-        knn_temperature=pick("knn_temperature", defaults.knn_temperature),
-        knn_lambda=pick("knn_lambda", defaults.knn_lambda),
-        knn_nprobe=getattr(cfg, "knn_nprobe", None),
-        knn_rescore=bool(getattr(cfg, "knn_rescore", False)),
-        knn_gpu=bool(getattr(cfg, "knn_gpu", False)),
-    )
+    given = {name: getattr(cfg, name) for name in _MEMORY_FLAGS
+             if getattr(cfg, name, None) is not None and getattr(cfg, name, None) is not False}
+    return MemoryOptions.from_flags(mode, given)
 
 
 @register_task("trime_lm", dataclass=TrimeLMConfig)
@@ -189,13 +161,6 @@ class TrimeLMTask(LanguageModelingTask):
         neighbours = getattr(args, "neighbours", None)
         self.neighbour_folder = NeighbourFolder(neighbours, dictionary) if neighbours else None
 
-    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
-        super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
-        if self.neighbour_folder is not None:
-            dataset = self.datasets[split]
-            found = self.neighbour_folder.open(split, int(token_blocks(dataset).sizes.sum()))
-            self.datasets[split] = NeighbourDataset(dataset, found, self.source_dictionary.pad())
-
     def get_batch_iterator(self, dataset, *args, **kwargs):
         batching = BATCHINGS.get(self.args.batching)
         if batching is None:
@@ -207,7 +172,33 @@ class TrimeLMTask(LanguageModelingTask):
         options = {k: v for k, v in call.arguments.items() if k not in ("self", "dataset")}
         return batching(self, dataset, **options)
 
+    def load_dataset(self, split: str, epoch=1, combine=False, **kwargs):
+        """fairseq's split, refused with the file named when it holds no tokens (fairseq would
+        fail inside numpy's mmap of an empty file, or train on nothing)."""
+        paths = utils.split_paths(self.args.data)
+        if not paths:
+            raise ValueError("--data / task.data is empty")
+        prefix = os.path.join(paths[(epoch - 1) % len(paths)], split)
+        if os.path.isfile(prefix + ".bin") and os.path.getsize(prefix + ".bin") == 0:
+            raise ValueError(f"split '{split}' is empty: {prefix}.bin holds no tokens (binarize a non-empty text)")
+        super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
+        sizes = getattr(self.datasets[split], "sizes", None)
+        if sizes is not None and int(np.sum(sizes)) == 0:
+            raise ValueError(f"split '{split}' is empty: {prefix}.bin holds no tokens")
+        if self.neighbour_folder is not None:  # SPALM: every target's precomputed neighbours join its item
+            dataset = self.datasets[split]
+            found = self.neighbour_folder.open(split, int(token_blocks(dataset).sizes.sum()))
+            self.datasets[split] = NeighbourDataset(dataset, found, self.source_dictionary.pad())
+
     def eval_lm_dataloader(self, dataset, *args, context_window: int = 0, **kwargs):
+        options = self.trime_memory_options
+        if options.long_memory_size > 0:
+            tokens = int(np.sum(dataset.sizes))
+            if options.long_memory_size > tokens:
+                raise ValueError(
+                    f"--long-memory-size {options.long_memory_size} exceeds the {tokens} tokens of the evaluated "
+                    f"split: the memory could never hold more; use --long-memory-size <= {tokens}"
+                )
         if self.trime_memory_options.uses_stream and context_window == 0:
             dataset = StreamOrderDataset(dataset)  # the stream memory needs the blocks in order
         if context_window > 0 and carries_neighbours(dataset):
@@ -227,13 +218,15 @@ class TrimeLMTask(LanguageModelingTask):
         if self.neighbour_folder is not None and not reads_neighbours:
             raise ValueError(f"--neighbours feeds SPALM models (--arch spalm_*); {type(model).__name__} does not "
                              "read them")
-        ensure_key_capture(model)
+        ensure_key_capture(model)  # g where the decoder has one, f always
         # recurrent-memory models carry memory across batches only in stream order
         enable_stream_memory(model, self.args.batching == "stream")
         if self.trime_memory_options.mode != "none":
             options, dictionary = self.trime_memory_options, self.target_dictionary
             documents = DocumentBoundaries.from_dictionary(dictionary) if options.memory_reset == "document" else None
-            attach_eval_memory(model, build_eval_memory(options, dictionary, documents=documents))
+            memory = build_eval_memory(options, dictionary, documents=documents)
+            require_keys(model, memory.key_names(), f"--eval-memory {options.mode}")
+            attach_eval_memory(model, memory)
         return model
 
     def begin_epoch(self, epoch, model):
