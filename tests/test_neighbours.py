@@ -11,7 +11,8 @@ import pytest
 from conftest import PYTHON, ROOT, perplexity, run_cli
 from test_datastore import _build, _data
 from trime_fairseq.cli import build_datastore, neighbours
-from trime_fairseq.data.neighbours import NeighbourError, NeighbourFile, NeighbourWriter, input_document_ids
+from trime_fairseq.data.documents import DocumentBoundaries
+from trime_fairseq.data.neighbours import NeighbourError, NeighbourFile, NeighbourWriter, document_labels
 from trime_fairseq.memory.datastore import Datastore, Exclusion
 
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -42,6 +43,10 @@ def test_search_excluding_own_entry_or_document_equals_brute_force(tmp_path):
     assert (plain[:, 0] == positions).all()  # without exclusion a position retrieves itself
     _, doc = store.search_ids(queries, 6, exclude=Exclusion.same_label(documents, documents))
     np.testing.assert_array_equal(doc, brute_force(queries, keys, 6, documents[:, None] == documents[None]))
+    shifted = np.maximum(documents - (positions % 50 == 0), 0)  # the first entry of a document queries as the last
+    _, both = store.search_ids(queries, 6, exclude=Exclusion.own_entry(positions, shifted, documents))
+    hidden = (shifted[:, None] == documents[None]) | (positions[:, None] == positions[None])
+    np.testing.assert_array_equal(both, brute_force(queries, keys, 6, hidden))
     # a label of -1 hides nothing; a document that hides almost everything leaves the rest, then -1
     labels = np.where(positions < 10, 0, 1)
     scores, few = store.search_ids(queries[:3], 20, exclude=Exclusion.same_label(np.array([1, -1, 0]), labels))
@@ -67,19 +72,21 @@ def test_ivf_search_refetches_rows_left_short(tmp_path):
 # -- documents from inputs ---------------------------------------------------------------------------
 
 
-def test_documents_are_decided_from_inputs_only():
+def test_a_query_document_never_depends_on_its_target_or_later_tokens():
     eos, heading, a, b = 2, 9, 5, 6
+    rule = DocumentBoundaries(eos=eos, heading=heading)
     # stream: "= T =" eos "a b" eos "= = S = =" eos "a" eos "= T =" eos "b"
     tokens = np.array([heading, a, heading, eos, a, b, eos, heading, heading, b, heading, heading, eos, a, eos,
                        heading, b, heading, eos, b])
-    docs = input_document_ids(tokens, eos, heading)
-    # position t reads x_t = tokens[t-1] (x_0 = eos): positions 2 and 17 read the first title word after
-    # "eos =" and start documents; the section heading (x_8, x_9 = "= =") does not
-    np.testing.assert_array_equal(docs, [0] * 2 + [1] * 15 + [2] * 3)
-    for t in range(len(tokens)):  # a position's document never depends on its target or later tokens
+    query, entry = document_labels(tokens, rule)
+    # entries 1 and 16 read an opening "=" followed by a title word: they start documents (the section
+    # heading at 7-8 does not); as queries, positions 1 and 16 still belong to the previous document
+    np.testing.assert_array_equal(entry, [0] + [1] * 15 + [2] * 4)
+    np.testing.assert_array_equal(query, [0] * 2 + [1] * 15 + [2] * 3)
+    for t in range(len(tokens)):  # change the target of t and everything after it
         changed = tokens.copy()
         changed[t:] = np.where(changed[t:] == heading, a, heading)
-        np.testing.assert_array_equal(input_document_ids(changed, eos, heading)[: t + 1], docs[: t + 1])
+        np.testing.assert_array_equal(document_labels(changed, rule)[0][: t + 1], query[: t + 1])
 
 
 # -- neighbour files -----------------------------------------------------------------------------------
@@ -162,8 +169,8 @@ def test_training_positions_never_retrieve_their_entry_or_document(pipeline, wik
     tmp, _ = pipeline
     d = Dictionary.load(str(wikitext2_bin / "dict.txt"))
     store = Datastore.load(tmp / "dstore")
-    docs = input_document_ids(np.asarray(store.values), d.eos(), d.index("="))
-    assert docs[-1] >= 3  # the slice's valid split holds several articles
+    query_docs, entry_docs = document_labels(np.asarray(store.values), DocumentBoundaries.from_dictionary(d))
+    assert entry_docs[-1] >= 3  # the slice's valid split holds several articles
     positions = np.arange(store.size)
     by_doc = NeighbourFile.load(tmp / "nb" / "valid", "valid", d, store.size, store.fingerprint)
     by_self = NeighbourFile.load(tmp / "nb_self" / "valid", "valid", d, store.size, store.fingerprint)
@@ -176,15 +183,15 @@ def test_training_positions_never_retrieve_their_entry_or_document(pipeline, wik
         assert not (ids == positions[:, None]).any()
         np.testing.assert_array_equal(np.asarray(found.values)[valid], np.asarray(store.values)[ids[valid]])
         assert (np.diff(np.where(valid, found.scores, -np.inf), axis=1) <= 1e-5).all()  # best first
-    same_doc = lambda f: valid_same_doc(np.asarray(f.ids), docs)  # noqa: E731
+    same_doc = lambda f: valid_same_doc(np.asarray(f.ids), query_docs, entry_docs)  # noqa: E731
     assert not same_doc(by_doc).any()
     assert same_doc(by_self).mean() > 0.2  # what document exclusion removes: the position's own article
     test = NeighbourFile.load(tmp / "nb" / "test", "test", d, expect_datastore=store.fingerprint)
     assert test.meta["exclude"] == "none" and (np.asarray(test.ids) >= 0).all()
 
 
-def valid_same_doc(ids, docs):
-    return (ids >= 0) & (docs[np.where(ids >= 0, ids, 0)] == docs[:, None])
+def valid_same_doc(ids, query_docs, entry_docs):
+    return (ids >= 0) & (entry_docs[np.where(ids >= 0, ids, 0)] == query_docs[:, None])
 
 
 def test_resumed_neighbours_equal_an_uninterrupted_run(pipeline, tmp_path, monkeypatch):

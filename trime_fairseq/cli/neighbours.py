@@ -35,7 +35,7 @@ import torch
 from trime_fairseq.checksums import dictionary_checksum, model_checksum
 from trime_fairseq.cli.build_datastore import load_lm, scored_keys
 from trime_fairseq.data.documents import DocumentBoundaries
-from trime_fairseq.data.neighbours import EXCLUSIONS, NeighbourError, NeighbourWriter, input_document_ids
+from trime_fairseq.data.neighbours import EXCLUSIONS, NeighbourError, NeighbourWriter, document_labels
 from trime_fairseq.memory.datastore import Datastore, Exclusion, read_metadata
 
 logger = logging.getLogger("trime_fairseq.cli.neighbours")
@@ -131,14 +131,14 @@ def main(args) -> dict:
     if own_split and size != store.size:
         raise NeighbourError(f"split '{args.gen_subset}' has {size} tokens but the datastore built from it holds "
                              f"{store.size} entries")
-    documents = None
+    query_docs = entry_docs = None
     if exclude == "document":
         boundaries = DocumentBoundaries.from_dictionary(dictionary, required=False)
         if boundaries is None:
             raise NeighbourError("documents are found from WikiText's ' = Title = ' headings but the dictionary has "
                                  "no '=': pass --neighbour-exclude self")
-        documents = input_document_ids(np.asarray(store.values), boundaries.eos, boundaries.heading)
-        logger.info(f"{documents[-1] + 1} documents in '{args.gen_subset}' (WikiText headings, from inputs)")
+        query_docs, entry_docs = document_labels(np.asarray(store.values), boundaries)
+        logger.info(f"{entry_docs[-1] + 1} documents in '{args.gen_subset}' (WikiText headings)")
 
     meta = dict(
         split=args.gen_subset, data=os.path.abspath(args.data),
@@ -170,7 +170,7 @@ def main(args) -> dict:
         if exclude == "self":
             exclusion = Exclusion.own_entry(positions)
         elif exclude == "document":
-            exclusion = Exclusion.same_label(documents[positions], documents)
+            exclusion = Exclusion.own_entry(positions, query_docs[positions], entry_docs)
         t = time.time()
         scores, ids = store.search_ids(keys, args.k, exclude=exclusion)
         search_seconds += time.time() - t

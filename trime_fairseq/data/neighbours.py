@@ -25,15 +25,14 @@ each block's targets to fairseq's language-modeling items and batches --
 receives them; :class:`NeighbourContextWindowDataset` keeps them aligned with the
 targets under ``fairseq-eval-lm --context-window``.
 
-Documents (own-document exclusion on the training split) are decided from
-input tokens only, see :func:`input_document_ids`.
+Documents (own-document exclusion on the training split): :func:`document_labels`.
 """
 
 import json
 import os
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -61,32 +60,24 @@ class NeighbourError(ValueError):
     pass
 
 
-# -- documents from inputs -----------------------------------------------------------------------
+# -- documents ----------------------------------------------------------------------------------
 
-def input_document_ids(tokens: np.ndarray, eos: int, heading: int) -> np.ndarray:
-    """(N,) int64 document index of every stream position, decided from its *inputs* only.
+def document_labels(tokens: np.ndarray, boundaries) -> Tuple[np.ndarray, np.ndarray]:
+    """(query documents (N,), entry documents (N,)) int64 of the positions of a token stream.
 
-    Position t has input x_t = tokens[t-1] (eos for t = 0) and target tokens[t]. A
-    WikiText document opens with a level-1 heading line `` = Title = `` (sections are
-    `` = = Section = = ``), so a line that starts with ``=`` is a document heading once
-    the token after that ``=`` is not ``=``: position t starts a document iff
-    x_{t-2} = eos, x_{t-1} = "=" and x_t != "=". The position that reads the opening
-    ``=`` (and predicts the title's first word) therefore still belongs to the previous
-    document -- nothing about a position depends on its own target. Position 0 starts
-    document 0.
+    The document rule is :class:`~trime_fairseq.data.documents.DocumentBoundaries`': entry b
+    (input x_b, target x_{b+1}) starts a document iff x_{b-1} = eos, x_b = "=", x_{b+1} != "="
+    -- entry b, which reads the heading's opening "=", is the new document's first *entry*.
+    Whether b starts a document depends on its target, so as a *query* a position only uses
+    the starts strictly before it: position b still queries as the previous document, b + 1
+    on as the new one. A query's document therefore never depends on its own target or
+    later tokens; the own-document exclusion also hides the query's own entry separately.
     """
-    tokens = np.asarray(tokens)
-    n = len(tokens)
-    x = np.empty(n, dtype=np.int64)  # inputs
-    if n:
-        x[0] = eos
-        x[1:] = tokens[:-1]
-    starts = np.zeros(n, dtype=bool)
-    if n > 2:
-        starts[2:] = (x[:-2] == eos) & (x[1:-1] == heading) & (x[2:] != heading)
-    if n:
-        starts[0] = True
-    return np.cumsum(starts) - 1
+    starts = boundaries.starts_in_tokens(np.asarray(tokens))
+    positions = np.arange(len(tokens))
+    entry = np.searchsorted(starts, positions, side="right") - 1
+    query = np.maximum(np.searchsorted(starts, positions, side="left") - 1, 0)
+    return query.astype(np.int64), entry.astype(np.int64)
 
 
 # -- writing -------------------------------------------------------------------------------------

@@ -347,44 +347,61 @@ def _read_index(path: Path):
 
 @dataclass(frozen=True)
 class Exclusion:
-    """Entries a search must not return: entry i is hidden from query q iff
-    ``entry_labels[i] == query_labels[q]``.
+    """Entries a search must not return, per query: its own entry and / or every entry with its label.
 
-    * own entry (SPALM's training split, ``self``): ``entry_labels=None`` labels every
-      entry with its id, ``query_labels`` holds the query's own entry id;
-    * own document (``document``): ``entry_labels`` = document id of every entry,
-      ``query_labels`` = the query's document.
+    * ``own_ids`` (Q,): entry q of the datastore is query q's own (SPALM's training
+      split: entry ids are stream positions); -1: none;
+    * ``query_labels`` (Q,) and ``entry_labels`` (N,): entry i is hidden from query q
+      iff ``entry_labels[i] == query_labels[q]`` (the query's document); a query
+      label of -1 hides nothing.
 
-    A query label of -1 hides nothing. ``max_hidden`` (at most this many entries are
-    hidden per query: 1 for own-entry exclusion) sizes the first over-fetch; None: unknown.
+    ``max_hidden`` (at most this many entries are hidden per query: 1 for own-entry
+    exclusion alone) sizes the first over-fetch; None: unknown.
     """
 
-    query_labels: np.ndarray  # (Q,) int64
-    entry_labels: Optional[np.ndarray] = None  # (N,) int64, None: the entry id
+    own_ids: Optional[np.ndarray] = None  # (Q,) int64
+    query_labels: Optional[np.ndarray] = None  # (Q,) int64
+    entry_labels: Optional[np.ndarray] = None  # (N,)
+
+    def __post_init__(self):
+        if (self.query_labels is None) != (self.entry_labels is None):
+            raise ValueError("label exclusion needs both the queries' and the entries' labels")
+        if self.own_ids is None and self.query_labels is None:
+            raise ValueError("an exclusion needs own entry ids or labels")
 
     @classmethod
-    def own_entry(cls, entry_ids) -> "Exclusion":
-        return cls(np.asarray(entry_ids, dtype=np.int64))
+    def own_entry(cls, entry_ids, query_labels=None, entry_labels=None) -> "Exclusion":
+        """Each query's own entry (``entry_ids``), and with labels every entry sharing its label."""
+        return cls(np.asarray(entry_ids, dtype=np.int64),
+                   None if query_labels is None else np.asarray(query_labels, dtype=np.int64),
+                   None if entry_labels is None else np.asarray(entry_labels))
 
     @classmethod
     def same_label(cls, query_labels, entry_labels) -> "Exclusion":
-        return cls(np.asarray(query_labels, dtype=np.int64), np.asarray(entry_labels))
+        return cls(None, np.asarray(query_labels, dtype=np.int64), np.asarray(entry_labels))
 
     @property
     def max_hidden(self) -> Optional[int]:
-        return 1 if self.entry_labels is None else None
+        return 1 if self.query_labels is None else None
 
     def check(self, num_queries: int, num_entries: int) -> None:
-        if self.query_labels.shape != (num_queries,):
-            raise ValueError(f"exclusion labels {self.query_labels.shape} do not match {num_queries} queries")
+        for name in ("own_ids", "query_labels"):
+            value = getattr(self, name)
+            if value is not None and value.shape != (num_queries,):
+                raise ValueError(f"exclusion {name} {value.shape} do not match {num_queries} queries")
         if self.entry_labels is not None and self.entry_labels.shape != (num_entries,):
             raise ValueError(f"exclusion has {self.entry_labels.shape} entry labels for a datastore of {num_entries}")
 
     def hidden(self, rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """(R, F) bool: hit ``ids[r, f]`` of query ``rows[r]`` is excluded (ids -1 never are)."""
-        mine = self.query_labels[rows][:, None]  # (R, 1)
-        labels = ids if self.entry_labels is None else self.entry_labels[np.where(ids >= 0, ids, 0)]
-        return (ids >= 0) & (mine >= 0) & (labels == mine)
+        found = ids >= 0
+        out = np.zeros(ids.shape, dtype=bool)
+        if self.own_ids is not None:
+            out |= ids == self.own_ids[rows][:, None]
+        if self.query_labels is not None:
+            mine = self.query_labels[rows][:, None]  # (R, 1)
+            out |= (mine >= 0) & (self.entry_labels[np.where(found, ids, 0)] == mine)
+        return found & out
 
 
 # -- reading --------------------------------------------------------------------------------------
