@@ -238,6 +238,28 @@ def test_spalm_trains_and_evaluates_through_the_clis(pipeline, wikitext2_bin):
                         "--path", tmp / "spalm" / "checkpoint_last.pt", "--gen-subset", "test", "--cpu",
                         "--num-workers", "0", "--neighbours", tmp / "nb", *extra], env=ENV)
 
-    stream = perplexity(eval_lm("--batching", "stream", "--tokens-per-sample", "32", "--batch-size", "8"))
+    stream_args = ["--batching", "stream", "--tokens-per-sample", "32", "--batch-size", "8"]
+    stream = perplexity(eval_lm(*stream_args))
     window = perplexity(eval_lm("--tokens-per-sample", "64", "--context-window", "32", "--batch-size", "8"))
     assert 1 < stream < 5000 and 1 < window < 5000, (stream, window)
+
+    # SPALM + kNN: tuned on one pass by trime-tune, then fairseq-eval-lm reports the same number
+    tuned = run_cli(["trime-tune", wikitext2_bin, "--user-dir", "trime_fairseq", "--task", "trime_lm", "--path",
+                     tmp / "spalm" / "checkpoint_last.pt", "--gen-subset", "test", "--cpu", "--no-progress-bar",
+                     "--neighbours", tmp / "nb", *stream_args, "--eval-memory", "neighbour_knn",
+                     "--knn-temperatures", "1,4", "--knn-lambdas", "0.25,0.5", "--widen-edges", "0"], env=ENV)
+    best = re.search(r"best: (.*)  \(test perplexity ([0-9.]+); without memory ([0-9.]+)\)", tuned)
+    assert best, tuned[-3000:]
+    assert float(best.group(3)) == pytest.approx(stream, rel=1e-3)
+    spalm_knn = perplexity(eval_lm(*stream_args, *best.group(1).split(), "--softmax-batch", "100"))
+    assert spalm_knn == pytest.approx(float(best.group(2)), rel=1e-3) and spalm_knn != stream
+
+    # kNN-LM over the same neighbours with a model that does not read them (here the vanilla LM)
+    def vanilla(*extra):
+        return perplexity(run_cli(["fairseq-eval-lm", wikitext2_bin, "--user-dir", "trime_fairseq", "--task",
+                                   "trime_lm", "--path", tmp / "vanilla" / "checkpoint_last.pt", "--gen-subset",
+                                   "test", "--cpu", "--tokens-per-sample", "64", "--context-window", "32",
+                                   "--batch-size", "8", *extra], env=ENV))
+
+    knn = vanilla("--neighbours", tmp / "nb", "--eval-memory", "neighbour_knn", "--knn-lambda", "0.5")
+    assert 1 < knn < 5000 and knn != vanilla()

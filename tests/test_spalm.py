@@ -342,3 +342,53 @@ def test_task_refuses_neighbours_without_spalm_and_spalm_without_neighbours(slic
         plain.build_model(argparse.Namespace(arch="spalm_wikitext2_small"))
     model = make().build_model(argparse.Namespace(arch="spalm_wikitext2_small"))
     assert isinstance(model, SpalmModel) and model.decoder.spalm_k == 4
+
+
+# -- SPALM + kNN: the neighbours as an evaluation memory part ---------------------------------------
+
+
+@pytest.mark.parametrize("reads_neighbours", [True, False])
+def test_neighbour_knn_interpolates_with_the_neighbours_the_model_used(reads_neighbours):
+    """SPALM + kNN: (1 − λ)·p_SPALM + λ·p_kNN, p_kNN ∝ Σ_k exp(score_k / T) over the model's k neighbours;
+    a model that reads none (Transformer-XL) interpolates with all the batch's neighbours (kNN-LM)."""
+    from trime_fairseq.memory.eval_memory import EvalMemory, attach_eval_memory
+    from trime_fairseq.memory.options import MemoryOptions
+    from trime_fairseq.models.transformer_xl import TrimeTransformerXLModel
+
+    decoder = spalm(spalm_k=3) if reads_neighbours else tiny(TransformerXLDecoder, share_decoder_input_output_embed=True)
+    model = (SpalmModel if reads_neighbours else TrimeTransformerXLModel)(decoder).eval()
+    toks = tokens(2, 6)
+    target = tokens(2, 6, seed=9)
+    target[1, 4:] = PAD
+    nb = neighbours_for(toks, k=4)
+    nb[0, 0, :2] = target[0, 0]  # the target among the neighbours
+    scores = torch.randn(nb.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 3
+    sample = {"net_input": {"src_tokens": toks, NEIGHBOUR_TOKENS: nb, NEIGHBOUR_SCORES: scores}, "target": target}
+    options = MemoryOptions("neighbour_knn", knn_temperature=2.0, knn_lambda=0.3)
+    memory = EvalMemory(options, PAD)
+    attach_eval_memory(model, memory)
+    out = model(**sample["net_input"])
+    log_probs = model.get_normalized_probs(out, log_probs=True, sample=sample)  # (B, T, V)
+    plain = torch.log_softmax(out[0].double(), -1)
+    used = 3 if reads_neighbours else 4
+    for b in range(2):
+        for t in range(6):
+            if target[b, t] == PAD:
+                torch.testing.assert_close(log_probs[b, t].double(), plain[b, t])  # not scored: no memory work
+                continue
+            visible = [(int(w), float(s)) for w, s in zip(nb[b, t, :used], scores[b, t, :used]) if int(w) != PAD]
+            expected = plain[b, t].exp()
+            if visible:
+                total = sum(np.exp(s / 2.0) for _, s in visible)
+                q = torch.zeros(VOCAB, dtype=torch.float64)
+                for w, s in visible:
+                    q[w] += np.exp(s / 2.0) / total
+                expected = 0.7 * expected + 0.3 * q
+            torch.testing.assert_close(log_probs[b, t].double().exp(), expected, atol=1e-6, rtol=1e-5)
+    at_target = memory.target_log_probs(model.decoder, out, sample, options)
+    scored = target.ne(PAD)
+    torch.testing.assert_close(at_target[scored].double(),
+                               log_probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)[scored].double())
+    with pytest.raises(ValueError, match="neighbours"):
+        memory.log_probs(model.decoder, model(toks, neighbour_tokens=nb) if reads_neighbours else model(toks),
+                         {"net_input": {"src_tokens": toks}, "target": target})

@@ -138,15 +138,13 @@ def get_keys(net_output, name: str = TRIME_KEY) -> Tensor:
     return extra[name]
 
 
-def get_neighbours(net_output, pad: int) -> MemoryBatch:
-    """The precomputed neighbours a SPALM model used, as raw-score memory entries:
-    scores (B, T, K) float32 (the datastore's), values (B, T, K), mask (B, T, K) bool."""
-    extra = net_output[1] if len(net_output) > 1 else None
-    if not isinstance(extra, dict) or extra.get(NEIGHBOUR_TOKENS) is None:
-        raise ValueError(
-            "the model output carries no precomputed neighbours: memory over neighbours needs a SPALM model "
-            "fed with --neighbours"
-        )
-    values, scores = extra[NEIGHBOUR_TOKENS], extra[NEIGHBOUR_SCORES]
+def get_neighbours(source: dict, pad: int) -> MemoryBatch:
+    """Precomputed neighbours as raw-score memory entries: scores (B, T, K) float32 (the datastore's),
+    values (B, T, K), mask (B, T, K) bool. ``source``: the ``extra`` of a SPALM output (the k it
+    used) or a batch's ``net_input`` (all K of the neighbour file)."""
+    if not isinstance(source, dict) or source.get(NEIGHBOUR_TOKENS) is None or source.get(NEIGHBOUR_SCORES) is None:
+        raise ValueError("the batch carries no precomputed neighbours (tokens and scores): memory over neighbours "
+                         "needs --task trime_lm --neighbours DIR (written by trime-neighbours)")
+    values, scores = source[NEIGHBOUR_TOKENS], source[NEIGHBOUR_SCORES]
     mask = values.ne(pad)
     return MemoryBatch(scores.float().masked_fill(~mask, float("-inf")), torch.where(mask, values, 0), mask)

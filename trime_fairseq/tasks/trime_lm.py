@@ -40,7 +40,7 @@ from trime_fairseq.data.neighbours import (
 )
 from trime_fairseq.data.stream import enable_stream_memory, reset_stream_memory
 from trime_fairseq.memory.eval_memory import attach_eval_memory, build_eval_memory
-from trime_fairseq.memory.keys import ensure_key_capture, require_keys
+from trime_fairseq.memory.keys import NEIGHBOUR_SCORES, NEIGHBOUR_TOKENS, ensure_key_capture, require_keys
 from trime_fairseq.memory.options import MODES, OPTIONS_OF_MODE, MemoryOptions
 
 _BATCH_ITERATOR_SIGNATURE = inspect.signature(LanguageModelingTask.get_batch_iterator)
@@ -60,7 +60,8 @@ class TrimeLMConfig(LanguageModelingConfig):
             "help": "evaluation memory: none (plain LM), trime (Eq. 6 joint softmax over "
             "vocabulary and memory), cache (continuous cache interpolation), knn (kNN-LM over --datastore, "
             "plus a cache with --cache-lambda), trime_ext (TRIMELM_ext: datastore entries join Eq. 6, then "
-            "Eq. 7-8 interpolation)"
+            "Eq. 7-8 interpolation), neighbour_knn (kNN-LM over the precomputed --neighbours of each position: "
+            "SPALM + kNN, or kNN-LM over SPALM's neighbours with another model)"
         },
     )
     memory_temperature: Optional[float] = field(
@@ -84,10 +85,10 @@ class TrimeLMConfig(LanguageModelingConfig):
         default=None, metadata={"help": "knn / trime_ext: K entries retrieved per scored token (default 1024)"}
     )
     knn_temperature: Optional[float] = field(
-        default=None, metadata={"help": "knn: T, p_kNN ∝ exp(score / T) (default 1.0)"},
+        default=None, metadata={"help": "knn, neighbour_knn: T, p_kNN ∝ exp(score / T) (default 1.0)"},
     )
     knn_lambda: Optional[float] = field(
-        default=None, metadata={"help": "knn: λ, (1-λ) p_LM + λ p_kNN (default 0.25)"}
+        default=None, metadata={"help": "knn, neighbour_knn: λ, (1-λ) p_LM + λ p_kNN (default 0.25)"}
     )
     interpolation_temperature: Optional[float] = field(
         default=None, metadata={"help": "trime_ext: τ' of Eq. 7, P' ∝ Σ exp(g·g_j / (√d τ')) (default 1.0)"},
@@ -149,6 +150,19 @@ def memory_options(cfg) -> MemoryOptions:
     return MemoryOptions.from_flags(mode, given)
 
 
+def _withhold_neighbours(model) -> None:
+    """Call this model instance without the batch's neighbour fields (a decoder that reads none may refuse
+    unknown arguments); the batch keeps them for the evaluation memory."""
+    forward = model.forward
+
+    def without_neighbours(*args, **kwargs):
+        kwargs.pop(NEIGHBOUR_TOKENS, None)
+        kwargs.pop(NEIGHBOUR_SCORES, None)
+        return forward(*args, **kwargs)
+
+    model.forward = without_neighbours
+
+
 @register_task("trime_lm", dataclass=TrimeLMConfig)
 class TrimeLMTask(LanguageModelingTask):
     def __init__(self, args, dictionary, output_dictionary=None, targets=None):
@@ -160,6 +174,9 @@ class TrimeLMTask(LanguageModelingTask):
         validate_bm25_options(args)
         neighbours = getattr(args, "neighbours", None)
         self.neighbour_folder = NeighbourFolder(neighbours, dictionary) if neighbours else None
+        if self.trime_memory_options.uses_neighbours and self.neighbour_folder is None:
+            raise ValueError("--eval-memory neighbour_knn interpolates with the precomputed neighbours of every "
+                             "position: pass --neighbours DIR (written by trime-neighbours)")
 
     def get_batch_iterator(self, dataset, *args, **kwargs):
         batching = BATCHINGS.get(self.args.batching)
@@ -215,9 +232,12 @@ class TrimeLMTask(LanguageModelingTask):
         if reads_neighbours and self.neighbour_folder is None:
             raise ValueError(f"{type(model).__name__} reads precomputed neighbours: pass --neighbours DIR "
                              "(written by trime-neighbours)")
+        uses_neighbours = self.trime_memory_options.uses_neighbours
+        if self.neighbour_folder is not None and not reads_neighbours and not uses_neighbours:
+            raise ValueError(f"--neighbours feeds SPALM models (--arch spalm_*) and --eval-memory neighbour_knn; "
+                             f"{type(model).__name__} reads no neighbours and the evaluation memory uses none")
         if self.neighbour_folder is not None and not reads_neighbours:
-            raise ValueError(f"--neighbours feeds SPALM models (--arch spalm_*); {type(model).__name__} does not "
-                             "read them")
+            _withhold_neighbours(model)  # the evaluation memory reads them from the sample
         ensure_key_capture(model)  # g where the decoder has one, f always
         # recurrent-memory models carry memory across batches only in stream order
         enable_stream_memory(model, self.args.batching == "stream")
