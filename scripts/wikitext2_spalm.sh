@@ -5,8 +5,10 @@
 #                                                         (trime-build-datastore --key-type trime_feature)
 #   3. k = 4 neighbours of every train / valid / test token (trime-neighbours; train: own document excluded)
 #   4. Transformer-XL and SPALM, the same architecture and budget (configs/transformer_xl, configs/spalm)
-#   5. fairseq-eval-lm of both in stream order (the training memory of 64), valid and test
-#   6. SPALM's gate on valid: mean and histogram (python -m trime_fairseq.cli.spalm_gates)
+#   5. kNN-LM (Transformer-XL + p_kNN over the same neighbours) and SPALM + kNN: T x λ tuned on valid
+#      (trime-tune --eval-memory neighbour_knn)
+#   6. fairseq-eval-lm of the four in stream order (the training memory of 64), valid and test
+#   7. SPALM's gate on valid: mean and histogram (python -m trime_fairseq.cli.spalm_gates)
 # Table in $OUT/results.md; figure in $OUT/gates_valid.png.
 #
 #   UPDATES=1500 scripts/wikitext2_spalm.sh
@@ -64,8 +66,21 @@ hydra_train spalm configs/spalm "$UPDATES" task.neighbours="$neighbours"
 txl="$OUT/transformer_xl/checkpoint_last.pt"
 spalm="$OUT/spalm/checkpoint_last.pt"
 
-# 5. evaluation in stream order, memory 64 as in training
 EVAL=(--batching stream --tokens-per-sample 64 --batch-size 8 --cpu)
+
+# 5. the interpolation with p_kNN over the same k neighbours, tuned on valid
+best_flags() {  # name checkpoint -> best flags
+  [ -s "$OUT/best_$1.flags" ] || python -m trime_fairseq.cli.tune "$DATA" --user-dir trime_fairseq --task trime_lm \
+    --path "$2" --gen-subset valid --neighbours "$neighbours" "${EVAL[@]}" --no-progress-bar \
+    --eval-memory neighbour_knn --knn-temperatures 0.5,1,2,5,10 --knn-lambdas 0.05,0.1,0.2,0.3,0.4 \
+    --results-json "$OUT/tune_$1.json" 2> "$OUT/tune_$1.err" | tee "$OUT/tune_$1.txt" \
+    | sed -n 's/^best: \(.*\)  (.*/\1/p' > "$OUT/best_$1.flags"
+  [ -s "$OUT/best_$1.flags" ] || { echo "tuning $1 failed: see $OUT/tune_$1.err" >&2; exit 1; }
+}
+best_flags knn_lm "$txl"
+best_flags spalm_knn "$spalm"
+
+# 6. evaluation in stream order, memory 64 as in training
 eval_ppl() {  # name checkpoint split args...
   [ -s "$OUT/ppl_$1_$3" ] || fairseq-eval-lm "$DATA" --user-dir trime_fairseq --task trime_lm --path "$2" \
     --gen-subset "$3" "${EVAL[@]}" "${@:4}" 2>&1 | tee "$OUT/eval_$1_$3.log" \
@@ -74,10 +89,12 @@ eval_ppl() {  # name checkpoint split args...
 }
 for split in valid test; do
   eval_ppl transformer_xl "$txl" $split
+  eval_ppl knn_lm "$txl" $split --neighbours "$neighbours" $(cat "$OUT/best_knn_lm.flags")
   eval_ppl spalm "$spalm" $split --neighbours "$neighbours"
+  eval_ppl spalm_knn "$spalm" $split --neighbours "$neighbours" $(cat "$OUT/best_spalm_knn.flags")
 done
 
-# 6. where SPALM relies on its long-term memory: the gate g on valid (1 = local context only)
+# 7. where SPALM relies on its long-term memory: the gate g on valid (1 = local context only)
 [ -s "$OUT/gates_valid.md" ] || python -m trime_fairseq.cli.spalm_gates "$DATA" --user-dir trime_fairseq \
   --task trime_lm --path "$spalm" --gen-subset valid --neighbours "$neighbours" "${EVAL[@]}" --no-progress-bar \
   --histogram "$OUT/gates_valid.png" > "$OUT/gates_valid.md" 2> "$OUT/gates_valid.err"
@@ -88,10 +105,12 @@ ppl() { cat "$OUT/ppl_$1_$2"; }
   echo "the training split's datastore of a vanilla LM ($VANILLA_UPDATES updates; index $INDEX, nprobe $NPROBE);"
   echo "evaluation in stream order, memory 64"
   echo
-  echo "| model | valid ppl | test ppl |"
-  echo "|---|---|---|"
-  echo "| Transformer-XL | $(ppl transformer_xl valid) | $(ppl transformer_xl test) |"
-  echo "| SPALM | $(ppl spalm valid) | $(ppl spalm test) |"
+  echo "| model | evaluation | valid ppl | test ppl |"
+  echo "|---|---|---|---|"
+  echo "| Transformer-XL | — | $(ppl transformer_xl valid) | $(ppl transformer_xl test) |"
+  echo "| kNN-LM (Transformer-XL + p_kNN) | \`$(cat "$OUT/best_knn_lm.flags")\` | $(ppl knn_lm valid) | $(ppl knn_lm test) |"
+  echo "| SPALM | — | $(ppl spalm valid) | $(ppl spalm test) |"
+  echo "| SPALM + kNN | \`$(cat "$OUT/best_spalm_knn.flags")\` | $(ppl spalm_knn valid) | $(ppl spalm_knn test) |"
   echo
   cat "$OUT/gates_valid.md"
 } | tee "$OUT/results.md"
