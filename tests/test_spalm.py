@@ -335,13 +335,18 @@ def test_task_refuses_neighbours_without_spalm_and_spalm_without_neighbours(slic
     import argparse
 
     make, _, d = slice_task
-    with pytest.raises(ValueError, match="does not read them"):
+    with pytest.raises(ValueError, match="reads no neighbours"):
         make().build_model(argparse.Namespace(arch="trime_transformer_xl_wikitext2_small"))
     plain = make(neighbours=None)
     with pytest.raises(ValueError, match="pass --neighbours"):
         plain.build_model(argparse.Namespace(arch="spalm_wikitext2_small"))
     model = make().build_model(argparse.Namespace(arch="spalm_wikitext2_small"))
     assert isinstance(model, SpalmModel) and model.decoder.spalm_k == 4
+    # neighbour_knn: a model that reads none gets them withheld from its forward, the memory reads the batch's
+    txl = make(eval_memory="neighbour_knn").build_model(argparse.Namespace(arch="trime_transformer_xl_wikitext2_small"))
+    assert txl.trime_eval_memory.options.uses_neighbours
+    with pytest.raises(ValueError, match="pass --neighbours"):
+        make(neighbours=None, eval_memory="neighbour_knn")
 
 
 # -- SPALM + kNN: the neighbours as an evaluation memory part ---------------------------------------

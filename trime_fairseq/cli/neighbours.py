@@ -26,13 +26,13 @@ An interrupted run resumes when started again with the same arguments
 import argparse
 import logging
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 
 from trime_fairseq.checksums import dictionary_checksum, model_checksum
+from trime_fairseq.cli import setup_logging
 from trime_fairseq.cli.build_datastore import load_lm, scored_keys
 from trime_fairseq.data.documents import DocumentBoundaries
 from trime_fairseq.data.neighbours import EXCLUSIONS, NeighbourError, NeighbourWriter, document_labels
@@ -196,8 +196,7 @@ def main(args) -> dict:
 
 
 def cli_main(argv=None):
-    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
-                        stream=sys.stdout)
+    setup_logging(stdout=True)
     main(get_parser().parse_args(argv))
 
 

@@ -12,18 +12,16 @@ and where none does -- and writes a histogram (PNG)::
         --batching stream --tokens-per-sample 64 --batch-size 8 --histogram gates_valid.png
 """
 
-import logging
 import sys
 
 import numpy as np
 import torch
 
 from trime_fairseq.atomic import atomic_path
+from trime_fairseq.cli import setup_logging
 from trime_fairseq.cli.loading import eval_batches, eval_lm_config, load_eval_models
 from trime_fairseq.memory.keys import NEIGHBOUR_TOKENS
 from trime_fairseq.models.spalm import SPALM_GATE
-
-logger = logging.getLogger("trime_fairseq.spalm_gates")
 
 
 def add_args(parser):
@@ -95,16 +93,11 @@ def plot(gates: np.ndarray, hits: np.ndarray, path: str, bins: int, split: str) 
 def main(argv=None):
     cfg, args = eval_lm_config(sys.argv[1:] if argv is None else argv, add_args)
     gates, hits = collect_gates(cfg)
-    split = cfg.dataset.gen_subset
-    print(summary(gates, hits, split))
-    plot(gates, hits, args.histogram, args.bins, split)
+    print(summary(gates, hits, cfg.dataset.gen_subset))
+    plot(gates, hits, args.histogram, args.bins, cfg.dataset.gen_subset)
     return gates, hits
 
 
-def cli_main():
-    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO)
-    main()
-
-
 if __name__ == "__main__":
-    cli_main()
+    setup_logging()
+    main()

@@ -109,25 +109,14 @@ class NeighbourWriter:
                     "with the same datastore, data and options to resume"
                 )
             self._open("r+")
-        self._pending = self.rows
-
-    @property
-    def rows(self) -> int:
-        return int(self.progress["rows"])
-
-    @property
-    def batches_done(self) -> int:
-        return int(self.progress["batches"])
-
-    @property
-    def next_position(self) -> int:
-        """The stream position the next :meth:`add` starts at (committed or not)."""
-        return self._pending
+        self.rows = int(self.progress["rows"])  # positions committed
+        self.batches_done = int(self.progress["batches"])  # input batches they came from
+        self.next_position = self.rows  # where the next add() starts (committed or not)
 
     def add(self, values, scores, ids, targets) -> None:
         """Append the neighbours of the next n positions: values / scores / ids (n, K), targets (n,)."""
         n = len(targets)
-        start = self._pending
+        start = self.next_position
         if start + n > self.size:
             raise NeighbourError(f"more positions than the split's {self.size}")
         for name, array in (("values", values), ("scores", scores), ("ids", ids)):
@@ -137,12 +126,13 @@ class NeighbourWriter:
         self.arrays[SCORES][start:start + n] = scores
         self.arrays[IDS][start:start + n] = ids
         self.arrays[TARGETS][start:start + n] = targets
-        self._pending = start + n
+        self.next_position = start + n
 
     def commit(self, batches_done: int) -> None:
         for array in self.arrays.values():
             array.flush()
-        self.progress.update(rows=self._pending, batches=int(batches_done))
+        self.rows, self.batches_done = self.next_position, int(batches_done)
+        self.progress.update(rows=self.rows, batches=self.batches_done)
         self._save_progress()
 
     def finalize(self, meta: dict) -> dict:

@@ -48,7 +48,7 @@ from fairseq.models import register_model, register_model_architecture
 from torch import Tensor, nn
 
 from trime_fairseq.memory.keys import NEIGHBOUR_SCORES, NEIGHBOUR_TOKENS, TRIME_FEATURE
-from trime_fairseq.models.recurrent_decoder import RecurrentLanguageModel, fill_defaults
+from trime_fairseq.models.recurrent_decoder import RecurrentLanguageModel, fill_defaults, tied_adaptive
 from trime_fairseq.models.relative_attention import masked_softmax
 from trime_fairseq.models.transformer_xl import TransformerXLConfig, TransformerXLDecoder, wikitext2_small
 
@@ -79,25 +79,18 @@ class SpalmDecoder(TransformerXLDecoder):
         self.spalm_k = cfg.spalm_k
         self.gate_weight = nn.Parameter(torch.zeros(self.embed_dim))  # w_g (d,)
 
-    def forward(
-        self,
-        prev_output_tokens: Tensor,
-        src_lengths=None,
-        incremental_state=None,
-        features_only: bool = False,
-        encoder_out=None,
-        neighbour_tokens: Optional[Tensor] = None,
-        neighbour_scores: Optional[Tensor] = None,
-        **kwargs,
-    ):
+    def output_features(self, h: Tensor, extra: dict, tokens: Tensor, incremental_state=None,
+                        neighbour_tokens: Optional[Tensor] = None, neighbour_scores: Optional[Tensor] = None,
+                        **inputs) -> Tensor:
+        """z (B, T, d) from the Transformer-XL's h and the batch's neighbours; ``extra`` gets the k
+        neighbours used, the gate and z as ``trime_feature``."""
         if incremental_state is not None:
             raise ValueError("SPALM reads precomputed neighbours of every position; incremental decoding "
                              "(generation) is not supported")
-        tokens, scores = self.select_neighbours(prev_output_tokens, neighbour_tokens, neighbour_scores)
-        h, extra = self.extract_features(prev_output_tokens)
-        z, gate = self.fuse(h, tokens)
-        extra.update({TRIME_FEATURE: z, NEIGHBOUR_TOKENS: tokens, NEIGHBOUR_SCORES: scores, SPALM_GATE: gate})
-        return (z if features_only else self.output_layer(z)), extra
+        nb_tokens, nb_scores = self.select_neighbours(tokens, neighbour_tokens, neighbour_scores)
+        z, gate = self.fuse(h, nb_tokens)
+        extra.update({TRIME_FEATURE: z, NEIGHBOUR_TOKENS: nb_tokens, NEIGHBOUR_SCORES: nb_scores, SPALM_GATE: gate})
+        return z
 
     def select_neighbours(
         self, src_tokens: Tensor, tokens: Optional[Tensor], scores: Optional[Tensor]
@@ -162,14 +155,7 @@ def spalm_wt103(args):
         attention_dropout=0.0,
         mem_len=512,
         spalm_k=4,
-        adaptive_input=True,
-        adaptive_input_factor=4,
-        adaptive_input_cutoff="20000,40000,200000",
-        adaptive_softmax_cutoff="20000,40000,200000",
-        adaptive_softmax_factor=4,
-        adaptive_softmax_dropout=0.0,
-        tie_adaptive_weights=True,
-        tie_adaptive_proj=True,
+        **tied_adaptive("20000,40000,200000", factor=4),
     )
 
 
