@@ -397,3 +397,40 @@ def test_neighbour_knn_interpolates_with_the_neighbours_the_model_used(reads_nei
     with pytest.raises(ValueError, match="neighbours"):
         memory.log_probs(model.decoder, model(toks, neighbour_tokens=nb) if reads_neighbours else model(toks),
                          {"net_input": {"src_tokens": toks}, "target": target})
+
+
+# -- configs against the paper -------------------------------------------------------------------------
+
+SPALM_CONFIGS = {  # config -> (--arch, parameters (paper), vocabulary, k, tokens per update: 256 sequences)
+    "wt103": ("spalm_wt103", 142e6, 267_744, 4, 256 * 512),
+    "enwik8": ("spalm_enwik8", 104e6, 208, 2, 256 * 768),
+    "wikitext2_small": ("spalm_wikitext2_small", None, 33_280, 4, 8 * 64),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPALM_CONFIGS))
+def test_spalm_configs_build_their_architecture_with_the_papers_sizes(name):
+    import argparse
+    from pathlib import Path
+
+    from fairseq.data import Dictionary
+    from fairseq.models import ARCH_CONFIG_REGISTRY
+    from omegaconf import OmegaConf
+
+    arch, params, vocab, k, tokens = SPALM_CONFIGS[name]
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "spalm" / f"{name}.yaml")
+    expected = argparse.Namespace()
+    ARCH_CONFIG_REGISTRY[arch](expected)
+    for field_name, value in cfg.model.items():  # hydra takes every value from the file: it must be --arch's
+        if field_name != "_name":
+            assert getattr(expected, field_name) == value, (name, field_name)
+    assert cfg.model.spalm_k == k and cfg.task.batching == "stream"
+    assert cfg.dataset.batch_size * cfg.task.tokens_per_sample * cfg.optimization.get("update_freq", [1])[0] == tokens
+    if params is not None:
+        d = Dictionary()
+        for i in range(vocab - d.nspecial):
+            d.add_symbol(f"w{i}")
+        expected.max_target_positions = None
+        with torch.device("meta"):
+            count = sum(p.numel() for p in SpalmDecoder(expected, d).parameters())
+        assert abs(count - params) / params < 0.02, f"{arch}: {count / 1e6:.1f}M parameters, the paper {params / 1e6:g}M"
