@@ -121,7 +121,8 @@ class SpalmDecoder(TransformerXLDecoder):
     def fuse(self, h: Tensor, neighbour_tokens: Tensor) -> Tuple[Tensor, Tensor]:
         """z (B, T, d) and the gate (B, T) from h (B, T, d) and neighbour tokens (B, T, k) (padding: none)."""
         visible = neighbour_tokens.ne(self.padding_idx)  # (B, T, k)
-        y = self.embed_tokens(neighbour_tokens).to(h.dtype)  # (B, T, k, d) value embeddings, tied with W
+        distinct, index = torch.unique(neighbour_tokens, return_inverse=True)  # each token embedded once
+        y = self.embed_tokens(distinct).to(h.dtype)[index]  # (B, T, k, d) value embeddings, tied with W
         attention, _ = masked_softmax(torch.einsum("btkd,btd->btk", y, h), visible)  # float32, 0 where none
         m = torch.einsum("btk,btkd->btd", attention.to(h.dtype), y)  # (B, T, d)
         g = self.gate(h)  # (B, T)
