@@ -2,7 +2,8 @@
 
     OMP_NUM_THREADS=1 python benchmarks/bench_spalm.py [--size wikitext2_small] [--tgt 64] [--mem 64] \
         [--batch 8] [--vocab 33278] [--k 4] [--steps 5] [--runs 5] [--device cpu]
-    OMP_NUM_THREADS=1 python benchmarks/bench_spalm.py --skip-train --datastore runs/wikitext2-spalm-1500/dstore \
+    OMP_NUM_THREADS=1 python benchmarks/bench_spalm.py --skip-train --data data-bin/wikitext-2 \
+        --neighbours runs/wikitext2-spalm-1500/neighbours --datastore runs/wikitext2-spalm-1500/dstore \
         [--queries 16384] [--nprobe 16]
 
 1. Training step: both decoders are built in-process from the same architecture
@@ -12,7 +13,10 @@
    + backward + Adam step. Medians over ``--runs`` × ``--steps`` steps; the
    printed ratio is SPALM / Transformer-XL. The neighbours arrive precomputed, so
    the extra work is k embedding lookups, a (k × d) attention per position and the gate.
-2. ``--datastore DIR`` (a ``trime-build-datastore`` folder): the search part of
+2. ``--data DIR --neighbours DIR``: the data side of a training step -- batches of
+   ``--batch`` × ``--tgt`` tokens in stream order from the real split, with and without
+   the neighbours (memmap reads, the per-item target check, collation), ms per batch.
+3. ``--datastore DIR`` (a ``trime-build-datastore`` folder): the search part of
    ``trime-neighbours`` on its own index -- ``--queries`` consecutive training
    positions, their stored keys as queries (what trime-neighbours recomputes),
    in batches of 1024, k = ``--k`` -- without exclusion, excluding the own entry,
@@ -101,6 +105,31 @@ def bench_train(args, device):
     return ratio
 
 
+def bench_batches(args):
+    from trime_fairseq.tasks.trime_lm import TrimeLMConfig, TrimeLMTask
+
+    dictionary = Dictionary.load(str(Path(args.data) / "dict.txt"))
+    common = dict(data=args.data, tokens_per_sample=args.tgt, sample_break_mode="none", seed=1, batch_size=None,
+                  batch_size_valid=None, dataset_impl=None, data_buffer_size=0, tpu=False, use_plasma_view=False,
+                  plasma_path="/tmp/plasma", update_freq=[1], batching="stream")
+    rows = []
+    for name, neighbours in (("without neighbours", None), ("with neighbours", args.neighbours)):
+        task = TrimeLMTask(TrimeLMConfig(**common, neighbours=neighbours), dictionary)
+        task.load_dataset("train")
+        itr = task.get_batch_iterator(task.dataset("train"), max_sentences=args.batch).next_epoch_itr(shuffle=False)
+        start, count = time.perf_counter(), 0
+        for _ in zip(range(args.data_batches), itr):
+            count += 1
+        rows.append((name, (time.perf_counter() - start) / count * 1e3))
+    print(f"## batches of the training split: {args.batch} x {args.tgt} tokens, stream order, {args.data_batches} "
+          "batches\n")
+    print("| batches | ms per batch |")
+    print("|---|---|")
+    for name, ms in rows:
+        print(f"| {name} | {ms:.2f} |")
+    print()
+
+
 def bench_search(args):
     from trime_fairseq.data.documents import DocumentBoundaries
     from trime_fairseq.data.neighbours import document_labels
@@ -147,12 +176,17 @@ def main():
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--data", default=None, help="binarized data: also time the batches, with --neighbours")
+    p.add_argument("--neighbours", default=None, help="a trime-neighbours folder holding train/")
+    p.add_argument("--data-batches", type=int, default=300)
     p.add_argument("--datastore", default=None, help="a trime-build-datastore folder: also time the search")
     p.add_argument("--queries", type=int, default=16384)
     p.add_argument("--nprobe", type=int, default=None)
     args = p.parse_args()
     if not args.skip_train:
         bench_train(args, torch.device(args.device))
+    if args.data and args.neighbours:
+        bench_batches(args)
     if args.datastore:
         bench_search(args)
 
