@@ -4,12 +4,14 @@
 #   2. datastore of the training split, key = its final hidden state f, inner product
 #                                                         (trime-build-datastore --key-type trime_feature)
 #   3. k = 4 neighbours of every train / valid / test token (trime-neighbours; train: own document excluded)
-#   4. Transformer-XL and SPALM, the same architecture and budget (configs/transformer_xl, configs/spalm)
+#   4. Transformer-XL and SPALM, the same architecture and budget (configs/transformer_xl, configs/spalm);
+#      SPALM twice: neighbour embeddings as the paper writes them (y_k = the embedding row) and scaled by √d
+#      like the model's own input embeddings (model.spalm_scale_values=true)
 #   5. kNN-LM (Transformer-XL + p_kNN over the same neighbours) and SPALM + kNN: T x λ tuned on valid
 #      (trime-tune --eval-memory neighbour_knn)
 #   6. fairseq-eval-lm of the four in stream order (the training memory of 64), valid and test
 #   7. SPALM's gate on valid: mean and histogram (python -m trime_fairseq.cli.spalm_gates)
-# Table in $OUT/results.md; figure in $OUT/gates_valid.png.
+# Table in $OUT/results.md; figures in $OUT/gates_valid*.png.
 #
 #   UPDATES=1500 scripts/wikitext2_spalm.sh
 #
@@ -63,8 +65,10 @@ done
 # 4. Transformer-XL and SPALM: same sizes, data order and budget
 hydra_train transformer_xl configs/transformer_xl "$UPDATES"
 hydra_train spalm configs/spalm "$UPDATES" task.neighbours="$neighbours"
+hydra_train spalm_scaled configs/spalm "$UPDATES" task.neighbours="$neighbours" model.spalm_scale_values=true
 txl="$OUT/transformer_xl/checkpoint_last.pt"
 spalm="$OUT/spalm/checkpoint_last.pt"
+scaled="$OUT/spalm_scaled/checkpoint_last.pt"
 
 EVAL=(--batching stream --tokens-per-sample 64 --batch-size 8 --cpu)
 
@@ -79,6 +83,7 @@ best_flags() {  # name checkpoint -> best flags
 }
 best_flags knn_lm "$txl"
 best_flags spalm_knn "$spalm"
+best_flags spalm_scaled_knn "$scaled"
 
 # 6. evaluation in stream order, memory 64 as in training
 eval_ppl() {  # name checkpoint split args...
@@ -92,12 +97,18 @@ for split in valid test; do
   eval_ppl knn_lm "$txl" $split --neighbours "$neighbours" $(cat "$OUT/best_knn_lm.flags")
   eval_ppl spalm "$spalm" $split --neighbours "$neighbours"
   eval_ppl spalm_knn "$spalm" $split --neighbours "$neighbours" $(cat "$OUT/best_spalm_knn.flags")
+  eval_ppl spalm_scaled "$scaled" $split --neighbours "$neighbours"
+  eval_ppl spalm_scaled_knn "$scaled" $split --neighbours "$neighbours" $(cat "$OUT/best_spalm_scaled_knn.flags")
 done
 
 # 7. where SPALM relies on its long-term memory: the gate g on valid (1 = local context only)
-[ -s "$OUT/gates_valid.md" ] || python -m trime_fairseq.cli.spalm_gates "$DATA" --user-dir trime_fairseq \
-  --task trime_lm --path "$spalm" --gen-subset valid --neighbours "$neighbours" "${EVAL[@]}" --no-progress-bar \
-  --histogram "$OUT/gates_valid.png" > "$OUT/gates_valid.md" 2> "$OUT/gates_valid.err"
+gates() {  # name checkpoint
+  [ -s "$OUT/gates_valid$1.md" ] || python -m trime_fairseq.cli.spalm_gates "$DATA" --user-dir trime_fairseq \
+    --task trime_lm --path "$2" --gen-subset valid --neighbours "$neighbours" "${EVAL[@]}" --no-progress-bar \
+    --histogram "$OUT/gates_valid$1.png" > "$OUT/gates_valid$1.md" 2> "$OUT/gates_valid$1.err"
+}
+gates "" "$spalm"
+gates _scaled "$scaled"
 
 ppl() { cat "$OUT/ppl_$1_$2"; }
 {
@@ -111,6 +122,12 @@ ppl() { cat "$OUT/ppl_$1_$2"; }
   echo "| kNN-LM (Transformer-XL + p_kNN) | \`$(cat "$OUT/best_knn_lm.flags")\` | $(ppl knn_lm valid) | $(ppl knn_lm test) |"
   echo "| SPALM | — | $(ppl spalm valid) | $(ppl spalm test) |"
   echo "| SPALM + kNN | \`$(cat "$OUT/best_spalm_knn.flags")\` | $(ppl spalm_knn valid) | $(ppl spalm_knn test) |"
+  echo "| SPALM, values × √d | — | $(ppl spalm_scaled valid) | $(ppl spalm_scaled test) |"
+  echo "| SPALM, values × √d + kNN | \`$(cat "$OUT/best_spalm_scaled_knn.flags")\` | $(ppl spalm_scaled_knn valid) |" \
+    "$(ppl spalm_scaled_knn test) |"
   echo
   cat "$OUT/gates_valid.md"
+  echo
+  echo "SPALM, values × √d:"
+  cat "$OUT/gates_valid_scaled.md"
 } | tee "$OUT/results.md"

@@ -62,6 +62,11 @@ class SpalmConfig(TransformerXLConfig):
         metadata={"help": "neighbours per position the gate attends to: the first k (best first) of the "
         "--neighbours file, which must hold at least k (paper: 4 for words, 2 for characters)"},
     )
+    spalm_scale_values: bool = field(
+        default=False,
+        metadata={"help": "embed the neighbours' tokens as the model embeds its input tokens, i.e. times √d "
+        "(default: the bare embedding rows, as the paper writes y_k; see docs/results_spalm.md)"},
+    )
 
 
 class SpalmDecoder(TransformerXLDecoder):
@@ -77,6 +82,7 @@ class SpalmDecoder(TransformerXLDecoder):
                 "tie_adaptive_weights (adaptive input/softmax) or share_decoder_input_output_embed"
             )
         self.spalm_k = cfg.spalm_k
+        self.value_scale = self.embed_scale if cfg.spalm_scale_values else 1.0
         self.gate_weight = nn.Parameter(torch.zeros(self.embed_dim))  # w_g (d,)
 
     def output_features(self, h: Tensor, extra: dict, tokens: Tensor, incremental_state=None,
@@ -122,7 +128,7 @@ class SpalmDecoder(TransformerXLDecoder):
         """z (B, T, d) and the gate (B, T) from h (B, T, d) and neighbour tokens (B, T, k) (padding: none)."""
         visible = neighbour_tokens.ne(self.padding_idx)  # (B, T, k)
         distinct, index = torch.unique(neighbour_tokens, return_inverse=True)  # each token embedded once
-        y = self.embed_tokens(distinct).to(h.dtype)[index]  # (B, T, k, d) value embeddings, tied with W
+        y = (self.value_scale * self.embed_tokens(distinct)).to(h.dtype)[index]  # (B, T, k, d), tied with W
         attention, _ = masked_softmax(torch.einsum("btkd,btd->btk", y, h), visible)  # float32, 0 where none
         m = torch.einsum("btk,btkd->btd", attention.to(h.dtype), y)  # (B, T, d)
         g = self.gate(h)  # (B, T)
