@@ -9,7 +9,7 @@ import trime_fairseq  # noqa: F401  (registers models, task, criteria)
 from recurrent_helpers import VOCAB, dictionary, tiny, tokens
 from trime_fairseq.data.neighbours import NeighbourError, NeighbourFile, NeighbourWriter
 from trime_fairseq.memory.keys import NEIGHBOUR_SCORES, NEIGHBOUR_TOKENS, TRIME_FEATURE
-from trime_fairseq.models.spalm import SPALM_GATE, SpalmConfig, SpalmDecoder, SpalmModel
+from trime_fairseq.models.spalm import SPALM_GATE, SPALM_HIDDEN, SPALM_MEMORY, SpalmConfig, SpalmDecoder, SpalmModel
 from trime_fairseq.models.transformer_xl import TransformerXLDecoder
 
 PAD = dictionary().pad()
@@ -39,6 +39,7 @@ def naive_fusion(decoder, h, nb):
     z_t = (1 − g_t) m_t + g_t h_t (z_t = h_t without neighbours): explicit loops."""
     bsz, tsz, _ = h.shape
     z = torch.empty_like(h)
+    memory = torch.zeros_like(h)
     gates = torch.empty(bsz, tsz, dtype=h.dtype)
     for b in range(bsz):
         for t in range(tsz):
@@ -53,8 +54,9 @@ def naive_fusion(decoder, h, nb):
             weights = torch.exp(scores - scores.max())
             weights = weights / weights.sum()
             m = sum(w * y for w, y in zip(weights, ys))
+            memory[b, t] = m
             z[b, t] = (1 - g) * m + g * h[b, t]
-    return z, gates
+    return z, gates, memory
 
 
 def test_fusion_equals_naive_loop():
@@ -63,9 +65,11 @@ def test_fusion_equals_naive_loop():
     nb = neighbours_for(toks, empty_rows=[(1, 4)])
     out, extra = decoder(toks, features_only=True, neighbour_tokens=nb)
     h, _ = TransformerXLDecoder.extract_features(decoder, toks)  # the Transformer-XL part alone
-    z, gates = naive_fusion(decoder, h, nb)
+    z, gates, m = naive_fusion(decoder, h, nb)
     torch.testing.assert_close(out, z)
     torch.testing.assert_close(extra[SPALM_GATE], gates)
+    torch.testing.assert_close(extra[SPALM_MEMORY], m)
+    torch.testing.assert_close(extra[SPALM_HIDDEN], h)
     torch.testing.assert_close(extra[TRIME_FEATURE], z)
     torch.testing.assert_close(out[:, 1], h[:, 1])  # no neighbours: z = h
     assert not torch.allclose(out[:, 0], h[:, 0])
@@ -80,7 +84,7 @@ def test_adaptive_input_embeddings_are_the_value_embeddings():
     toks = tokens(2, 5)
     nb = neighbours_for(toks)  # tokens in the head and in both tail clusters
     h, _ = TransformerXLDecoder.extract_features(decoder, toks)
-    z, _ = decoder.fuse(h, nb)
+    z, _, _ = decoder.fuse(h, nb)
     y = decoder.embed_tokens(nb)  # what the tied adaptive softmax scores z against
     visible = nb.ne(PAD)
     a = torch.einsum("btkd,btd->btk", y, h).masked_fill(~visible, float("-inf")).softmax(-1).nan_to_num(0.0)

@@ -5,7 +5,9 @@ Takes every ``fairseq-eval-lm`` option (data, ``--path`` of a ``spalm`` checkpoi
 and reads the gate of every scored position (g = 1: local context and
 Transformer-XL memory only; g = 0: the neighbours' embeddings only). Prints a
 markdown summary -- mean, quantiles, the mean where a neighbour holds the target
-and where none does -- and writes a histogram (PNG)::
+and where none does, and how much of z comes from the memory (the gate weighs
+vectors of different norms: ‖m‖ ≤ max ‖y_k‖, ‖h‖ the final state's) -- and writes a
+histogram (PNG)::
 
     python -m trime_fairseq.cli.spalm_gates data-bin/wikitext-2 --user-dir trime_fairseq --task trime_lm \\
         --path runs/spalm/checkpoint_last.pt --neighbours runs/neighbours --gen-subset valid \\
@@ -21,7 +23,7 @@ from trime_fairseq.atomic import atomic_path
 from trime_fairseq.cli import setup_logging
 from trime_fairseq.cli.loading import eval_batches, eval_lm_config, load_eval_models
 from trime_fairseq.memory.keys import NEIGHBOUR_TOKENS
-from trime_fairseq.models.spalm import SPALM_GATE
+from trime_fairseq.models.spalm import SPALM_GATE, SPALM_HIDDEN, SPALM_MEMORY
 
 
 def add_args(parser):
@@ -32,27 +34,32 @@ def add_args(parser):
 
 @torch.no_grad()
 def collect_gates(cfg):
-    """(gates (P,), target among the neighbours (P,) bool) of the split's scored positions, in stream order."""
+    """(gates (P,), target among the neighbours (P,) bool, share of z from the long-term memory (P,)) of the
+    split's scored positions, in stream order; the share is ‖(1 − g)·m‖ / (‖(1 − g)·m‖ + ‖g·h‖)."""
     models, task = load_eval_models(cfg)
     if len(models) != 1:
         raise ValueError("give one --path")
     model = models[0]
     pad = task.target_dictionary.pad()
-    gates, hits = [], []
+    gates, hits, shares = [], [], []
     for sample in eval_batches(cfg, task, models):
         _, extra = model(**sample["net_input"])
         if SPALM_GATE not in extra:
             raise ValueError(f"{type(model).__name__} has no SPALM gate: give a spalm checkpoint")
         scored = sample["target"].ne(pad)  # (B, T)
         target_in_memory = extra[NEIGHBOUR_TOKENS].eq(sample["target"].unsqueeze(-1)).any(-1)  # (B, T)
+        g = extra[SPALM_GATE].unsqueeze(-1)
+        long_term = ((1 - g) * extra[SPALM_MEMORY]).norm(dim=-1)  # (B, T)
+        local = (g * extra[SPALM_HIDDEN]).norm(dim=-1)
         gates.append(extra[SPALM_GATE][scored].float().cpu())
         hits.append(target_in_memory[scored].cpu())
+        shares.append((long_term / (long_term + local).clamp(min=1e-12))[scored].float().cpu())
     if not gates:
         raise ValueError(f"no tokens to score in split '{cfg.dataset.gen_subset}'")
-    return torch.cat(gates).numpy(), torch.cat(hits).numpy()
+    return torch.cat(gates).numpy(), torch.cat(hits).numpy(), torch.cat(shares).numpy()
 
 
-def summary(gates: np.ndarray, hits: np.ndarray, split: str) -> str:
+def summary(gates: np.ndarray, hits: np.ndarray, shares: np.ndarray, split: str) -> str:
     q = np.quantile(gates, [0.05, 0.25, 0.5, 0.75, 0.95])
     rows = [
         f"SPALM gate g on {split} ({len(gates)} tokens; g = 1: local context and short-term memory only)",
@@ -65,6 +72,7 @@ def summary(gates: np.ndarray, hits: np.ndarray, split: str) -> str:
         f"| tokens whose target is among the neighbours | {hits.mean():.4f} |",
         f"| mean g where it is | {gates[hits].mean() if hits.any() else float('nan'):.4f} |",
         f"| mean g where it is not | {gates[~hits].mean() if (~hits).any() else float('nan'):.4f} |",
+        f"| mean share of z from the memory, ‖(1−g)·m‖ / (‖(1−g)·m‖ + ‖g·h‖) | {shares.mean():.4f} |",
     ]
     return "\n".join(rows)
 
@@ -92,10 +100,10 @@ def plot(gates: np.ndarray, hits: np.ndarray, path: str, bins: int, split: str) 
 
 def main(argv=None):
     cfg, args = eval_lm_config(sys.argv[1:] if argv is None else argv, add_args)
-    gates, hits = collect_gates(cfg)
-    print(summary(gates, hits, cfg.dataset.gen_subset))
+    gates, hits, shares = collect_gates(cfg)
+    print(summary(gates, hits, shares, cfg.dataset.gen_subset))
     plot(gates, hits, args.histogram, args.bins, cfg.dataset.gen_subset)
-    return gates, hits
+    return gates, hits, shares
 
 
 if __name__ == "__main__":

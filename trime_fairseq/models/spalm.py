@@ -21,8 +21,8 @@ Transformer-XL, nothing else. The fusion does not feed back into the layers or t
 recurrence memory, so with g_t = 1 (or no neighbours) the model *is* Transformer-XL.
 
 ``extra`` of the output adds ``neighbour_tokens`` / ``neighbour_scores`` (the k used,
-(B, T, k)) and ``spalm_gate`` (B, T); ``trime_feature`` is z_t (what the output layer
-receives), ``trime_key`` the Transformer-XL's.
+(B, T, k)), ``spalm_gate`` g (B, T), ``spalm_hidden`` h and ``spalm_memory`` m (B, T, d);
+``trime_feature`` is z_t (what the output layer receives), ``trime_key`` the Transformer-XL's.
 
 | architecture           | layers | d   | heads × dim | ffn  | mem train (tgt) | k | dropout | softmax | params |
 |------------------------|--------|-----|-------------|------|-----------------|---|---------|---------|--------|
@@ -52,7 +52,9 @@ from trime_fairseq.models.recurrent_decoder import RecurrentLanguageModel, fill_
 from trime_fairseq.models.relative_attention import masked_softmax
 from trime_fairseq.models.transformer_xl import TransformerXLConfig, TransformerXLDecoder, wikitext2_small
 
-SPALM_GATE = "spalm_gate"
+SPALM_GATE = "spalm_gate"  # extra: g (B, T)
+SPALM_HIDDEN = "spalm_hidden"  # extra: h (B, T, d), the Transformer-XL's output
+SPALM_MEMORY = "spalm_memory"  # extra: m (B, T, d), the attended neighbour embeddings (0 without neighbours)
 
 
 @dataclass
@@ -94,8 +96,9 @@ class SpalmDecoder(TransformerXLDecoder):
             raise ValueError("SPALM reads precomputed neighbours of every position; incremental decoding "
                              "(generation) is not supported")
         nb_tokens, nb_scores = self.select_neighbours(tokens, neighbour_tokens, neighbour_scores)
-        z, gate = self.fuse(h, nb_tokens)
-        extra.update({TRIME_FEATURE: z, NEIGHBOUR_TOKENS: nb_tokens, NEIGHBOUR_SCORES: nb_scores, SPALM_GATE: gate})
+        z, gate, m = self.fuse(h, nb_tokens)
+        extra.update({TRIME_FEATURE: z, NEIGHBOUR_TOKENS: nb_tokens, NEIGHBOUR_SCORES: nb_scores, SPALM_GATE: gate,
+                      SPALM_HIDDEN: h, SPALM_MEMORY: m})
         return z
 
     def select_neighbours(
@@ -124,8 +127,9 @@ class SpalmDecoder(TransformerXLDecoder):
         """g_t = σ(w_g·h_t): (B, T, d) -> (B, T)."""
         return torch.sigmoid(h @ self.gate_weight.to(h.dtype))
 
-    def fuse(self, h: Tensor, neighbour_tokens: Tensor) -> Tuple[Tensor, Tensor]:
-        """z (B, T, d) and the gate (B, T) from h (B, T, d) and neighbour tokens (B, T, k) (padding: none)."""
+    def fuse(self, h: Tensor, neighbour_tokens: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """z (B, T, d), the gate (B, T) and m (B, T, d) from h (B, T, d) and neighbour tokens (B, T, k)
+        (padding: none)."""
         visible = neighbour_tokens.ne(self.padding_idx)  # (B, T, k)
         distinct, index = torch.unique(neighbour_tokens, return_inverse=True)  # each token embedded once
         y = (self.value_scale * self.embed_tokens(distinct)).to(h.dtype)[index]  # (B, T, k, d), tied with W
@@ -134,7 +138,7 @@ class SpalmDecoder(TransformerXLDecoder):
         g = self.gate(h)  # (B, T)
         gated = (1.0 - g).unsqueeze(-1) * m + g.unsqueeze(-1) * h
         z = torch.where(visible.any(-1, keepdim=True), gated, h)
-        return z, g
+        return z, g, m
 
 
 @register_model("spalm", dataclass=SpalmConfig)
