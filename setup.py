@@ -9,7 +9,8 @@ from setuptools import find_packages, setup
 setup(
     name="trime_fairseq",
     version="0.1.0",
-    description="TRIME, kNN-LM / kNN-MT, Transformer-XL, LaMemo, SPALM, LongMem as a fairseq plugin",
+    description="TRIME (local, long-term and external memory; language models and translation), continuous "
+    "cache, kNN-LM, kNN-MT, Transformer-XL and LaMemo as a fairseq plugin",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
@@ -22,9 +23,12 @@ setup(
         "scipy",  # BM25 batching (sparse products)
         "rank-bm25",
         "sacrebleu",
+        "sacremoses",  # MT data preparation (scripts/prepare_multi30k.sh) and detokenised BLEU
+        "subword-nmt",
         "hydra-core==1.3.2",
         "omegaconf==2.3.0",
         "matplotlib",
+        "tensorboardX",  # fairseq's --tensorboard-logdir
     ],
     extras_require={
         # official faiss GPU wheels (same API as faiss-cpu); uninstall faiss-cpu after installing
@@ -37,6 +41,7 @@ setup(
             "trime-build-datastore = trime_fairseq.cli.build_datastore:cli_main",
             "trime-bm25-batches = trime_fairseq.cli.bm25_batches:cli_main",
             "trime-sweep-memory = trime_fairseq.cli.sweep_memory:cli_main",
+            "trime-tune-mt = trime_fairseq.cli.tune_mt:cli_main",
             "trime-neighbours = trime_fairseq.cli.neighbours:cli_main",
         ],
     },

@@ -16,7 +16,9 @@ warm-up segment first), and are measured alternately in one process:
 * ``--flops``: matmul FLOPs per token of one eval step (torch.utils.flop_counter; the
   adaptive softmax counts the head and the target's tail clusters).
 
-Times are medians over ``--runs`` × ``--steps`` steps. Paper (LaMemo Table 1, WT103 base,
+Times are medians over ``--runs`` × ``--steps`` steps; on the CPU they are the process's CPU time
+(``time.process_time``, with ``OMP_NUM_THREADS=1``), which other jobs on a shared machine do not
+inflate, on a GPU wall time after synchronising. Paper (LaMemo Table 1, WT103 base,
 tgt = mem = 150): 157M vs 191M FLOPs per token, ratio 1.22; target ratio <= 1.3.
 """
 
@@ -76,6 +78,11 @@ def lm_loss(decoder, features, target):
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def clock(device) -> float:
+    """CPU time of this process on the CPU (robust to other jobs on the machine), wall time on a GPU."""
+    return time.perf_counter() if device.type == "cuda" else time.process_time()
 
 
 def train_step(decoder, optimizer, segment, target):
@@ -160,19 +167,19 @@ def measure(args):
             train_step(decoder, optimizers[name], *segments[0])  # fills the memory (and Adam's state)
             for segment, target in segments[1 : 1 + args.steps]:
                 sync(device)
-                start = time.perf_counter()
+                start = clock(device)
                 train_step(decoder, optimizers[name], segment, target)
                 sync(device)
-                results[name]["train"].append(time.perf_counter() - start)
+                results[name]["train"].append(clock(device) - start)
             decoder.eval()
             decoder.recurrent_memory.reset()
             eval_step(decoder, *segments[0])
             for segment, target in segments[1 : 1 + args.steps]:
                 sync(device)
-                start = time.perf_counter()
+                start = clock(device)
                 eval_step(decoder, segment, target)
                 sync(device)
-                results[name]["eval"].append(segment.numel() / (time.perf_counter() - start))
+                results[name]["eval"].append(segment.numel() / (clock(device) - start))
     for name, decoder in models.items():
         decoder.train()
         decoder.recurrent_memory.reset()
@@ -195,7 +202,8 @@ def table(results, args):
     rows = [("params (M)", lambda r: r["params"] / 1e6, "{:.2f}")]
     if not args.flops_only:
         rows += [
-            ("train step (ms, median)", lambda r: 1e3 * statistics.median(r["train"]), "{:.1f}"),
+            ("train step (ms, median)" + (" CPU time" if args.device == "cpu" else ""),
+             lambda r: 1e3 * statistics.median(r["train"]), "{:.1f}"),
             ("eval tokens/s (median)", lambda r: statistics.median(r["eval"]), "{:.0f}"),
             ("peak memory train (MiB)", lambda r: r["train_peak"] / 2**20, "{:.1f}"),
             ("peak memory eval (MiB)", lambda r: r["eval_peak"] / 2**20, "{:.1f}"),

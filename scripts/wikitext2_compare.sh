@@ -19,13 +19,14 @@ RAW=${RAW:-${TRIME_DATA:-../shared/data}/wikitext-2}
 EVAL_ARGS=${EVAL_ARGS:---tokens-per-sample 256 --context-window 128 --batch-size 8}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
+source scripts/lib.sh
 
 scripts/ensure_wikitext2.sh "$DATA" "$RAW"
 
 train() {  # name criterion
   local log="$OUT/train_$1.log"
   if [ ! -f "$OUT/$1/checkpoint_last.pt" ] || ! grep -q "done training" "$log" 2>/dev/null; then
-    echo "training $1 ($2, $UPDATES updates) -> $log" >&2
+    say "training $1 ($2, $UPDATES updates) -> $log"
     fairseq-hydra-train --config-dir configs/trime --config-name wikitext2_small \
       task.data="$DATA" criterion._name="$2" optimization.max_update="$UPDATES" \
       checkpoint.save_dir="$OUT/$1" hydra.run.dir="$OUT/hydra_$1" > "$log" 2>&1
@@ -37,36 +38,47 @@ eval_ppl() {  # checkpoint split extra-args... -> perplexity
     --cpu $EVAL_ARGS "${@:3}" 2>&1 | grep -o "Perplexity: [0-9.]*" | cut -d' ' -f2
 }
 
-best_flags() {  # checkpoint mode grid-args... -> best eval-memory flags on valid
+best_flags() {  # checkpoint mode grid-args... -> best eval-memory flags on valid (grids widened off their edges)
+  local name="$OUT/tune_$(basename "$(dirname "$1")")_$2"
   trime-tune "$DATA" --user-dir trime_fairseq --task trime_lm --path "$1" --gen-subset valid \
-    --cpu --no-progress-bar $EVAL_ARGS --eval-memory "$2" "${@:3}" 2>"$OUT/tune_$2.err" \
-    | tee "$OUT/tune_$(basename "$(dirname "$1")")_$2.txt" | sed -n 's/^best: \(.*\)  (.*/\1/p'
+    --cpu --no-progress-bar $EVAL_ARGS --eval-memory "$2" --widen-edges 3 --results-json "$name.json" "${@:3}" \
+    2> >(tune_progress "$name") | tee "$name.txt" | sed -n 's/^best: \(.*\)  (.*/\1/p'
 }
 
 train vanilla adaptive_loss & vanilla_pid=$!  # the two runs in parallel, one core each
 train trime trime_loss & trime_pid=$!
+watch_training "$UPDATES" "$OUT/train_vanilla.log" "$OUT/train_trime.log" & watch_pid=$!
 wait $vanilla_pid
 wait $trime_pid
+kill $watch_pid 2>/dev/null || true
 vanilla="$OUT/vanilla/checkpoint_last.pt"
 trime="$OUT/trime/checkpoint_last.pt"
 
-best_flags "$vanilla" cache > "$OUT/best_cache.flags" & cache_pid=$!
-best_flags "$trime" trime > "$OUT/best_trime.flags" & trime_pid=$!
+say "tuning on valid: the continuous cache of the vanilla LM (λ x θ) and TRIMELM's τ, one pass per grid round"
+[ -s "$OUT/best_cache.flags" ] || best_flags "$vanilla" cache > "$OUT/best_cache.flags" & cache_pid=$!
+[ -s "$OUT/best_trime.flags" ] || best_flags "$trime" trime > "$OUT/best_trime.flags" & trime_pid=$!
 wait $cache_pid
 wait $trime_pid
 cache_flags=$(cat "$OUT/best_cache.flags")
 trime_flags=$(cat "$OUT/best_trime.flags")
 [ -n "$cache_flags" ] && [ -n "$trime_flags" ] || { echo "tuning failed: see $OUT/tune_*.err" >&2; exit 1; }
 
-# the eight evaluations run in parallel; each writes its perplexity to a file
-pids=()
+say "tuned: $cache_flags (vanilla); $trime_flags (TRIMELM)"
+evaluate() {  # name checkpoint split args... : fairseq-eval-lm -> $OUT/ppl_NAME_SPLIT, reported when done
+  [ -s "$OUT/ppl_$1_$3" ] || eval_ppl "$2" "$3" "${@:4}" > "$OUT/ppl_$1_$3" || true
+  [ -s "$OUT/ppl_$1_$3" ] || { say "  $1 $3: fairseq-eval-lm failed (rerun: $2 $3 ${*:4})"; return 1; }
+  say "  $1 $3: perplexity $(cat "$OUT/ppl_$1_$3")"
+}
+# the eight evaluations, two at a time (one core each)
+say "evaluating 4 models x {valid, test} with fairseq-eval-lm"
 for split in valid test; do
-  eval_ppl "$vanilla" $split > "$OUT/ppl_vanilla_$split" & pids+=($!)
-  eval_ppl "$vanilla" $split $cache_flags > "$OUT/ppl_cache_$split" & pids+=($!)
-  eval_ppl "$trime" $split > "$OUT/ppl_trime_none_$split" & pids+=($!)
-  eval_ppl "$trime" $split $trime_flags > "$OUT/ppl_trime_$split" & pids+=($!)
+  evaluate vanilla "$vanilla" $split & p1=$!
+  evaluate cache "$vanilla" $split $cache_flags & p2=$!
+  wait $p1; wait $p2
+  evaluate trime_none "$trime" $split & p1=$!
+  evaluate trime "$trime" $split $trime_flags & p2=$!
+  wait $p1; wait $p2
 done
-for pid in "${pids[@]}"; do wait "$pid"; done
 ppl() { cat "$OUT/ppl_$1_$2"; }
 
 {

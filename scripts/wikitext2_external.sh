@@ -5,9 +5,9 @@
 #      and the vanilla LM (the one of scripts/wikitext2_compare.sh, trained here if missing)
 #   3. a datastore of the training split for each model                 (trime-build-datastore)
 #      vanilla: g keys, L2 (kNN-LM); TRIMELM_ext: g keys, inner product (TRIME's sim)
-#   4. tune on valid                                                     (trime-tune)
-#      kNN-LM: T x λ; kNN-LM + cache: T x λ with the cache of scripts/wikitext2_compare.sh;
-#      TRIMELM_ext: τ x τ' x λ without long-term memory (the same values are used with it)
+#   4. tune on valid                                                     (trime-tune, grids widened off their edges)
+#      kNN-LM: T x λ; kNN-LM + cache: T x λ with the vanilla LM's tuned cache (scripts/wikitext2_compare.sh's,
+#      tuned here when absent); TRIMELM_ext: τ x τ' x λ, without and with the long-term memory
 #   5. fairseq-eval-lm on valid and test with the best options; table in $OUT/results.md
 #
 #   scripts/wikitext2_external.sh                 # UPDATES=200, as scripts/wikitext2_compare.sh
@@ -32,11 +32,13 @@ LONG=${LONG:-1024}
 EVAL_ARGS=${EVAL_ARGS:---tokens-per-sample 256 --context-window 128 --batch-size 8}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
+source scripts/lib.sh
 
 scripts/ensure_wikitext2.sh "$DATA" "$RAW"
 
 # 1. BM25 chain of the training segments (L = 256, the config's tokens_per_sample)
 order="$OUT/bm25-256.order"
+[ -f "$order" ] || say "BM25 order of the training segments -> $order"
 [ -f "$order" ] || trime-bm25-batches --data "$DATA" --tokens-per-sample 256 --output "$order" \
   --workers 2 --no-progress-bar > "$OUT/bm25.log" 2>&1
 
@@ -44,7 +46,7 @@ order="$OUT/bm25-256.order"
 hydra_train() {  # name config-dir log overrides...
   local log="$OUT/train_$1.log"
   if [ ! -f "$OUT/$1/checkpoint_last.pt" ] || ! grep -q "done training" "$log" 2>/dev/null; then
-    echo "training $1 ($UPDATES updates) -> $log" >&2
+    say "training $1 ($UPDATES updates) -> $log"
     fairseq-hydra-train --config-dir "$2" --config-name wikitext2_small task.data="$DATA" \
       optimization.max_update="$UPDATES" checkpoint.save_dir="$OUT/$1" hydra.run.dir="$OUT/hydra_$1" "${@:3}" \
       > "$log" 2>&1
@@ -54,12 +56,15 @@ if [ ! -f "$VANILLA" ]; then
   VANILLA="$OUT/vanilla/checkpoint_last.pt"
   hydra_train vanilla configs/trime criterion._name=adaptive_loss & vanilla_pid=$!
 fi
+watch_training "$UPDATES" "$OUT/train_trime_ext.log" & watch_pid=$!
 hydra_train trime_ext configs/trime_ext task.bm25_order="$order"
 wait ${vanilla_pid:-}
+kill $watch_pid 2>/dev/null || true
 ext="$OUT/trime_ext/checkpoint_last.pt"
 
 # 3. datastores over the training split (the evaluation's rows: 256 tokens, 128 of context)
 datastore() {  # checkpoint output metric
+  [ -f "$2/datastore.json" ] || say "datastore of the training split -> $2 (log: $2.log)"
   [ -f "$2/datastore.json" ] || trime-build-datastore --path "$1" --data "$DATA" --gen-subset train \
     --tokens-per-sample 256 --context-window 128 --batch-size 8 --output "$2" --metric "$3" \
     --index-factory "$INDEX" --ntrain "$NTRAIN" --nprobe "$NPROBE" --cpu --no-progress-bar > "$2.log" 2>&1
@@ -69,28 +74,37 @@ datastore "$ext" "$OUT/dstore_trime_ext" ip & pids+=($!)
 for pid in "${pids[@]}"; do wait "$pid"; done
 
 # 4. tuning on valid (one forward pass and one search per batch for the whole grid)
-best_flags() {  # name checkpoint args... -> best flags
+best_flags() {  # name checkpoint args... -> best flags (grids widened until no best value is on an edge)
+  say "tuning $1 on valid"
   trime-tune "$DATA" --user-dir trime_fairseq --task trime_lm --path "$2" --gen-subset valid --cpu \
-    --no-progress-bar $EVAL_ARGS "${@:3}" 2>"$OUT/tune_$1.err" | tee "$OUT/tune_$1.txt" \
-    | sed -n 's/^best: \(.*\)  (.*/\1/p'
+    --no-progress-bar $EVAL_ARGS --widen-edges 3 --results-json "$OUT/tune_$1.json" "${@:3}" \
+    2> >(tune_progress "$OUT/tune_$1") | tee "$OUT/tune_$1.txt" | sed -n 's/^best: \(.*\)  (.*/\1/p'
 }
 knn="--datastore $OUT/dstore_vanilla --knn-k $K"
 trime_ext="--datastore $OUT/dstore_trime_ext --knn-k $K"
+# the vanilla LM's continuous cache, tuned on valid (scripts/wikitext2_compare.sh's when it ran, else here)
 cache_flags=${CACHE_FLAGS:-$(cat "runs/wikitext2-$UPDATES/best_cache.flags" 2>/dev/null || true)}
-cache_flags=${cache_flags:---eval-memory cache --cache-lambda 0.1 --cache-theta 0.3}
+if [ -z "$cache_flags" ]; then
+  [ -s "$OUT/best_cache.flags" ] || best_flags cache "$VANILLA" --eval-memory cache > "$OUT/best_cache.flags"
+  cache_flags=$(cat "$OUT/best_cache.flags")
+fi
 cache_only=${cache_flags#--eval-memory cache }
 knn_grid="--knn-temperatures 1,2,5,10,20,50 --knn-lambdas 0.05,0.1,0.25,0.4,0.6"
+ext_grid="--temperatures 0.5,1,2 --interpolation-temperatures 1,2,5,10 --interpolation-lambdas 0.1,0.25,0.4"
 [ -s "$OUT/best_knn.flags" ] || best_flags knn "$VANILLA" --eval-memory knn $knn $knn_grid > "$OUT/best_knn.flags"
 [ -s "$OUT/best_knn_cache.flags" ] || best_flags knn_cache "$VANILLA" --eval-memory knn $knn $cache_only \
   $knn_grid > "$OUT/best_knn_cache.flags"
 [ -s "$OUT/best_trime_ext.flags" ] || best_flags trime_ext "$ext" --eval-memory trime_ext $trime_ext \
-  --temperatures 0.5,1,2 --knn-temperatures 1,2,5,10 --knn-lambdas 0.1,0.25,0.4 > "$OUT/best_trime_ext.flags"
-for f in knn knn_cache trime_ext; do
+  $ext_grid > "$OUT/best_trime_ext.flags"
+[ -s "$OUT/best_trime_ext_long.flags" ] || best_flags trime_ext_long "$ext" --eval-memory trime_ext $trime_ext \
+  --long-memory-size "$LONG" $ext_grid > "$OUT/best_trime_ext_long.flags"
+for f in knn knn_cache trime_ext trime_ext_long; do
   [ -s "$OUT/best_$f.flags" ] || { echo "tuning $f failed: see $OUT/tune_$f.err" >&2; exit 1; }
 done
 
 # 5. evaluation with the best options
 eval_ppl() {  # name checkpoint split args...
+  [ -s "$OUT/ppl_$1_$3" ] || say "  evaluating $1 on $3"
   [ -s "$OUT/ppl_$1_$3" ] || fairseq-eval-lm "$DATA" --user-dir trime_fairseq --task trime_lm --path "$2" \
     --gen-subset "$3" --cpu $EVAL_ARGS "${@:4}" 2>&1 | tee "$OUT/eval_$1_$3.log" \
     | grep -o "Perplexity: [0-9.]*" | cut -d' ' -f2 > "$OUT/ppl_$1_$3"
@@ -103,7 +117,7 @@ for split in valid test; do
   eval_ppl trime_ext_none "$ext" $split & p2=$!
   wait $p1 $p2
   eval_ppl trime_ext "$ext" $split $(cat "$OUT/best_trime_ext.flags") $trime_ext & p1=$!
-  eval_ppl trime_ext_long "$ext" $split $(cat "$OUT/best_trime_ext.flags") $trime_ext \
+  eval_ppl trime_ext_long "$ext" $split $(cat "$OUT/best_trime_ext_long.flags") $trime_ext \
     --long-memory-size "$LONG" & p2=$!
   wait $p1 $p2
 done
@@ -120,6 +134,6 @@ row() { echo "| $1 | \`$2\` | $(ppl "$3" valid) | $(ppl "$3" test) |"; }
   row "vanilla: kNN-LM + cache" "$(cat "$OUT/best_knn_cache.flags")" knn_cache
   row "TRIMELM_ext" "--eval-memory none" trime_ext_none
   row "TRIMELM_ext w/o long memory" "$(cat "$OUT/best_trime_ext.flags")" trime_ext
-  row "TRIMELM_ext (long memory $LONG)" "$(cat "$OUT/best_trime_ext.flags") --long-memory-size $LONG" \
+  row "TRIMELM_ext (long memory $LONG)" "$(cat "$OUT/best_trime_ext_long.flags") --long-memory-size $LONG" \
     trime_ext_long
 } | tee "$OUT/results.md"

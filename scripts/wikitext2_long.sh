@@ -18,6 +18,7 @@ SIZES=${SIZES:-0,1024,4096,16384}
 EVAL_ARGS=${EVAL_ARGS:---tokens-per-sample 256 --context-window 128 --batch-size 8}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
+source scripts/lib.sh
 scripts/ensure_wikitext2.sh "$DATA" "${RAW:-${TRIME_DATA:-../shared/data}/wikitext-2}"
 CONFIG="--config-dir configs/trime_long --config-name wikitext2_small task.data=$DATA optimization.max_update=$UPDATES dataset.validate_interval_updates=0"
 SHUFFLED="task.batching=shuffled task.consecutive_segments=1 ~criterion.memory_block_size"
@@ -25,7 +26,7 @@ SHUFFLED="task.batching=shuffled task.consecutive_segments=1 ~criterion.memory_b
 train() {  # name hydra-overrides...
   local log="$OUT/train_$1.log"
   if [ ! -f "$OUT/$1/checkpoint_last.pt" ] || ! grep -q "done training" "$log" 2>/dev/null; then
-    echo "training $1 ($UPDATES updates) -> $log" >&2
+    say "training $1 ($UPDATES updates) -> $log"
     fairseq-hydra-train $CONFIG checkpoint.save_dir="$OUT/$1" hydra.run.dir="$OUT/hydra_$1" "${@:2}" > "$log" 2>&1
   fi
 }
@@ -37,9 +38,10 @@ train vanilla $SHUFFLED criterion._name=adaptive_loss '~criterion.ce_warmup_rati
 
 tune() {  # name mode -> best eval-memory flags on valid (local memory)
   local out="$OUT/tune_$1.txt"
+  [ -s "$out" ] || say "tuning $1 ($2) on valid"
   [ -s "$out" ] || python -m trime_fairseq.cli.tune "$DATA" --user-dir trime_fairseq --task trime_lm \
     --path "$OUT/$1/checkpoint_last.pt" --gen-subset valid --cpu --no-progress-bar $EVAL_ARGS \
-    --eval-memory "$2" > "$out" 2> "$OUT/tune_$1.err"
+    --eval-memory "$2" --widen-edges 3 --results-json "$OUT/tune_$1.json" > "$out" 2> >(tune_progress "$OUT/tune_$1")
   sed -n 's/^best: \(.*\)  (.*/\1/p' "$out"
 }
 
@@ -52,6 +54,7 @@ lam=$(echo "$cache_flags" | sed -n 's/.*--cache-lambda \([0-9.]*\).*/\1/p')
 theta=$(echo "$cache_flags" | sed -n 's/.*--cache-theta \([0-9.]*\).*/\1/p')
 
 sweep() {  # split out-name path tau [baseline args...]
+  [ -s "$OUT/$2/sweep.csv" ] || say "long-memory sweep $2 (sizes $SIZES; log $OUT/$2.log)"
   [ -s "$OUT/$2/sweep.csv" ] || python -m trime_fairseq.cli.sweep_memory "$DATA" --user-dir trime_fairseq \
     --task trime_lm --path "$3" --eval-memory trime --memory-temperature "$4" --gen-subset "$1" --cpu \
     --no-progress-bar $EVAL_ARGS --sizes "$SIZES" --out-dir "$OUT/$2" "${@:5}" > "$OUT/$2.log" 2>&1

@@ -71,3 +71,21 @@ def wikitext2_bin(tmp_path_factory, wikitext2_raw):
 
 
 PYTHON = sys.executable
+
+
+@pytest.fixture(scope="session")
+def multi30k_bin(tmp_path_factory):
+    """A Multi30k de-en slice (first 1500 train / 100 valid / 100 test pairs), prepared by
+    scripts/prepare_multi30k.sh (lowercase, Moses tokenisation, a joint BPE of 1000 merges)."""
+    raw_full = shared_data("multi30k")
+    work = tmp_path_factory.mktemp("mt")
+    raw = work / "raw"
+    raw.mkdir()
+    for name, n in (("train", 1500), ("val", 100), ("test_2016_flickr", 100)):
+        for lang in ("de", "en"):
+            with open(raw_full / f"{name}.{lang}", encoding="utf-8") as f:
+                lines = [line for _, line in zip(range(n), f)]
+            (raw / f"{name}.{lang}").write_text("".join(lines), encoding="utf-8")
+    dest = work / "multi30k-slice"
+    run_cli(["bash", ROOT / "scripts" / "prepare_multi30k.sh", dest, raw], env={"MERGES": "1000", "WORKERS": "1"})
+    return dest

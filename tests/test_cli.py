@@ -94,3 +94,13 @@ def test_hydra_train_on_config_file(wikitext2_bin, tmp_path):
     ])
     assert "trime_loss=" in out and "num_updates=3" in out, out[-3000:]
     assert (tmp_path / "ckpt" / "checkpoint_last.pt").exists()
+
+
+@pytest.mark.parametrize("cli", ["trime-tune", "trime-build-datastore"])
+def test_our_clis_print_no_import_noise(cli):
+    """fairseq's import configures the root logger at DEBUG (faiss's loader then prints its CPU probing),
+    and fairseq asks for tensorboardX: the help must be the first thing a user sees."""
+    proc = subprocess.run([cli, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("usage: " + cli), proc.stdout[:300]
+    assert proc.stderr == "", proc.stderr[:500]

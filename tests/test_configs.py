@@ -152,3 +152,36 @@ def test_config_reaches_the_papers_tokens_per_update_and_memory(name):
     else:
         memory = seg
     assert (tokens_per_update, memory) == PAPER_SETTINGS[name]
+
+
+def test_iwslt14_config_is_the_papers_translation_setting():
+    """TRIME Table 11, IWSLT'14: 6+6 layers, d 512, FFN 1024, 39M parameters (fairseq's IWSLT'14
+    dictionaries: 8,848 de / 6,632 en types), 16,384 tokens per update on one worker, adam 5e-4,
+    cosine with 4k warm-up, 170k updates; TRIME-MT's criterion and BM25 batching."""
+    import torch
+    from fairseq.data import Dictionary
+    from fairseq.models import ARCH_MODEL_REGISTRY
+
+    cfg = composed(Path(__file__).resolve().parents[1] / "configs" / "trime_mt" / "iwslt14_de_en.yaml")
+    assert (cfg.task._name, cfg.criterion._name, cfg.task.batching) == ("trime_translation", "trime_mt_loss", "bm25")
+    assert cfg.dataset.max_tokens * cfg.optimization.update_freq[0] == 16_384
+    assert (cfg.optimization.lr[0], cfg.lr_scheduler._name, cfg.lr_scheduler.warmup_updates,
+            cfg.optimization.max_update) == (5e-4, "cosine", 4000, 170_000)
+    dicts = []
+    for size in (8848, 6632):
+        d = Dictionary()
+        for i in range(size - d.nspecial):
+            d.add_symbol(f"w{i}")
+        dicts.append(d)
+    task = type("Task", (), {"source_dictionary": dicts[0], "target_dictionary": dicts[1]})()
+    from argparse import Namespace
+
+    from omegaconf import OmegaConf
+
+    args = Namespace(**OmegaConf.to_container(cfg.model))
+    with torch.device("meta"):
+        model = ARCH_MODEL_REGISTRY[cfg.model._name].build_model(args, task)
+    count = sum(p.numel() for p in model.parameters())
+    assert abs(count - 39e6) / 39e6 < 0.03, f"{count / 1e6:.1f}M parameters, the paper 39M"
+    assert (args.encoder_layers, args.decoder_layers, args.encoder_embed_dim, args.encoder_ffn_embed_dim) == (
+        6, 6, 512, 1024)

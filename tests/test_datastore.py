@@ -92,6 +92,21 @@ def test_ivfpq_round_trip_rescoring_and_missing_hits(tmp_path):
     assert torch.isneginf(few.scores[~few.mask]).all() and (few.values[~few.mask] == 0).all()
 
 
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_torch_search_equals_the_numpy_search(tmp_path, metric):
+    """--knn-gpu searches through faiss.contrib.torch_utils (no numpy round trip on the GPU); on the
+    CPU the same path must give the numpy path's hits, missing hits included."""
+    keys, values = _data(n=2000)
+    _build(tmp_path / "ds", keys, values, factory="IVF16,Flat", metric=metric, nprobe=2)
+    store = Datastore.load(tmp_path / "ds")
+    q = np.random.default_rng(4).standard_normal((6, 16)).astype(np.float32)
+    for k in (8, 1500):  # 1500 > what 2 probed lists hold: missing hits
+        a, b = store.search(q, k), store.search_torch(torch.from_numpy(q), k)
+        assert torch.equal(a.mask, b.mask) and torch.equal(a.values, b.values)
+        torch.testing.assert_close(a.scores, b.scores)
+    assert not bool(b.mask.all())
+
+
 def test_search_feeds_the_shared_mixing_functions(tmp_path):
     keys, values = _data(n=500)
     _build(tmp_path / "ds", keys, values, metric="l2")

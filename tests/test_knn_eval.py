@@ -231,3 +231,51 @@ def test_option_errors():
         tiny_task(eval_memory="cache", knn_rescore=True)
     with pytest.raises(ValueError, match="--cache-lambda has no effect with --eval-memory trime_ext"):
         tiny_task(eval_memory="trime_ext", datastore="x", cache_lambda=0.1)
+
+
+def test_generation_mixes_the_datastore_at_every_step(store):
+    """fairseq's SequenceGenerator (beam 2, incremental decoding) calls get_normalized_probs without
+    a sample: the per-step driver searches the live hypotheses' last position once per step, and every
+    step's distribution equals (1-λ) p_LM + λ p_kNN over a brute-force top-K."""
+    from fairseq.sequence_generator import SequenceGenerator
+
+    path, keys, values = store
+    k, lam, temp = 3, 0.4, 2.0
+    task, model = memory_model(path, eval_memory="knn", knn_k=k, knn_lambda=lam, knn_temperature=temp)
+    memory = model.trime_eval_memory
+    calls, original = [], memory.step_log_probs
+
+    def record(decoder, net_output):
+        out = original(decoder, net_output)
+        calls.append((net_output[0][:, -1].double(), get_keys(net_output, TRIME_KEY)[:, -1].double(), out.clone()))
+        return out
+
+    memory.step_log_probs = record
+    prompt = lm_sample(task, bsz=2, tsz=3)["net_input"]["src_tokens"]
+    generator = SequenceGenerator([model], task.target_dictionary, beam_size=2, max_len_b=6, min_len=6)
+    sample = {"net_input": {"src_tokens": prompt, "src_lengths": torch.full((2,), 3)}}
+    with torch.no_grad():
+        hypos = generator.generate([model], sample, prefix_tokens=prompt)
+    assert len(hypos) == 2 and len(calls) >= 6
+    for logits, query, got in calls:
+        assert query.size(0) in (2, 4) and got.shape == (query.size(0), 1, logits.size(-1))  # B x beam rows
+        scores = query @ keys.T  # (B', N) brute force over the whole datastore
+        top = scores.topk(k, dim=-1)
+        p_knn = torch.zeros_like(logits)
+        p_knn.scatter_add_(1, values[top.indices], torch.softmax(top.values / temp, -1))
+        expected = ((1 - lam) * torch.softmax(logits, -1) + lam * p_knn).log()
+        torch.testing.assert_close(got[:, 0].double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [dict(eval_memory="trime"),
+                                     dict(eval_memory="knn", knn_k=2, cache_lambda=0.2)])
+def test_generation_refuses_a_memory_it_cannot_apply_step_by_step(store, options):
+    from fairseq.sequence_generator import SequenceGenerator
+
+    path, _, _ = store
+    task = tiny_task(**(dict(options, datastore=str(path)) if options["eval_memory"] == "knn" else options))
+    model = tiny_lm(task).eval()
+    prompt = lm_sample(task, bsz=1, tsz=2)["net_input"]["src_tokens"]
+    generator = SequenceGenerator([model], task.target_dictionary, beam_size=2, max_len_b=3)
+    with pytest.raises(ValueError, match="uses the local memory of the scored sequence"):
+        generator.generate([model], {"net_input": {"src_tokens": prompt, "src_lengths": torch.full((1,), 2)}})

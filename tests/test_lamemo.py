@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from naive_relative import attend, naive_causal_transformer
@@ -196,3 +197,22 @@ def test_model_builds_with_trime_keys():
     assert net_output[0].shape == (2, 5, VOCAB)
     assert net_output[1]["trime_key"].shape == net_output[1]["trime_feature"].shape == (2, 5, 12)
     assert decoder.provides_trime_keys
+
+
+def test_cpu_dropout_has_nn_dropouts_distribution():
+    """models/dropout.py draws a cheaper mask on the CPU: keep with probability 1 - p, scale 1 / (1 - p),
+    identity in eval mode, gradients through the kept entries only."""
+    from trime_fairseq.models.dropout import Dropout
+
+    torch.manual_seed(0)
+    drop = Dropout(0.3).train()
+    x = torch.ones(400, 500, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.005
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.7))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.7)
+    assert drop.eval()(x) is x and Dropout(1.0).train()(x).abs().sum() == 0
+    with pytest.raises(ValueError, match="dropout probability"):
+        Dropout(1.5)

@@ -311,7 +311,7 @@ EXT_CONFIGS = sorted((ROOT / "configs" / "trime_ext").glob("*.yaml"))
 
 
 def test_ext_configs_exist():
-    assert [p.stem for p in EXT_CONFIGS] == ["wiki103_247m", "wikitext2_small"]
+    assert [p.stem for p in EXT_CONFIGS] == ["wiki103_247m", "wiki103_7m", "wikitext2_small"]
 
 
 @pytest.mark.parametrize("path", EXT_CONFIGS, ids=lambda p: p.stem)

@@ -613,6 +613,10 @@ def test_cli_train_long_loss_then_evaluate_with_long_memory(wikitext2_bin, tmp_p
     assert math.isfinite(swept[0]) and swept[0] != swept[1024]
     rows = [line.split(",") for line in (out_dir / "sweep.csv").read_text().splitlines()[1:]]
     assert [int(r[1]) for r in rows] == [0, 1024]
+    import json
+
+    data = json.loads((out_dir / "sweep.json").read_text())
+    assert data["split"] == "valid" and [r["long_memory_size"] for r in data["results"]["TRIMELM_long"]] == [0, 1024]
     assert (out_dir / "sweep.png").stat().st_size > 1000 and "| 1024 |" in (out_dir / "sweep.md").read_text()
 
 

@@ -12,6 +12,14 @@ permutation of segment ids, with a JSON header) atomically::
         --max-df 0.05 --query-terms 30 --candidates 100 --output ... --workers 2
 
 Train with ``fairseq-train --task trime_lm --batching bm25 --bm25-order FILE``.
+
+Translation (TRIME-MT, Appendix B: target sentences with high BM25 scores share a batch):
+the items are the target sentences of a language pair::
+
+    trime-bm25-batches --data data-bin/iwslt14.de-en --source-lang de --target-lang en \
+        --output data-bin/iwslt14.de-en/bm25-target.order --workers 2
+
+and ``fairseq-train --task trime_translation --batching bm25 --bm25-order FILE``.
 """
 
 import argparse
@@ -49,7 +57,11 @@ def get_parser() -> argparse.ArgumentParser:
     src.add_argument("--split", default="train")
     src.add_argument("--token-ids", help="instead of --data: a .npy file of token ids (1-D), cut into "
                      "consecutive segments of --tokens-per-sample")
-    src.add_argument("--tokens-per-sample", type=int, required=True, help="segment length L (as in training)")
+    src.add_argument("--tokens-per-sample", type=int, default=None,
+                     help="segment length L (as in training; language modelling)")
+    src.add_argument("--source-lang", default=None, help="translation: the pair's source language")
+    src.add_argument("--target-lang", default=None,
+                     help="translation: the items are the target sentences of SPLIT.SRC-TGT.TGT (dict.TGT.txt)")
     src.add_argument("--sample-break-mode", default="none", choices=["none", "complete", "complete_doc", "eos"],
                      help="as fairseq's --sample-break-mode (with --data)")
     src.add_argument("--dataset-impl", default=None)
@@ -82,10 +94,48 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _target_sentences(args):
+    """The items of a translation split: its target sentences (EOS included, ignored by BM25)."""
+    from fairseq.data import Dictionary, data_utils
+
+    if args.token_ids is not None or args.tokens_per_sample is not None or args.sample_break_mode != "none":
+        raise SystemExit("--target-lang items are sentences: no --token-ids, --tokens-per-sample or "
+                         "--sample-break-mode")
+    if not args.source_lang or not args.target_lang:
+        raise SystemExit("a language pair needs both --source-lang and --target-lang")
+    src, tgt = args.source_lang, args.target_lang
+    dict_path = os.path.join(args.data, f"dict.{tgt}.txt")
+    if not os.path.isfile(dict_path):
+        raise SystemExit(f"no target dictionary at {dict_path}")
+    d = Dictionary.load(dict_path)
+    prefix = os.path.join(args.data, f"{args.split}.{src}-{tgt}.{tgt}")
+    dataset = data_utils.load_indexed_dataset(prefix, d, args.dataset_impl)
+    if dataset is None:
+        raise SystemExit(f"target side not found: {prefix}.{{bin,idx}}")
+    from trime_fairseq.data.bm25_segments import _flat_tokens
+
+    tokens = _flat_tokens(dataset)
+    offsets = np.zeros(len(dataset) + 1, dtype=np.int64)
+    np.cumsum(np.asarray(dataset.sizes, dtype=np.int64), out=offsets[1:])
+    ignore = {d.pad(), d.eos(), d.bos(), d.unk()}
+    if args.ignore_stopwords:
+        ignore |= {i for i, s in enumerate(d.symbols) if s.lower() in LUCENE_STOP_WORDS}
+    meta = dict(data=os.path.abspath(args.data), split=args.split, items="target_sentences", source_lang=src,
+                target_lang=tgt, num_tokens=int(len(tokens)), dictionary_size=len(d),
+                dictionary_sha256=dictionary_checksum(d))
+    return tokens, offsets, len(d), sorted(ignore), meta
+
+
 def _segments(args):
     """(tokens, offsets, ignore ids, source metadata)."""
     if (args.data is None) == (args.token_ids is None):
         raise SystemExit("give exactly one of --data or --token-ids")
+    if args.target_lang or args.source_lang:
+        if args.data is None:
+            raise SystemExit("a language pair needs --data")
+        return _target_sentences(args)
+    if args.tokens_per_sample is None:
+        raise SystemExit("--tokens-per-sample is required for language-modelling segments")
     if args.data is not None:
         seg = load_segments(args.data, args.split, args.tokens_per_sample, args.sample_break_mode,
                             args.dataset_impl)
@@ -113,13 +163,14 @@ def _segments(args):
 
 
 def main(args) -> dict:
-    if args.tokens_per_sample < 1 or args.topk < 1 or args.workers < 1:
+    if (args.tokens_per_sample is not None and args.tokens_per_sample < 1) or args.topk < 1 or args.workers < 1:
         raise SystemExit("--tokens-per-sample, --topk and --workers must be >= 1")
     progress = not args.no_progress_bar
     t0 = time.time()
     tokens, offsets, vocab, ignore, source = _segments(args)
     n = len(offsets) - 1
-    logger.info(f"{n} segments of <= {args.tokens_per_sample} tokens ({len(tokens)} tokens)")
+    logger.info(f"{n} {source.get('items', 'segments of <= %s tokens' % args.tokens_per_sample)} "
+                f"({len(tokens)} tokens)")
     params = bm25_params(args.variant, args.k1, args.b, args.epsilon)
     counts = term_counts(tokens, offsets, vocab, ignore=ignore)
     weights, idf = bm25_weights(counts, params)

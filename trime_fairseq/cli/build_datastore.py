@@ -1,15 +1,25 @@
-"""``trime-build-datastore``: the external memory of kNN-LM / TRIMELM_ext from a trained LM.
+"""``trime-build-datastore``: the external memory of kNN-LM / TRIMELM_ext / kNN-MT / TRIME-MT.
 
 Runs the checkpoint over a split exactly as ``fairseq-eval-lm`` does (same
 ``task.eval_lm_dataloader``, ``--context-window``), stores for every scored
 position (target != pad) its key -- g (``trime_key``, TRIME and kNN-LM) or f
 (``trime_feature``) -- and its next token, then trains and fills a FAISS index.
-Entry n is the split's n-th token (blocks in stream order, also without a context
-window), which SPALM's neighbour files rely on::
+For a language model, entry n is the split's n-th token (blocks in stream order, also
+without a context window), which SPALM's neighbour files rely on::
 
     trime-build-datastore --path checkpoints/checkpoint_best.pt --data data-bin/wikitext-103 \\
         --gen-subset train --context-window 1536 --tokens-per-sample 3072 \\
         --output dstore/wt103-train --index-factory IVF4096,PQ64 --metric ip
+
+A translation checkpoint (task ``translation`` or ``trime_translation``, read from the
+checkpoint) gives a translation datastore: a teacher-forced pass over the split stores, for
+every target position, the decoder's key (g: the input of its last feed-forward block, as
+kNN-MT and TRIME Appendix B; ``--key-type trime_feature``: the decoder output) and the target
+token -- EOS included, never padding -- so N = target tokens + one EOS per sentence (IWSLT'14
+train as fairseq's prepare-iwslt14.sh makes it: 3,949,114 entries)::
+
+    trime-build-datastore --path checkpoints/mt/checkpoint_best.pt --gen-subset train \
+        --output dstore/iwslt14-train --index-factory IVF1024,PQ64 --metric l2
 
 An interrupted run resumes when started again with the same arguments
 (``--overwrite`` rebuilds a complete datastore). Load the result with
@@ -22,7 +32,6 @@ import logging
 import os
 import sys
 import time
-from typing import Optional
 
 import numpy as np
 import torch
@@ -40,12 +49,14 @@ logger = logging.getLogger("trime_fairseq.cli.build_datastore")
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trime-build-datastore", description=__doc__.split("\n\n")[0])
     m = p.add_argument_group("model and data")
-    m.add_argument("--path", required=True, help="fairseq checkpoint of a (trime_lm / language_modeling) LM")
+    m.add_argument("--path", required=True, help="fairseq checkpoint of a language model (trime_lm, language_modeling) "
+                   "or a translation model (trime_translation, translation)")
     m.add_argument("--data", default=None, help="binarized data folder (default: the checkpoint's)")
     m.add_argument("--gen-subset", default="train", help="split whose positions become memory entries")
-    m.add_argument("--tokens-per-sample", type=int, default=None, help="input length (default: the checkpoint's)")
-    m.add_argument("--context-window", type=int, default=0, help="as fairseq-eval-lm: context tokens before the "
-                   "scored ones (scored per input: tokens-per-sample - context-window)")
+    m.add_argument("--tokens-per-sample", type=int, default=None,
+                   help="language models: input length (default: the checkpoint's)")
+    m.add_argument("--context-window", type=int, default=0, help="language models, as fairseq-eval-lm: context "
+                   "tokens before the scored ones (scored per input: tokens-per-sample - context-window)")
     m.add_argument("--max-tokens", type=int, default=None, help="tokens per batch (default 36000 as eval-lm)")
     m.add_argument("--batch-size", type=int, default=None)
     m.add_argument("--model-overrides", default="{}", help="dict of model args to override, as eval-lm")
@@ -75,12 +86,17 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_lm(args):
-    """(model, task, state) for the checkpoint, with the task set up as fairseq-eval-lm would."""
+LM_TASKS = ("trime_lm", "language_modeling")
+MT_TASKS = ("trime_translation", "translation")
+
+
+def load_model(args):
+    """(model, task, state) for the checkpoint: a language model with the task set up as
+    fairseq-eval-lm would, or a translation model with its (trime_)translation task."""
     from fairseq import checkpoint_utils, tasks
     from omegaconf import open_dict
 
-    import trime_fairseq  # noqa: F401  (registers trime_lm)
+    import trime_fairseq  # noqa: F401  (registers the tasks)
 
     if not os.path.isfile(args.path):
         raise FileNotFoundError(f"checkpoint not found: {args.path}")
@@ -90,16 +106,23 @@ def load_lm(args):
     if cfg is None:
         raise ValueError(f"{args.path} has no fairseq config ('cfg'); re-save it with fairseq >= 0.10")
     task_cfg = cfg.task
-    if task_cfg._name not in ("trime_lm", "language_modeling"):
-        raise ValueError(f"{args.path} was trained with task '{task_cfg._name}'; a language model is needed")
+    if task_cfg._name not in LM_TASKS + MT_TASKS:
+        raise ValueError(f"{args.path} was trained with task '{task_cfg._name}'; a language model "
+                         f"({' / '.join(LM_TASKS)}) or a translation model ({' / '.join(MT_TASKS)}) is needed")
+    translation = task_cfg._name in MT_TASKS
     with open_dict(task_cfg):
-        task_cfg._name = "trime_lm"
+        task_cfg._name = "trime_translation" if translation else "trime_lm"
         if args.data is not None:
             task_cfg.data = args.data
-        length = args.tokens_per_sample or task_cfg.tokens_per_sample
-        if args.context_window < 0 or args.context_window >= length:
-            raise ValueError(f"--context-window must lie in [0, {length}), got {args.context_window}")
-        task_cfg.tokens_per_sample = length - args.context_window  # as fairseq-eval-lm
+        if translation:
+            if args.tokens_per_sample is not None or args.context_window:
+                raise ValueError("--tokens-per-sample / --context-window are language-model options; a translation "
+                                 "datastore stores every target position of the split's sentence pairs")
+        else:
+            length = args.tokens_per_sample or task_cfg.tokens_per_sample
+            if args.context_window < 0 or args.context_window >= length:
+                raise ValueError(f"--context-window must lie in [0, {length}), got {args.context_window}")
+            task_cfg.tokens_per_sample = length - args.context_window  # as fairseq-eval-lm
         for key, value in (("batching", "shuffled"), ("bm25_order", None), ("eval_memory", "none")):
             if key in task_cfg:
                 task_cfg[key] = value
@@ -111,49 +134,74 @@ def load_lm(args):
     return model, task, state
 
 
-def key_dim(model, key_type: str, dictionary, device) -> int:
+load_lm = load_model  # the name the language-model tests use
+
+
+def is_translation(task) -> bool:
+    from fairseq.tasks.translation import TranslationTask
+
+    return isinstance(task, TranslationTask)
+
+
+def dummy_input(task, device) -> dict:
+    """A one-token net_input for the model of ``task`` (to read the key dimension)."""
+    eos = torch.full((1, 1), task.target_dictionary.eos(), dtype=torch.long, device=device)
+    if is_translation(task):
+        return dict(src_tokens=eos, src_lengths=torch.ones(1, dtype=torch.long, device=device), prev_output_tokens=eos)
+    return dict(src_tokens=eos)
+
+
+def key_dim(model, key_type: str, task, device) -> int:
     with torch.no_grad():
-        out = model(torch.full((1, 1), dictionary.eos(), dtype=torch.long, device=device))
+        out = model(**dummy_input(task, device))
     return int(get_keys(out, key_type).size(-1))
 
 
-def scored_keys(model, task, dataset, args, key_type: str, device, skip_batches: int = 0, progress: bool = True):
-    """Keys of the scored positions (target != pad) of ``dataset``, in the split's token order.
+def scored_batches(args, task, model, dataset, max_tokens):
+    """The batches whose positions become entries, in a fixed order (resumable), and their number."""
+    from fairseq import utils
 
-    Iterates as ``fairseq-eval-lm`` does (``task.eval_lm_dataloader``, ``args.context_window``,
-    ``args.max_tokens`` / ``args.batch_size``), with the blocks in stream order also without a
-    context window, so the n-th key is the one of the split's n-th token. Yields
-    (batches done, keys (n, d), targets (n,)) per batch; the first ``skip_batches`` batches
-    are read but not run (resuming).
-    """
+    max_positions = utils.resolve_max_positions(task.max_positions(), model.max_positions())
+    if is_translation(task):  # teacher-forced: every target position of every pair, fairseq's length order
+        itr = task.get_batch_iterator(
+            dataset=dataset, max_tokens=max_tokens, max_sentences=args.batch_size, max_positions=max_positions,
+            ignore_invalid_inputs=False, required_batch_size_multiple=1, seed=args.seed, num_shards=1, shard_id=0,
+            num_workers=args.num_workers, disable_iterator_cache=True,
+        ).next_epoch_itr(shuffle=False)
+    else:  # as fairseq-eval-lm, with the blocks in stream order also without a context window
+        itr = task.eval_lm_dataloader(
+            dataset=dataset if args.context_window > 0 else StreamOrderDataset(dataset), max_tokens=max_tokens,
+            batch_size=args.batch_size, max_positions=max_positions, num_shards=1, shard_id=0,
+            num_workers=args.num_workers, data_buffer_size=0, context_window=args.context_window,
+        )
+    return itr, len(itr)
+
+
+def default_max_tokens(args, translation: bool):
+    """Tokens per batch: --max-tokens, else fairseq's default (eval-lm 36000, translation 8000) unless
+    --batch-size is given."""
+    return args.max_tokens or (None if args.batch_size else (8000 if translation else 36000))
+
+
+def scored_keys(model, task, itr, num_batches: int, key_type: str, device, skip_batches: int = 0,
+                progress: bool = True, desc: str = "keys"):
+    """Keys of the scored positions (target != pad) of the batches of ``itr`` (:func:`scored_batches`),
+    in its order -- for a language model the split's token order. Yields (batches done, keys (n, d),
+    targets (n,)) per batch; the first ``skip_batches`` batches are read but not run (resuming)."""
     from fairseq import utils
 
     pad = task.target_dictionary.pad()
-    use_cuda = device.type == "cuda"
-    itr = task.eval_lm_dataloader(
-        dataset=dataset if args.context_window > 0 else StreamOrderDataset(dataset),
-        max_tokens=eval_max_tokens(args), batch_size=args.batch_size,
-        max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
-        num_shards=1, shard_id=0, num_workers=args.num_workers, data_buffer_size=0,
-        context_window=args.context_window,
-    )
-    bar = tqdm(itr, total=len(itr), desc=f"keys of {args.gen_subset}", unit="batch", disable=not progress,
-               mininterval=2.0)
+    bar = tqdm(itr, total=num_batches, desc=desc, unit="batch", disable=not progress, mininterval=2.0)
     with torch.no_grad():
         for i, sample in enumerate(bar):
             if i < skip_batches or "net_input" not in sample:
                 continue
-            sample = utils.move_to_cuda(sample) if use_cuda else sample
+            sample = utils.move_to_cuda(sample) if device.type == "cuda" else sample
             net_output = model(**sample["net_input"])
             keys = get_keys(net_output, key_type)  # (B, T, d)
-            target = sample["target"]  # (B, T); context positions are pad
+            target = sample["target"]  # (B, T); context positions and padding are pad
             scored = target.ne(pad)
             yield i + 1, keys[scored], target[scored]
-
-
-def eval_max_tokens(args) -> Optional[int]:
-    """Tokens per batch: --max-tokens, else fairseq-eval-lm's 36000 unless --batch-size is given."""
-    return args.max_tokens or (None if args.batch_size else 36000)
 
 
 def main(args) -> dict:
@@ -161,7 +209,8 @@ def main(args) -> dict:
     use_cuda = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda" if use_cuda else "cpu")
     t0 = time.time()
-    model, task, state = load_lm(args)
+    model, task, state = load_model(args)
+    translation = is_translation(task)
     model_sha = loaded_model_checksum(model)  # as loaded (upgraded), before --fp16: what evaluation checks
     del state
     if args.fp16:
@@ -171,13 +220,20 @@ def main(args) -> dict:
 
     task.load_dataset(args.gen_subset)
     dataset = task.dataset(args.gen_subset)
-    capacity = int(np.sum(dataset.sizes))  # every token is scored once (also with a context window)
-    source = dict(data=os.path.abspath(task.args.data), split=args.gen_subset,
-                  tokens_per_sample=int(task.args.tokens_per_sample) + args.context_window,
-                  context_window=args.context_window, max_tokens=eval_max_tokens(args), batch_size=args.batch_size,
-                  order="stream")
+    max_tokens = default_max_tokens(args, translation)
+    if translation:  # every target position, EOS included: target tokens + one EOS per sentence
+        capacity = int(np.sum(dataset.tgt_sizes))
+        source = dict(data=os.path.abspath(task.cfg.data), split=args.gen_subset, task="translation",
+                      source_lang=task.cfg.source_lang, target_lang=task.cfg.target_lang, sentences=len(dataset),
+                      max_tokens=max_tokens, batch_size=args.batch_size)
+    else:
+        capacity = int(np.sum(dataset.sizes))  # every token is scored once (also with a context window)
+        source = dict(data=os.path.abspath(task.args.data), split=args.gen_subset,
+                      tokens_per_sample=int(task.args.tokens_per_sample) + args.context_window,
+                      context_window=args.context_window, max_tokens=max_tokens, batch_size=args.batch_size,
+                      order="stream")
     spec = DatastoreSpec(
-        dim=key_dim(model, args.key_type, dictionary, device), key_type=args.key_type, metric=args.metric,
+        dim=key_dim(model, args.key_type, task, device), key_type=args.key_type, metric=args.metric,
         dictionary_size=len(dictionary), dictionary_sha256=dictionary_checksum(dictionary),
         model_path=os.path.abspath(args.path), model_sha256=model_sha, source=source, key_dtype=args.key_dtype,
     )
@@ -187,17 +243,20 @@ def main(args) -> dict:
     writer = DatastoreWriter(args.output, spec, capacity, overwrite=args.overwrite)
 
     if writer.stage == "keys":
+        itr, num_batches = scored_batches(args, task, model, dataset, max_tokens)
         done = writer.batches_done
         if done:
             logger.info(f"resuming: {writer.rows} keys from {done} batches already written")
-        batches = 0
-        for batches, keys, targets in scored_keys(model, task, dataset, args, args.key_type, device, done,
-                                                  progress):
+        for batches, keys, targets in scored_keys(model, task, itr, num_batches, args.key_type, device, done,
+                                                  progress, desc=f"keys of {args.gen_subset}"):
             writer.add(keys, targets.int())  # refuses keys its dtype cannot hold
             if batches % args.commit_every == 0:
                 writer.commit(batches)
-        writer.commit(max(batches, done))
+        writer.commit(num_batches)
     n = writer.finish_keys()
+    if translation and n != capacity:
+        raise RuntimeError(f"{n} entries written for {capacity} target tokens of {args.gen_subset}: a sentence was "
+                           "skipped (longer than the model's max positions?)")
     logger.info(f"{n} keys of dimension {spec.dim} written ({capacity} tokens in {args.gen_subset})")
     t1 = time.time()
     writer.build_index(args.index_factory, ntrain=args.ntrain, seed=args.seed, add_chunk=args.add_chunk,

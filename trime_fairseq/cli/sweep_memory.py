@@ -17,10 +17,12 @@ is scored as a continuous cache extended to the same long-term memory sizes
         --sizes 0,1024,4096,16384 --tokens-per-sample 512 --context-window 256 --gen-subset valid \\
         --out-dir results/sweep_wikitext2
 
-Writes ``sweep.csv``, ``sweep.md`` and ``sweep.png`` (perplexity vs memory size) in ``--out-dir``.
+Writes ``sweep.csv``, ``sweep.json``, ``sweep.md`` and ``sweep.png`` (perplexity vs memory size) in
+``--out-dir``.
 """
 
 import copy
+import json
 import logging
 import math
 import sys
@@ -74,7 +76,7 @@ def sweep_model(cfg, base: MemoryOptions, sizes: List[int]) -> List[Dict]:
     points = [replace(base, long_memory_size=n) for n in sizes]
     totals = {n: 0.0 for n in sizes}
     seconds = {n: 0.0 for n in sizes}
-    count, forward_seconds = 0, 0.0
+    count, forward_seconds, batches = 0, 0.0, 0
     for sample in eval_batches(cfg, task, models):
         start = time.perf_counter()
         net_output = model(**sample["net_input"])
@@ -87,6 +89,9 @@ def sweep_model(cfg, base: MemoryOptions, sizes: List[int]) -> List[Dict]:
             totals[n] += float(log_prob[scored].double().sum())
             seconds[n] += time.perf_counter() - start
         memory.advance(net_output, sample)
+        batches += 1
+        if batches % 50 == 0:
+            logger.info(f"{batches} batches, {count} tokens scored for {len(sizes)} memory sizes")
     if count == 0:
         raise ValueError(f"no tokens to score in split '{cfg.dataset.gen_subset}'")
     rows = []
@@ -107,6 +112,7 @@ def write_outputs(out_dir: Path, results: Dict[str, List[Dict]], subset: str) ->
         for r in rows
     ]
     atomic_write_text(out_dir / "sweep.csv", "\n".join(lines) + "\n")
+    atomic_write_text(out_dir / "sweep.json", json.dumps(dict(split=subset, results=results), indent=2) + "\n")
 
     labels = list(results)
     sizes = sorted({r["long_memory_size"] for rows in results.values() for r in rows})
@@ -138,7 +144,7 @@ def write_outputs(out_dir: Path, results: Dict[str, List[Dict]], subset: str) ->
 
 def main(argv=None):
     cfg, args = eval_lm_config(sys.argv[1:] if argv is None else argv, add_args)
-    from trime_fairseq.tasks.trime_lm import memory_options
+    from trime_fairseq.tasks.memory_config import memory_options
 
     if getattr(cfg.task, "long_memory_size", None) is not None:
         raise ValueError("trime-sweep-memory sets the long-term memory size itself: give --sizes, not --long-memory-size")

@@ -204,7 +204,7 @@ def tune(cfg, base: MemoryOptions, axes: Dict[str, List[float]], rounds: int):
 
 def main(argv=None):
     cfg, args = eval_lm_config(sys.argv[1:] if argv is None else argv, add_args)
-    from trime_fairseq.tasks.trime_lm import memory_options
+    from trime_fairseq.tasks.memory_config import memory_options
 
     base = memory_options(cfg.task)
     axes = axes_of(base, args)

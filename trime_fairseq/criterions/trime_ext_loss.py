@@ -42,21 +42,17 @@ from typing import Optional
 
 import numpy as np
 import torch
+from torch import Tensor
 from fairseq import metrics, utils
 from fairseq.criterions import register_criterion
 from omegaconf import II
-from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from trime_fairseq.criterions.trime_loss import TrimeLoss, TrimeLossConfig
-from trime_fairseq.memory.blockwise import summary_batch
-from trime_fairseq.memory.mixing import masked_logsumexp
-from trime_fairseq.memory.sources import MemoryBatch, dot_scale, scaled_dot
+from trime_fairseq.memory.cross_segment import MAX_DENSE_POSITIONS  # noqa: F401 (re-exported)
+from trime_fairseq.memory.cross_segment import cross_segment_memory
+from trime_fairseq.memory.sources import MemoryBatch, dot_scale
 
 logger = logging.getLogger(__name__)
-
-MAX_DENSE_POSITIONS = 32768  # 2^30 scores = 4 GiB in float32: use --memory-block-size beyond
-
 
 @dataclass
 class TrimeExtLossConfig(TrimeLossConfig):
@@ -71,25 +67,6 @@ class TrimeExtLossConfig(TrimeLossConfig):
         "blocks of this size instead of one dense (B·T)² score matrix; 0: always dense"},
     )
     seed: int = II("common.seed")
-
-
-def ext_memory_mask(query_index: Tensor, seq_len: int, keep_local: Tensor, valid: Tensor) -> Tensor:
-    """Visibility (Q, N) of the N = B·T flat batch positions for the queries at flat positions
-    ``query_index`` (Q,): every valid position of another segment, plus the earlier valid positions
-    of the query's own segment when ``keep_local`` (B,) of that segment is True."""
-    key_index = torch.arange(valid.numel(), device=valid.device)
-    seg_q, seg_k = query_index // seq_len, key_index // seq_len
-    same = seg_q.unsqueeze(1) == seg_k.unsqueeze(0)  # (Q, N)
-    local = same & (key_index.unsqueeze(0) < query_index.unsqueeze(1)) & keep_local[seg_q].unsqueeze(1)
-    return valid.unsqueeze(0) & (~same | local)
-
-
-def _block_sums(queries, keys, values, valid, target, query_index, keep_local, seq_len: int, scale: float):
-    """(match, other) log-sums (Q,) of the queries (Q, d) over their ext memory among keys (N, d)."""
-    scores = scaled_dot(queries, keys, scale)  # (Q, N)
-    visible = ext_memory_mask(query_index, seq_len, keep_local, valid)
-    match = visible & (values.unsqueeze(0) == target.unsqueeze(1))
-    return masked_logsumexp(scores, match), masked_logsumexp(scores, visible & ~match)
 
 
 @register_criterion("trime_ext_loss", dataclass=TrimeExtLossConfig)
@@ -149,33 +126,7 @@ class TrimeExtLoss(TrimeLoss):
             raise ValueError(f"the local drop pattern must be a ({bsz},) bool tensor, got {tuple(dropped.shape)} "
                              f"{dropped.dtype}")
         self._last_dropped = int(dropped.sum())
-        n = bsz * tsz
-        keep_local = ~dropped.to(keys.device)
-        flat_keys, flat_target, flat_valid = keys.reshape(n, dim), target.reshape(n), valid.reshape(n)
-        scale = dot_scale(dim)
-        if self.memory_block_size == 0 or n <= self.memory_block_size:
-            if n > MAX_DENSE_POSITIONS:
-                raise ValueError(
-                    f"a batch of {bsz} x {tsz} = {n} positions needs a dense {n} x {n} memory; "
-                    f"set --memory-block-size (e.g. 4096) to score it in blocks"
-                )
-            index = torch.arange(n, device=keys.device)
-            mask = ext_memory_mask(index, tsz, keep_local, flat_valid)
-            scores = scaled_dot(flat_keys, flat_keys, scale)
-            return MemoryBatch(scores.unsqueeze(0), flat_target.view(1, 1, n), mask.unsqueeze(0))
-        matches, others = [], []
-        for a in range(0, n, self.memory_block_size):
-            b = min(a + self.memory_block_size, n)
-            args = (flat_keys[a:b], flat_keys, flat_target, flat_valid, flat_target[a:b],
-                    torch.arange(a, b, device=keys.device), keep_local, tsz, scale)
-            if torch.is_grad_enabled() and keys.requires_grad:
-                match, other = checkpoint(_block_sums, *args, use_reentrant=False)
-            else:
-                match, other = _block_sums(*args)
-            matches.append(match)
-            others.append(other)
-        return summary_batch(torch.cat(matches).unsqueeze(0), torch.cat(others).unsqueeze(0),
-                             flat_target.unsqueeze(0))
+        return cross_segment_memory(keys, target, valid, ~dropped, dot_scale(dim), self.memory_block_size)
 
     # -- logging ---------------------------------------------------------------------------------
 

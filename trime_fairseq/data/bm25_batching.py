@@ -1,8 +1,11 @@
 """``--batching bm25``: train on TRIME's BM25 chain (§4.3) from ``--bm25-order FILE``.
 
-The order file (``trime-bm25-batches``) is a chain of all training segments in
-which neighbours are lexically similar. Batches are consecutive pieces of the
-chain of ``batch_size`` segments. One update consumes ``update_freq × world
+The order file (``trime-bm25-batches``) is a chain of all training items in
+which neighbours are lexically similar: the segments of a language-modelling
+split (``trime_lm``), or the target sentences of a language pair
+(``trime_translation``, Appendix B). Batches are consecutive pieces of the
+chain: ``batch_size`` segments, or as many sentences as ``--max-tokens`` /
+``--batch-size`` allow (padding counted, as fairseq's ``batch_by_size``). One update consumes ``update_freq × world
 size`` consecutive batches (fairseq gives batch j to worker j mod W and each
 worker accumulates ``update_freq`` of its batches), so the chain is cut into
 groups of that many batches and only whole groups are shuffled: BM25
@@ -23,7 +26,6 @@ from typing import Callable, List, Optional
 
 import numpy as np
 from fairseq.data import iterators
-from fairseq.tasks.language_modeling import LanguageModelingTask
 
 from trime_fairseq.data import register_batching
 from trime_fairseq.data.bm25 import read_order_file
@@ -32,41 +34,78 @@ from trime_fairseq.checksums import dictionary_checksum
 logger = logging.getLogger(__name__)
 
 
-def chain_batches(chain: np.ndarray, batch_size: int, group: int, seed: int, epoch: int,
-                  shuffle: bool = True) -> List[np.ndarray]:
-    """The epoch's batches: consecutive pieces of ``batch_size`` segments of the (rotated) chain,
-    in groups of ``group`` batches whose order is shuffled (the partial group stays last)."""
-    if batch_size < 1 or group < 1:
-        raise ValueError(f"batch size and group size must be >= 1, got {batch_size}, {group}")
+def _rotate(chain: np.ndarray, rng, shuffle: bool) -> np.ndarray:
     chain = np.asarray(chain, dtype=np.int64)
-    n = len(chain)
-    rng = np.random.default_rng([seed, epoch])
-    if shuffle and n:
-        chain = np.roll(chain, -int(rng.integers(n)))
-    batches = [chain[i:i + batch_size] for i in range(0, n, batch_size)]
+    return np.roll(chain, -int(rng.integers(len(chain)))) if shuffle and len(chain) else chain
+
+
+def _shuffle_groups(batches: List[np.ndarray], group: int, rng, shuffle: bool, full_size=None) -> List[np.ndarray]:
+    """Groups of ``group`` consecutive batches in a shuffled order; the last, partial group (fewer
+    batches, or a last batch smaller than ``full_size``) stays last."""
+    if group < 1:
+        raise ValueError(f"group size must be >= 1, got {group}")
     groups = [batches[i:i + group] for i in range(0, len(batches), group)]
-    full = [g for g in groups if len(g) == group and len(g[-1]) == batch_size]
+    full = [g for g in groups if len(g) == group and (full_size is None or len(g[-1]) == full_size)]
     rest = groups[len(full):]
     if shuffle:
         full = [full[j] for j in rng.permutation(len(full))]
     return [b for g in full + rest for b in g]
 
 
-class ChainEpochBatchIterator(iterators.EpochBatchIterator):
-    """fairseq's EpochBatchIterator with the epoch's batches from :func:`chain_batches`."""
+def chain_batches(chain: np.ndarray, batch_size: int, group: int, seed: int, epoch: int,
+                  shuffle: bool = True) -> List[np.ndarray]:
+    """The epoch's batches: consecutive pieces of ``batch_size`` segments of the (rotated) chain,
+    in groups of ``group`` batches whose order is shuffled (the partial group stays last)."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    rng = np.random.default_rng([seed, epoch])
+    chain = _rotate(chain, rng, shuffle)
+    batches = [chain[i:i + batch_size] for i in range(0, len(chain), batch_size)]
+    return _shuffle_groups(batches, group, rng, shuffle, full_size=batch_size)
 
-    def __init__(self, dataset, collate_fn, chain, batch_size: int, group_size: Callable[[int], int], seed=1,
+
+def chain_token_batches(chain: np.ndarray, num_tokens: np.ndarray, max_tokens: Optional[int],
+                        max_sentences: Optional[int], group: int, seed: int, epoch: int,
+                        shuffle: bool = True) -> List[np.ndarray]:
+    """The epoch's batches of sentences: the (rotated) chain cut into consecutive pieces that hold
+    at most ``max_sentences`` items and ``max_tokens`` tokens with padding (items x the longest
+    item's ``num_tokens``), in groups of ``group`` batches whose order is shuffled."""
+    if not max_tokens and not max_sentences:
+        raise ValueError("--batching bm25 needs --max-tokens or --batch-size")
+    rng = np.random.default_rng([seed, epoch])
+    chain = _rotate(chain, rng, shuffle)
+    batches, current, longest = [], [], 0
+    for item in chain.tolist():
+        n = int(num_tokens[item])
+        if max_tokens and n > max_tokens:
+            raise ValueError(f"item {item} has {n} tokens, more than --max-tokens {max_tokens}")
+        wider = max(longest, n)
+        if current and ((max_tokens and (len(current) + 1) * wider > max_tokens)
+                        or (max_sentences and len(current) >= max_sentences)):
+            batches.append(np.asarray(current, dtype=np.int64))
+            current, wider = [], n
+        current.append(item)
+        longest = wider
+    if current:
+        batches.append(np.asarray(current, dtype=np.int64))
+    return _shuffle_groups(batches, group, rng, shuffle)
+
+
+class ChainEpochBatchIterator(iterators.EpochBatchIterator):
+    """fairseq's EpochBatchIterator with the epoch's batches from ``make_batches(epoch, shuffle)``
+    (:func:`chain_batches` or :func:`chain_token_batches`)."""
+
+    def __init__(self, dataset, collate_fn, make_batches: Callable[[int, bool], List[np.ndarray]], seed=1,
                  num_shards=1, shard_id=0, num_workers=0, epoch=1, buffer_size=0, skip_remainder_batch=False):
-        self.chain, self.batch_size, self.group_size = chain, batch_size, group_size
-        unshuffled = chain_batches(chain, batch_size, 1, seed, epoch, shuffle=False)
-        super().__init__(dataset, collate_fn, unshuffled, seed=seed, num_shards=num_shards, shard_id=shard_id,
-                         num_workers=num_workers, epoch=epoch, buffer_size=buffer_size,
+        self.make_batches = make_batches
+        super().__init__(dataset, collate_fn, make_batches(epoch, False), seed=seed, num_shards=num_shards,
+                         shard_id=shard_id, num_workers=num_workers, epoch=epoch, buffer_size=buffer_size,
                          skip_remainder_batch=skip_remainder_batch)
 
     def ordered_batches(self, epoch, fix_batches_to_gpus, shuffle):
         if fix_batches_to_gpus:
             raise ValueError("--batching bm25 fixes its own batch order: do not use --fix-batches-to-gpus")
-        batches = chain_batches(self.chain, self.batch_size, self.group_size(epoch), self.seed, epoch, shuffle)
+        batches = self.make_batches(epoch, shuffle)
         batches = list(iterators.ShardedIterator(batches, self.num_shards, self.shard_id, fill_value=[]))
         if getattr(self.dataset, "supports_prefetch", False):
             self.dataset.prefetch([i for b in batches for i in b])
@@ -119,19 +158,36 @@ def _order_file(task, path: str):
     return cache[1], cache[2]
 
 
+def is_language_pair(dataset) -> bool:
+    """A translation split (items = sentence pairs; BM25 items = target sentences)."""
+    return getattr(dataset, "tgt_sizes", None) is not None
+
+
 def load_order(task, path: str, dataset) -> np.ndarray:
     """The chain of ``path``, checked against the training dataset and the task."""
     order, meta = _order_file(task, path)
     problems = []
     if meta["num_segments"] != len(dataset):
-        problems.append(f"{meta['num_segments']} segments vs {len(dataset)} in the training set")
-    for key in ("tokens_per_sample", "sample_break_mode"):
-        mine = getattr(task.args, key, None)
-        if key in meta and mine is not None and str(meta[key]) != str(mine):
-            problems.append(f"--{key.replace('_', '-')} {meta[key]} vs {mine}")
-    if "num_tokens" in meta and int(np.sum(dataset.sizes)) != meta["num_tokens"]:
-        problems.append(f"{meta['num_tokens']} tokens vs {int(np.sum(dataset.sizes))}")
-    if "dictionary_sha256" in meta and meta["dictionary_sha256"] != dictionary_checksum(task.source_dictionary):
+        problems.append(f"{meta['num_segments']} items vs {len(dataset)} in the training set")
+    pair = is_language_pair(dataset)
+    if pair != (meta.get("items") == "target_sentences"):
+        problems.append(f"an order of {meta.get('items', 'segments')} for a "
+                        f"{'translation' if pair else 'language-modelling'} split")
+    if pair:
+        for key, mine in (("source_lang", getattr(task.cfg, "source_lang", None)),
+                          ("target_lang", getattr(task.cfg, "target_lang", None))):
+            if key in meta and mine is not None and meta[key] != mine:
+                problems.append(f"--{key.replace('_', '-')} {meta[key]} vs {mine}")
+        tokens = int(np.sum(dataset.tgt_sizes))
+    else:
+        for key in ("tokens_per_sample", "sample_break_mode"):
+            mine = getattr(task.args, key, None)
+            if key in meta and mine is not None and str(meta[key]) != str(mine):
+                problems.append(f"--{key.replace('_', '-')} {meta[key]} vs {mine}")
+        tokens = int(np.sum(dataset.sizes))
+    if "num_tokens" in meta and tokens != meta["num_tokens"]:
+        problems.append(f"{meta['num_tokens']} tokens vs {tokens}")
+    if "dictionary_sha256" in meta and meta["dictionary_sha256"] != dictionary_checksum(task.target_dictionary):
         problems.append("a different dictionary")
     if problems:
         raise ValueError(f"--bm25-order {path} was built for other training data: " + "; ".join(problems)
@@ -140,7 +196,7 @@ def load_order(task, path: str, dataset) -> np.ndarray:
 
 
 @register_batching("bm25")
-def bm25_batch_iterator(task, dataset, **options):
+def bm25_batch_iterator(task, dataset, fallback, **options):
     """``options``: fairseq's get_batch_iterator arguments, by name (the task passes them all)."""
     max_tokens, max_sentences, max_positions = options["max_tokens"], options["max_sentences"], options["max_positions"]
     seed, num_shards, shard_id, epoch = options["seed"], options["num_shards"], options["shard_id"], options["epoch"]
@@ -148,9 +204,9 @@ def bm25_batch_iterator(task, dataset, **options):
     if not path:
         raise ValueError("--batching bm25 needs --bm25-order FILE (made by trime-bm25-batches)")
     split = _order_file(task, path)[1].get("split", "train")
-    if task.datasets.get(split) is not dataset:  # validation / test / eval-lm: fairseq's order
+    if task.datasets.get(split) is not dataset:  # validation / test / eval-lm / generate: fairseq's order
         logger.info(f"--batching bm25 reorders only the '{split}' split; this dataset keeps fairseq's order")
-        return LanguageModelingTask.get_batch_iterator(task, dataset, **options)
+        return fallback()
 
     can_reuse = (not options["disable_iterator_cache"] and not options["update_epoch_batch_itr"]
                  and task.can_reuse_epoch_itr(dataset))
@@ -161,20 +217,32 @@ def bm25_batch_iterator(task, dataset, **options):
         kept = task.filter_indices_by_size(np.arange(len(dataset)), dataset, max_positions,
                                            options["ignore_invalid_inputs"])
         if len(kept) != len(dataset):
-            raise ValueError(f"{len(dataset) - len(kept)} training segments exceed the model's max positions "
-                             f"{max_positions}; --batching bm25 needs every segment")
-    batch_size = _batch_size(dataset, max_tokens, max_sentences, options["required_batch_size_multiple"])
+            raise ValueError(f"{len(dataset) - len(kept)} training items exceed the model's max positions "
+                             f"{max_positions}; --batching bm25 needs every item")
     freqs = _update_freq(task)
 
     def group_size(e: int) -> int:
         return freqs[min(e, len(freqs)) - 1] * num_shards
 
+    if is_language_pair(dataset):  # sentences: batches filled up to --max-tokens along the chain
+        num_tokens = np.maximum(np.asarray(dataset.src_sizes), np.asarray(dataset.tgt_sizes))
+        per_batch = f"up to {max_tokens} tokens / {max_sentences} sentences"
+
+        def make_batches(e: int, shuffle: bool):
+            return chain_token_batches(chain, num_tokens, max_tokens, max_sentences, group_size(e), seed, e, shuffle)
+    else:  # fixed-length segments
+        batch_size = _batch_size(dataset, max_tokens, max_sentences, options["required_batch_size_multiple"])
+        per_batch = f"{batch_size}"
+
+        def make_batches(e: int, shuffle: bool):
+            return chain_batches(chain, batch_size, group_size(e), seed, e, shuffle)
+
     dataset.set_epoch(epoch)
-    itr = ChainEpochBatchIterator(dataset, dataset.collater, chain, batch_size, group_size, seed=seed,
-                                  num_shards=num_shards, shard_id=shard_id, num_workers=options["num_workers"],
-                                  epoch=epoch, buffer_size=options["data_buffer_size"],
+    itr = ChainEpochBatchIterator(dataset, dataset.collater, make_batches, seed=seed, num_shards=num_shards,
+                                  shard_id=shard_id, num_workers=options["num_workers"], epoch=epoch,
+                                  buffer_size=options["data_buffer_size"],
                                   skip_remainder_batch=options["skip_remainder_batch"])
-    logger.info(f"bm25 batching: {len(chain)} segments, {batch_size} per batch, "
+    logger.info(f"bm25 batching: {len(chain)} items, {per_batch} per batch, "
                 f"{group_size(epoch)} consecutive batches per update")
     if can_reuse:
         task.dataset_to_epoch_iter[dataset] = itr

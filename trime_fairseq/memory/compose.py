@@ -55,8 +55,8 @@ from trime_fairseq.memory.keys import TRIME_FEATURE, TRIME_KEY
 from trime_fairseq.memory.mixing import (
     fp32,
     interpolate,
-    interpolate_memory,
-    joint_log_probs,
+    interpolate_memory_,
+    joint_log_probs_,
     joint_target_log_prob,
     memory_target_log_prob,
 )
@@ -136,19 +136,20 @@ def _entries(terms: Tuple[Term, ...], parts: Mapping[str, MemoryBatch]) -> Memor
     return concat_memory([parts[t.part].scaled(t.scale) for t in terms])
 
 
-def full_log_probs(comp: Composition, token_scores: Tensor, token_lse: Tensor,
+def full_log_probs(comp: Composition, token_log_probs: Tensor, token_lse: Tensor,
                    parts: Mapping[str, MemoryBatch]) -> Tensor:
-    """(Q, V) float32 log-probabilities.
+    """(Q, V) float32 log-probabilities, computed in place.
 
-    ``token_scores`` (Q, V) unnormalised token log-scores (exact where they are read),
-    ``token_lse`` (Q,) their log-partition; ``parts``: name -> raw MemoryBatch (Q, M).
+    ``token_log_probs`` (Q, V) float32: the model's own token distribution (log-softmax of
+    the token scores, exact where it is read; a view is fine), overwritten and returned;
+    ``token_lse`` (Q,) the log-partition of the token scores (scores = log-probs + lse);
+    ``parts``: name -> raw MemoryBatch (Q, M).
     """
+    out = token_log_probs
     if comp.joint:
-        out = joint_log_probs(token_scores, token_lse, *_entries(comp.joint, parts))  # Eq. 5/6
-    else:
-        out = fp32(token_scores) - fp32(token_lse).unsqueeze(-1)
+        out = joint_log_probs_(out, token_lse, *_entries(comp.joint, parts))  # Eq. 5/6
     for step in comp.interpolations:  # Eq. 7-8, kNN-LM, cache
-        out = interpolate_memory(out, *_entries(step.terms, parts), step.weight)
+        out = interpolate_memory_(out, *_entries(step.terms, parts), step.weight)
     return out
 
 

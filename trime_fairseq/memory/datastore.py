@@ -419,6 +419,8 @@ class Datastore:
         # sha256 of this build's datastore.json (size, model, dictionary, index, build time):
         # what artefacts derived from the datastore (SPALM's neighbour files) record
         self.fingerprint = hashlib.sha256((path / META).read_bytes()).hexdigest()
+        self.on_gpu = False  # the index lives on a GPU (faiss-gpu): torch queries stay there
+        self._device_values = {}  # device -> (N,) int32 copy of the values, for torch searches
 
     @classmethod
     def load(cls, path, expect_dim: Optional[int] = None, expect_dictionary=None,
@@ -460,6 +462,7 @@ class Datastore:
         if use_gpu:
             index = fi.GpuPlacement(gpu_device).to_gpu(index)
         store = cls(path, meta, keys, values, index, rescore)
+        store.on_gpu = bool(use_gpu)
         store.set_nprobe(nprobe if nprobe is not None else meta["index"].get("nprobe"))
         return store
 
@@ -481,6 +484,9 @@ class Datastore:
         must not retrieve (see :class:`Exclusion`).
         """
         device = queries.device if isinstance(queries, torch.Tensor) else torch.device("cpu")
+        if self.on_gpu and isinstance(queries, torch.Tensor) and queries.is_cuda and exclude is None and not (
+                self.rescore if rescore is None else rescore):
+            return self.search_torch(queries, k)
         scores, ids = self.search_ids(queries, k, rescore, exclude)
         valid = ids >= 0
         values = np.where(valid, self.values[np.where(valid, ids, 0)], 0)
@@ -489,6 +495,25 @@ class Datastore:
             torch.from_numpy(values.astype(np.int64)).to(device),
             torch.from_numpy(valid).to(device),
         )
+
+    def search_torch(self, queries: torch.Tensor, k: int) -> MemoryBatch:
+        """:meth:`search` without leaving torch (``faiss.contrib.torch_utils``): a GPU index answers
+        CUDA queries on the GPU, values are gathered from a copy on the queries' device -- no numpy
+        round trip per decoding step. (Re-scoring reads the key memmap, so it takes :meth:`search`.)"""
+        import faiss.contrib.torch_utils  # noqa: F401  (lets faiss indexes take torch tensors)
+
+        if queries.dim() != 2 or queries.size(1) != self.dim:
+            raise ValueError(f"queries must be (Q, {self.dim}), got {tuple(queries.shape)}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        distances, ids = self.index.search(queries.detach().float().contiguous(), k)  # (Q, k) on queries' device
+        valid = ids >= 0
+        scores = -distances if self.metric == "l2" else distances
+        values = self._device_values.get(queries.device)
+        if values is None:
+            values = self._device_values[queries.device] = torch.from_numpy(np.asarray(self.values)).to(queries.device)
+        hit_values = values[ids.clamp(min=0)].long().masked_fill(~valid, 0)
+        return MemoryBatch(scores.float().masked_fill(~valid, float("-inf")), hit_values, valid)
 
     def search_ids(self, queries, k: int, rescore: Optional[bool] = None, exclude: Optional[Exclusion] = None):
         """Like :meth:`search`, with entry ids: scores (Q, k) float32 (-inf: none), ids (Q, k) int64 (-1: none).

@@ -69,7 +69,7 @@ from trime_fairseq.memory.mixing import fp32
 from trime_fairseq.memory.options import MODES, MemoryOptions  # noqa: F401  (re-exported)
 from trime_fairseq.memory.sources import MemoryBatch, concat_memory, scaled_dot
 from trime_fairseq.memory.stream import EvalStream, StreamBatch
-from trime_fairseq.memory.token_scores import all_token_scores, target_token_scores
+from trime_fairseq.memory.token_scores import all_token_log_probs, target_token_scores
 
 
 def local_key_names(options: MemoryOptions) -> Tuple[str, ...]:
@@ -107,7 +107,6 @@ class ForwardState:
         self.total = self.bsz * self.tsz
         self.device = keys.device
         self.next_position = 0  # the next --softmax-batch chunk starts here
-        self.targets = torch.full((self.total,), memory.pad, dtype=torch.long, device=self.device)
         self.sample = sample
         self.stream_batch: Optional[StreamBatch] = None
         if memory.stream is not None:
@@ -120,6 +119,7 @@ class ForwardState:
         self._hit_row = torch.full((self.total,), -1, dtype=torch.long, device=self.device)
         self._sums: Dict[tuple, Tuple[Tensor, Tensor]] = {}
         self._sum_positions: Optional[Tensor] = None
+        self._target_scores: Optional[Tuple[Tensor, Tensor]] = None
 
     # -- positions --------------------------------------------------------------------------------
     def claim(self, x: Tensor) -> int:
@@ -140,10 +140,9 @@ class ForwardState:
         return self.next_position == self.total
 
     def record_targets(self, start: int, target: Tensor) -> None:
-        target = target.reshape(-1)
-        self.targets[start : start + target.numel()] = target
+        """Targets of flat positions [start, start + n): the stream commits the batch with them."""
         if self.stream_batch is not None:
-            self.stream_batch.add_targets(start, target)
+            self.stream_batch.add_targets(start, target.reshape(-1))
 
     # -- the local memory: the scored row, the stream ---------------------------------------------
     def _src_tokens(self) -> Tensor:
@@ -168,7 +167,7 @@ class ForwardState:
             self._local_rows = (flat, index)
         return self._local_rows
 
-    def _keys(self, name: str) -> Tensor:
+    def keys(self, name: str) -> Tensor:
         return get_keys((None, self.extra), name)  # (B, T, d)
 
     def _row_raw(self, name: str) -> Tensor:
@@ -176,7 +175,7 @@ class ForwardState:
         key = ("row", name)
         if key not in self._raw:
             flat, _ = self.local_rows()
-            keys = self._keys(name)
+            keys = self.keys(name)
             rows = flat // self.tsz
             out = fp32(keys).new_empty(flat.numel(), self.tsz)
             for b in rows.unique().tolist():  # one (n_b, d) x (d, T) product per row
@@ -191,7 +190,7 @@ class ForwardState:
         key = ("long", name)
         if key not in self._raw:
             flat, _ = self.local_rows()
-            keys = self._keys(name)
+            keys = self.keys(name)
             queries = keys.reshape(-1, keys.size(-1))[flat]
             buffer = self.memory.stream.buffer(name)
             batch = self.stream_batch
@@ -249,7 +248,7 @@ class ForwardState:
         """Raw datastore hits (n, K) of flat ``positions``; each position is searched once."""
         missing = positions[self._hit_row[positions] < 0].unique()
         if missing.numel():
-            keys = self._keys(self.memory.external.key_type)
+            keys = self.keys(self.memory.external.key_type)
             found = self.memory.external.search(keys.reshape(-1, keys.size(-1))[missing])
             start = 0 if self._hits is None else self._hits.mask.size(0)
             self._hits = found if self._hits is None else MemoryBatch(
@@ -257,6 +256,13 @@ class ForwardState:
                 torch.cat([self._hits.mask, found.mask]))
             self._hit_row[missing] = torch.arange(start, start + missing.numel(), device=self.device)
         return self._hits.rows(self._hit_row[positions])
+
+    def target_scores(self, decoder, net_output, target: Tensor) -> Tuple[Tensor, Tensor]:
+        """(token score of the target, token log-partition), each (B·T,): once per forward, whatever
+        the options (tuning asks for them at every grid point)."""
+        if self._target_scores is None:
+            self._target_scores = target_token_scores(decoder, net_output, target)
+        return self._target_scores
 
     # -- the precomputed neighbours -----------------------------------------------------------------
     def neighbours(self, positions: Tensor) -> MemoryBatch:
@@ -271,16 +277,17 @@ class ForwardState:
         return self._neighbours.rows(positions)
 
     # -- gathering for a composition --------------------------------------------------------------
-    def retrieved(self, part: str, positions: Tensor) -> MemoryBatch:
-        """The raw entries of a part that is not the sequence's own positions (DATASTORE, NEIGHBOURS)."""
-        return self.hits(positions) if part == DATASTORE else self.neighbours(positions)
+    def retrieved(self, part: str, positions: Tensor, options: MemoryOptions) -> MemoryBatch:
+        """The raw entries of a part that is not the sequence's own positions: the first ``knn_k``
+        datastore hits (DATASTORE), or the precomputed neighbours (NEIGHBOURS)."""
+        return self.hits(positions).first(options.knn_k) if part == DATASTORE else self.neighbours(positions)
 
     def parts(self, comp: Composition, options: MemoryOptions, positions: Tensor) -> Dict[str, MemoryBatch]:
         """Raw memory batches (n, M) of every part of ``comp`` for flat ``positions`` (n,)."""
         parts = {}
         for part in comp.parts:
             if part in RETRIEVED:
-                parts[part] = self.retrieved(part, positions)
+                parts[part] = self.retrieved(part, positions, options)
             else:
                 parts[part] = self.local_part(LOCAL_KEYS[part], options, positions)
         return parts
@@ -295,10 +302,11 @@ class ForwardState:
         visibility = (options.window, options.long_memory_size, options.memory_reset)
 
         def summarize(term: Term):
-            key = (term, visibility if term.part not in RETRIEVED else None)
+            retrieved = {DATASTORE: options.knn_k, NEIGHBOURS: None}  # what a retrieved part's entries depend on
+            key = (term, retrieved[term.part] if term.part in RETRIEVED else visibility)
             if key not in self._sums:
                 if term.part in RETRIEVED:
-                    pieces = [self.retrieved(term.part, positions)]
+                    pieces = [self.retrieved(term.part, positions, options)]
                 else:
                     _, index = self.local_rows()
                     rows = index[positions]
@@ -373,7 +381,7 @@ class EvalMemory:
 
     def _commit(self, state: ForwardState) -> None:
         if state.stream_batch is not None:
-            self.stream.commit(state.stream_batch, {name: state._keys(name) for name in self.stream.buffers})
+            self.stream.commit(state.stream_batch, {name: state.keys(name) for name in self.stream.buffers})
 
     def _check_stream(self, opt: MemoryOptions) -> None:
         if not opt.uses_stream:
@@ -401,10 +409,11 @@ class EvalMemory:
             raise ValueError(f"--eval-memory {opt.mode} needs its datastore: build the EvalMemory with an "
                              "ExternalMemory (build_eval_memory does)")
         mine = self.options
-        if (opt.datastore, opt.knn_k, opt.knn_nprobe, opt.knn_rescore) != (
-                mine.datastore, mine.knn_k, mine.knn_nprobe, mine.knn_rescore):
-            raise ValueError("these options search another datastore / K / nprobe than this EvalMemory was built "
-                             "for; only the temperatures, λ and the cache options may differ")
+        if (opt.datastore, opt.knn_nprobe, opt.knn_rescore) != (mine.datastore, mine.knn_nprobe, mine.knn_rescore) \
+                or opt.knn_k > self.external.k:
+            raise ValueError("these options search another datastore / nprobe, or more neighbours, than this "
+                             f"EvalMemory's datastore search (K = {self.external.k}); only K <= {self.external.k}, "
+                             "the temperatures, λ and the cache options may differ")
         if opt.mode == "trime_ext" and (self.external.metric != "ip" or self.external.key_type != TRIME_KEY):
             raise DatastoreError(
                 f"--eval-memory trime_ext joins datastore entries to Eq. 6, whose similarity is g(c)·g(c_j)/√d: "
@@ -433,13 +442,15 @@ class EvalMemory:
         if target is None or target.numel() != x.shape[0] * x.shape[1]:
             raise ValueError("the evaluation memory scores the positions of a sample with targets (the chunk's)")
         flat_target = target.reshape(-1)
-        scores, lse = all_token_scores(decoder, x, flat_target)  # (n, V), (n,)
-        out = fp32(scores) - fp32(lse).unsqueeze(-1)
         scored = flat_target.ne(self.pad).nonzero().squeeze(1)  # (k,) the rest is not scored by fairseq
+        out, lse = all_token_log_probs(decoder, x, flat_target, rows=scored)  # (n, V) the model's own, (k,)
         if scored.numel():
             comp = self.composition(self.options, state.extra)
             parts = state.parts(comp, self.options, start + scored)
-            out[scored] = full_log_probs(comp, scores[scored], lse[scored], parts)
+            # mix in place, on views of out: the scored rows form a few runs (one per input row)
+            for a, b in _runs(scored):
+                full_log_probs(comp, out[int(scored[a]): int(scored[b - 1]) + 1], lse[a:b],
+                               {name: part.span(a, b) for name, part in parts.items()})
         state.record_targets(start, flat_target)
         if state.done:
             self._commit(state)
@@ -454,7 +465,7 @@ class EvalMemory:
         self._check_external(options)
         target = sample["target"]
         state = self._forward(net_output, sample)
-        score, lse = target_token_scores(decoder, net_output, target)  # (B·T,)
+        score, lse = state.target_scores(decoder, net_output, target)  # (B·T,)
         out = fp32(score) - fp32(lse)
         flat_target = target.reshape(-1)
         scored = flat_target.ne(self.pad).nonzero().squeeze(1)
@@ -486,12 +497,19 @@ class EvalMemory:
                 "step does not have: evaluate it with fairseq-eval-lm (or use --eval-memory knn without a cache)"
             )
         x = net_output[0][:, -1:]  # (B', 1, ·): EnsembleModel passes the last step already
-        scores, lse = all_token_scores(decoder, x)  # (B', V), (B',)
+        log_probs, lse = all_token_log_probs(decoder, x)  # (B', V), (B',)
         parts = {}
         if DATASTORE in comp.parts:
             keys = get_keys((None, extra), self.external.key_type)[:, -1]  # (B', d) the live queries
-            parts[DATASTORE] = self.external.search(keys)
-        return full_log_probs(comp, scores, lse, parts).view(x.shape[0], 1, -1)
+            parts[DATASTORE] = self.external.search(keys).first(self.options.knn_k)
+        return full_log_probs(comp, log_probs, lse, parts).view(x.shape[0], 1, -1)
+
+
+def _runs(index: Tensor):
+    """Maximal runs of consecutive values of a sorted index (k,): [(a, b), ...] positions in ``index``."""
+    breaks = (index[1:] != index[:-1] + 1).nonzero().squeeze(1) + 1
+    bounds = [0] + breaks.tolist() + [index.numel()]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def build_eval_memory(options: MemoryOptions, dictionary, documents=None, stream_keys=None,
@@ -506,7 +524,7 @@ def build_eval_memory(options: MemoryOptions, dictionary, documents=None, stream
                       local=local)
 
 
-def attach_eval_memory(model, memory: EvalMemory) -> None:
+def route_normalized_probs(model, memory: EvalMemory) -> None:
     """Route ``model.get_normalized_probs`` through ``memory`` (this instance only): the full
     driver with a sample, the per-step driver without one."""
 
@@ -516,5 +534,10 @@ def attach_eval_memory(model, memory: EvalMemory) -> None:
 
     model.get_normalized_probs = types.MethodType(get_normalized_probs, model)
     model.trime_eval_memory = memory
+
+
+def attach_eval_memory(model, memory: EvalMemory) -> None:
+    """:func:`route_normalized_probs`, and the datastore checks its searches against ``model``."""
+    route_normalized_probs(model, memory)
     if memory.external is not None:
         memory.external.bind(model)

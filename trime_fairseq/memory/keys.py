@@ -73,7 +73,14 @@ class KeyCapture:
                 return output_layer(features, *args, **kwargs)
 
             decoder.output_layer = capture_output_layer
-        decoder.register_forward_hook(self._add_to_extra)
+        # wrap forward itself, not a forward hook: fairseq's SequenceGenerator calls decoder.forward(...)
+        # directly (EnsembleModel.forward_decoder), which bypasses nn.Module hooks
+        forward = decoder.forward
+
+        def forward_with_keys(*args, **kwargs):
+            return self._add_to_extra(decoder, args, forward(*args, **kwargs))
+
+        decoder.forward = forward_with_keys
 
     def _save_g(self, module, inputs):
         self._g = inputs[0]  # (T, B, d): fairseq layers are time-major

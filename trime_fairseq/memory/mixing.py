@@ -102,9 +102,21 @@ def joint_log_probs(
     at the entries a caller needs (fairseq's adaptive softmax fills only the
     target's tail cluster when given a target).
     """
-    normaliser = torch.logaddexp(fp32(token_lse), masked_logsumexp(scores, mask)).unsqueeze(-1)
+    return joint_log_probs_(fp32(token_scores) - fp32(token_lse).unsqueeze(-1), token_lse, scores, values, mask)
+
+
+def joint_log_probs_(token_log_probs: Tensor, token_lse: Tensor, scores: Tensor, values: Tensor,
+                     mask: Tensor) -> Tensor:
+    """:func:`joint_log_probs` in place, from the token distribution: ``token_log_probs`` (Q, V)
+    float32 (the tokens' own log-softmax, a view is fine) is overwritten with Eq. 6 and returned.
+
+    Columns without memory only shift by log Z_tokens − log Z_joint; memory columns are
+    recomputed: one pass over (Q, V), the rest in (Q, M).
+    """
+    normaliser = torch.logaddexp(fp32(token_lse), masked_logsumexp(scores, mask)).unsqueeze(-1)  # (Q, 1)
     by_value = grouped_logsumexp(scores, values, mask)
-    return logaddexp_at(fp32(token_scores) - normaliser, values, by_value - normaliser)
+    token_log_probs.add_(fp32(token_lse).unsqueeze(-1) - normaliser)
+    return logaddexp_at(token_log_probs, values, by_value - normaliser)
 
 
 def interpolate_memory(log_p: Tensor, scores: Tensor, values: Tensor, mask: Tensor, lam: float) -> Tensor:
@@ -114,13 +126,17 @@ def interpolate_memory(log_p: Tensor, scores: Tensor, values: Tensor, mask: Tens
     q is non-zero only at memory values, so only those columns are recomputed.
     Rows without a visible entry keep ``log_p``.
     """
+    return interpolate_memory_(fp32(log_p).clone(), scores, values, mask, lam)
+
+
+def interpolate_memory_(log_p: Tensor, scores: Tensor, values: Tensor, mask: Tensor, lam: float) -> Tensor:
+    """:func:`interpolate_memory` in place: ``log_p`` (Q, V) float32 (a view is fine) is overwritten."""
     _check_lambda(lam)
-    log_p = fp32(log_p)
     has_memory = mask.any(-1, keepdim=True)  # (Q, 1)
     log_q = grouped_logsumexp(scores, values, mask) - _memory_normaliser(scores, mask).unsqueeze(-1)
-    base = log_p + torch.where(has_memory, _log_keep(lam), 0.0)
+    log_p.add_(torch.where(has_memory, _log_keep(lam), 0.0))
     addend = torch.where(has_memory, log_q + math.log(lam) if lam > 0 else float("-inf"), float("-inf"))
-    return logaddexp_at(base, values, addend)
+    return logaddexp_at(log_p, values, addend)
 
 
 def memory_log_probs(scores: Tensor, values: Tensor, mask: Tensor, num_classes: int) -> Tensor:

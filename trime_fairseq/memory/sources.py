@@ -30,6 +30,18 @@ class MemoryBatch(NamedTuple):
         values = self.values.expand_as(self.mask)
         return MemoryBatch(self.scores[index], values[index], self.mask[index])
 
+    def span(self, start: int, stop: int) -> "MemoryBatch":
+        """Query rows start..stop of a flattened (Q, M) batch, as views."""
+        values = self.values if self.values.size(0) == 1 else self.values[start:stop]
+        return MemoryBatch(self.scores[start:stop], values, self.mask[start:stop])
+
+    def first(self, k: int) -> "MemoryBatch":
+        """The first ``k`` entries of every query (a search's best-first hits), as views."""
+        if k >= self.mask.size(-1):
+            return self
+        values = self.values[..., :k] if self.values.size(-1) == self.mask.size(-1) else self.values
+        return MemoryBatch(self.scores[..., :k], values, self.mask[..., :k])
+
     def scaled(self, factor: float) -> "MemoryBatch":
         """The same entries with scores multiplied by ``factor`` (another temperature)."""
         return MemoryBatch(self.scores * factor, self.values, self.mask)

@@ -58,19 +58,24 @@ def target_token_scores(decoder, net_output, target: Tensor) -> Tuple[Tensor, Te
     return score, torch.logsumexp(logits, dim=-1)
 
 
-def all_token_scores(decoder, x: Tensor, target: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """(N, V) token log-scores and (N,) log-partition for flat rows of ``x``.
+def all_token_log_probs(decoder, x: Tensor, target: Optional[Tensor] = None,
+                        rows: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """(N, V) float32 token log-probabilities (a new tensor) for flat rows of ``x``, and the
+    log-partition of the token term for ``rows`` (k,) (default: all rows): the token scores
+    of those rows are ``log_probs[rows] + lse``.
 
     ``x`` is (..., V) logits or (..., d) features. With an adaptive softmax and a
     ``target``, only the target's cluster is filled (as fairseq does); the
-    partition is exact regardless.
+    partition is exact regardless. The cost is fairseq's own ``get_normalized_probs``
+    plus, with an adaptive softmax, the head's log-partition of ``rows``.
     """
     asm = _adaptive_softmax(decoder)
+    flat = x.reshape(-1, x.size(-1))
     if asm is not None:
-        feats = x.reshape(1, -1, x.size(-1))
         tgt = target.reshape(1, -1) if target is not None else None
-        log_probs = fp32(asm.get_log_prob(feats, tgt).reshape(-1, asm.vocab_size))
-        head_lse = torch.logsumexp(fp32(asm.head(feats.reshape(-1, x.size(-1)))), dim=-1)
-        return log_probs.add_(head_lse.unsqueeze(-1)), head_lse
-    logits = fp32(x.reshape(-1, x.size(-1)))
-    return logits, torch.logsumexp(logits, dim=-1)
+        log_probs = fp32(asm.get_log_prob(flat.unsqueeze(0), tgt).reshape(-1, asm.vocab_size))
+        head_lse = torch.logsumexp(fp32(asm.head(flat if rows is None else flat[rows])), dim=-1)
+        return log_probs, head_lse
+    logits = fp32(flat)
+    lse = torch.logsumexp(logits, dim=-1)
+    return logits - lse.unsqueeze(-1), lse if rows is None else lse[rows]

@@ -124,13 +124,15 @@ class LaMemoLayer(TransformerXLLayer):
         attn_dropout = self.self_attn.attn_dropout
 
         # causal attention of the segment: Transformer-XL with R[|i - j|] = R[i - j] and v₊
-        q = self.self_attn.query(h_in[:, mlen:])
+        refreshing = refresh is not None and mlen > 0
+        # one query projection for [memory ; segment] when the memory is refreshed too
+        q_all = self.self_attn.query(h_in if refreshing else h_in[:, mlen:])
+        q = q_all[:, mlen:] if refreshing else q_all
         r_heads = self.self_attn.positions(r)  # (M + T, H, D), distances M+T-1 … 0
         ctx_cur, lse_cur = relative_attention(q, k, v, r_heads, u, v_plus, visible, attn_dropout)
-        h_cur = self.residual(x, ctx_cur)
         lse_cur = lse_cur.transpose(1, 2).detach()  # (B, T, H)
-        if refresh is None or mlen == 0:
-            y, key = self.ffn(h_cur)
+        if not refreshing:
+            y, key = self.ffn(self.residual(x, ctx_cur))
             return LayerOutput(y, key, None, ctx_cur.detach(), lse_cur)
 
         # look-ahead attention of the memory (Eq. 9) to keys start … M (the first segment token is M);
@@ -139,9 +141,8 @@ class LaMemoLayer(TransformerXLLayer):
         width = mlen + 1 - start
         klen = r_heads.size(0)
         r_future = r_heads[klen - 1 - mlen : klen - 1].flip(0)  # (M, H, D), distances 1 … M
-        q_mem = self.self_attn.query(h_in[:, :mlen])
         ctx_ahead, lse_ahead = relative_attention(
-            q_mem,
+            q_all[:, :mlen],
             k[:, start : mlen + 1],
             v[:, start : mlen + 1],
             r_future,
@@ -154,8 +155,9 @@ class LaMemoLayer(TransformerXLLayer):
         ctx_mem, lse_mem = interpolate_contexts(
             refresh["context"], refresh["lse"], ctx_ahead, lse_ahead.transpose(1, 2), self.memory_interpolation
         )
-        h_mem = self.residual(mem.to(x.dtype), ctx_mem)
-        y, key = self.ffn(torch.cat([h_mem, h_cur], dim=1))
+        # output projection, residual and FFN of [memory ; segment] at once
+        h = self.residual(torch.cat([mem.to(x.dtype), x], dim=1), torch.cat([ctx_mem, ctx_cur], dim=1))
+        y, key = self.ffn(h)
         return LayerOutput(
             y[:, mlen:],
             key[:, mlen:],

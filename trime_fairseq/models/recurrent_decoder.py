@@ -30,6 +30,7 @@ from omegaconf import II
 from torch import Tensor, nn
 
 from trime_fairseq.memory.keys import TRIME_FEATURE, TRIME_KEY
+from trime_fairseq.models.dropout import Dropout
 from trime_fairseq.models.recurrent_memory import MemoryState, RecurrentMemory, empty_state_like, reorder_state
 from trime_fairseq.models.relative_attention import causal_distances, sinusoid_embedding
 
@@ -166,7 +167,7 @@ class FeedForwardBlock(nn.Module):
         self.fc1 = nn.Linear(dim, inner_dim)
         self.fc2 = nn.Linear(inner_dim, dim)
         self.ffn_norm = nn.LayerNorm(dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.normalize_before = normalize_before
 
     def forward(self, h: Tensor) -> Tuple[Tensor, Tensor]:
@@ -201,7 +202,7 @@ class RecurrentLMDecoder(FairseqIncrementalDecoder):
         vocab = len(dictionary)
         self.embed_tokens = self._build_embedding(cfg, vocab)
         self.embed_scale = 1.0 if cfg.no_scale_embedding else math.sqrt(self.embed_dim)
-        self.dropout_module = nn.Dropout(cfg.dropout)
+        self.dropout_module = Dropout(cfg.dropout)
         # u and v of Eq. 6: global (shared across layers) content and position biases
         self.content_bias = nn.Parameter(torch.empty(self.num_heads, self.head_dim).normal_(0.0, 0.02))
         self.position_bias = nn.Parameter(torch.empty(self.num_heads, self.head_dim).normal_(0.0, 0.02))

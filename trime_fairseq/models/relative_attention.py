@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trime_fairseq.models.dropout import Dropout
+
 
 def sinusoid_embedding(distances: Tensor, dim: int) -> Tensor:
     """R[d] for every entry of ``distances`` (L,): (L, dim) float64 = [sin(ω d), cos(ω d)], ω_k = 10000^(−2k/dim)."""
@@ -138,7 +140,7 @@ class RelativeMultiheadAttention(nn.Module):
         self.kv_proj = nn.Linear(embed_dim, 2 * inner, bias=False)
         self.r_proj = nn.Linear(embed_dim, inner, bias=False)
         self.out_proj = nn.Linear(inner, embed_dim, bias=False)
-        self.attn_dropout = nn.Dropout(attention_dropout)
+        self.attn_dropout = Dropout(attention_dropout)
         for proj in (self.q_proj, self.kv_proj, self.r_proj, self.out_proj):
             nn.init.xavier_uniform_(proj.weight)
 

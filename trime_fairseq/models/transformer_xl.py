@@ -33,6 +33,7 @@ from trime_fairseq.models.recurrent_decoder import (
     head_dim_of,
     tied_adaptive,
 )
+from trime_fairseq.models.dropout import Dropout
 from trime_fairseq.models.recurrent_memory import MemoryState
 from trime_fairseq.models.relative_attention import RelativeMultiheadAttention, relative_attention
 
@@ -53,7 +54,7 @@ class TransformerXLLayer(nn.Module):
         )
         self.attn_norm = nn.LayerNorm(dim)
         self.ffn = FeedForwardBlock(dim, cfg.decoder_ffn_embed_dim, cfg.dropout, cfg.decoder_normalize_before)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.normalize_before = cfg.decoder_normalize_before
 
     def attention_input(self, mem: Optional[Tensor], x: Tensor) -> Tensor:

@@ -10,11 +10,12 @@ routes the model's ``get_normalized_probs`` through
 
 SPALM: ``--neighbours DIR`` (written by trime-neighbours) adds every split's
 precomputed neighbours to its items and batches (:mod:`trime_fairseq.data.neighbours`),
-in training and in ``fairseq-eval-lm`` (stream order or ``--context-window``); only
-models that read them (``spalm``) accept the option, and they need it.
+in training and in ``fairseq-eval-lm`` (stream order or ``--context-window``). Models
+that read them (``spalm``) need the option; other models accept it only for
+``--eval-memory neighbour_knn`` (kNN-LM over the same neighbours), and are then called
+without the neighbour fields.
 """
 
-import inspect
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -26,7 +27,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 from omegaconf import II
 
-from trime_fairseq.data import BATCHINGS, batching_names
+from trime_fairseq.data import batch_iterator, batching_names
 from trime_fairseq.data.bm25_batching import validate_options as validate_bm25_options
 from trime_fairseq.data.consecutive import validate_options as validate_consecutive_options
 from trime_fairseq.data.documents import DocumentBoundaries
@@ -41,14 +42,13 @@ from trime_fairseq.data.neighbours import (
 from trime_fairseq.data.stream import enable_stream_memory, reset_stream_memory
 from trime_fairseq.memory.eval_memory import attach_eval_memory, build_eval_memory
 from trime_fairseq.memory.keys import NEIGHBOUR_SCORES, NEIGHBOUR_TOKENS, ensure_key_capture, require_keys
-from trime_fairseq.memory.options import MODES, OPTIONS_OF_MODE, MemoryOptions
+from trime_fairseq.memory.options import MODES
+from trime_fairseq.tasks.memory_config import LocalMemoryConfig, RetrievalMemoryConfig, memory_options  # noqa: F401
 
-_BATCH_ITERATOR_SIGNATURE = inspect.signature(LanguageModelingTask.get_batch_iterator)
-_MEMORY_FLAGS = sorted(set().union(*OPTIONS_OF_MODE.values()))
 
 
 @dataclass
-class TrimeLMConfig(LanguageModelingConfig):
+class TrimeLMConfig(LanguageModelingConfig, LocalMemoryConfig, RetrievalMemoryConfig):
     batching: str = field(
         default="shuffled",
         metadata={"help": "order of training segments in batches: shuffled (fairseq's default) or a "
@@ -64,49 +64,6 @@ class TrimeLMConfig(LanguageModelingConfig):
             "SPALM + kNN, or kNN-LM over SPALM's neighbours with another model)"
         },
     )
-    memory_temperature: Optional[float] = field(
-        default=None, metadata={"help": "τ of Eq. 6 dividing memory similarities (trime; default 1.0)"}
-    )
-    cache_lambda: Optional[float] = field(
-        default=None,
-        metadata={"help": "λ: weight of the cache distribution (cache: default 0.1; knn: default 0, no cache)"},
-    )
-    cache_theta: Optional[float] = field(
-        default=None, metadata={"help": "θ: flatness of the cache distribution (cache; default 0.3)"}
-    )
-    cache_size: Optional[int] = field(
-        default=None, metadata={"help": "number of previous tokens in the cache (cache; default: whole input row)"}
-    )
-    datastore: Optional[str] = field(
-        default=None,
-        metadata={"help": "knn / trime_ext: external memory folder written by trime-build-datastore"},
-    )
-    knn_k: Optional[int] = field(
-        default=None, metadata={"help": "knn / trime_ext: K entries retrieved per scored token (default 1024)"}
-    )
-    knn_temperature: Optional[float] = field(
-        default=None, metadata={"help": "knn, neighbour_knn: T, p_kNN ∝ exp(score / T) (default 1.0)"},
-    )
-    knn_lambda: Optional[float] = field(
-        default=None, metadata={"help": "knn, neighbour_knn: λ, (1-λ) p_LM + λ p_kNN (default 0.25)"}
-    )
-    interpolation_temperature: Optional[float] = field(
-        default=None, metadata={"help": "trime_ext: τ' of Eq. 7, P' ∝ Σ exp(g·g_j / (√d τ')) (default 1.0)"},
-    )
-    interpolation_lambda: Optional[float] = field(
-        default=None, metadata={"help": "trime_ext: λ of Eq. 8, (1-λ) P + λ P' (default 0.25)"}
-    )
-    knn_nprobe: Optional[int] = field(
-        default=None, metadata={"help": "knn / trime_ext: inverted lists probed (default: the datastore's)"}
-    )
-    knn_rescore: bool = field(
-        default=False,
-        metadata={"help": "knn / trime_ext: re-rank the index's hits with the exact stored keys (PQ codes are "
-        "approximate)"},
-    )
-    knn_gpu: bool = field(
-        default=False, metadata={"help": "knn / trime_ext: search the FAISS index on the GPU (faiss-gpu)"}
-    )
     consecutive_segments: int = field(
         default=1,
         metadata={"help": "--batching consecutive: m, consecutive segments of one document per run "
@@ -116,16 +73,6 @@ class TrimeLMConfig(LanguageModelingConfig):
         default=False,
         metadata={"help": "--batching consecutive: cut runs from the whole split, across document ends "
         "(default: runs stay inside WikiText ' = Title = ' documents)"},
-    )
-    long_memory_size: Optional[int] = field(
-        default=None,
-        metadata={"help": "trime / cache: also keep the N stream tokens before each input row in memory, "
-        "across batches (TRIMELM_long evaluation; default 0: the input row only)"},
-    )
-    memory_reset: Optional[str] = field(
-        default=None,
-        metadata={"help": "trime / cache: 'document' limits the memory to the position's own document "
-        "(WikiText headings), 'never' (default) does not"},
     )
     neighbours: Optional[str] = field(
         default=None,
@@ -139,15 +86,6 @@ class TrimeLMConfig(LanguageModelingConfig):
     )
     # read by --batching bm25 (one update = update_freq x world size consecutive batches); not an option
     update_freq: List[int] = II("optimization.update_freq")
-
-
-def memory_options(cfg) -> MemoryOptions:
-    """MemoryOptions from a task config: the flags set (not None / False) are validated by
-    :meth:`MemoryOptions.from_flags` (a flag the mode does not use is an error)."""
-    mode = str(getattr(cfg, "eval_memory", "none"))
-    given = {name: getattr(cfg, name) for name in _MEMORY_FLAGS
-             if getattr(cfg, name, None) is not None and getattr(cfg, name, None) is not False}
-    return MemoryOptions.from_flags(mode, given)
 
 
 def _withhold_neighbours(model) -> None:
@@ -179,15 +117,7 @@ class TrimeLMTask(LanguageModelingTask):
                              "position: pass --neighbours DIR (written by trime-neighbours)")
 
     def get_batch_iterator(self, dataset, *args, **kwargs):
-        batching = BATCHINGS.get(self.args.batching)
-        if batching is None:
-            return super().get_batch_iterator(dataset, *args, **kwargs)
-        # fairseq passes its options positionally or by name: hand them over by name, with
-        # fairseq's defaults, so a batching declares only the ones it reads (and **_ for the rest)
-        call = _BATCH_ITERATOR_SIGNATURE.bind(self, dataset, *args, **kwargs)
-        call.apply_defaults()
-        options = {k: v for k, v in call.arguments.items() if k not in ("self", "dataset")}
-        return batching(self, dataset, **options)
+        return batch_iterator(self, self.args.batching, dataset, super().get_batch_iterator, args, kwargs)
 
     def load_dataset(self, split: str, epoch=1, combine=False, **kwargs):
         """fairseq's split, refused with the file named when it holds no tokens (fairseq would

@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# kNN-MT and TRIME-MT on Multi30k de->en, on CPU (docs/results_mt.md); every step is skipped when its output exists.
+#   1. data: scripts/prepare_multi30k.sh; BM25 chain of the training target sentences     (trime-bm25-batches)
+#   2. train, same budget: Transformer (cross-entropy, fairseq's batches) and TRIME-MT (trime_mt_loss, BM25
+#      batches)                                                                              (fairseq-hydra-train)
+#   3. datastores of Multi30k train: the Transformer's decoder g, L2 (kNN-MT, Khandelwal et al. 2021);
+#      TRIME-MT's g, inner product (Eq. 6)                                                   (trime-build-datastore)
+#   4. tune K x T x λ (kNN-MT) and K x τ' x λ (TRIME-MT) by BLEU on valid (first TUNE_SENTENCES) (trime-tune-mt)
+#   5. test2016: BLEU of Transformer, kNN-MT, TRIME-MT without and with its memory          (fairseq-generate)
+#   6. domain adaptation: IWSLT'14 (TED) mapped into the Multi30k vocabulary
+#      (scripts/prepare_iwslt14.sh --tokenized ... --codes ... --dict ...): datastore = IWSLT'14 valid minus its
+#      last 1,000 pairs (tuning), test = the first IWSLT_TEST pairs of IWSLT'14 test; with vs without datastore
+#   BLEU: detokenised sacreBLEU with its signature (scripts/sacrebleu_from_generate.py)
+#
+#   scripts/multi30k_mt.sh                 # UPDATES=3000
+#
+# Environment: UPDATES (3000), OUT (runs/multi30k-mt-$UPDATES), DATA (data-bin/multi30k), BEAM (5), TUNE_SENTENCES (300),
+# IWSLT (../shared/data/iwslt14.tokenized.de-en; skipped when absent), IWSLT_TEST (1000), KS (K grid,
+# 1,2,4,8,16,32,64 as the paper after Zheng et al. 2021), INDEX (FAISS factory of the datastores, IVF256,Flat).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+UPDATES=${UPDATES:-3000}
+OUT=${OUT:-runs/multi30k-mt-$UPDATES}
+DATA=${DATA:-data-bin/multi30k}
+BEAM=${BEAM:-5}
+TUNE_SENTENCES=${TUNE_SENTENCES:-300}
+KS=${KS:-1,2,4,8,16,32,64}
+IWSLT=${IWSLT:-${TRIME_DATA:-../shared/data}/iwslt14.tokenized.de-en}
+IWSLT_TEST=${IWSLT_TEST:-1000}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+mkdir -p "$OUT"
+source scripts/lib.sh
+
+# 1. data
+[ -f "$DATA/dict.en.txt" ] || { say "preparing Multi30k -> $DATA"; scripts/prepare_multi30k.sh "$DATA"; }
+order="$DATA/bm25-target.order"
+[ -f "$order" ] || { say "BM25 chain of the training target sentences -> $order"
+  trime-bm25-batches --data "$DATA" --source-lang de --target-lang en --output "$order" --workers 2 \
+    --no-progress-bar > "$OUT/bm25.log" 2>&1; }
+
+# 2. training
+train() {  # name overrides...
+  local log="$OUT/train_$1.log"
+  if [ ! -f "$OUT/$1/checkpoint_last.pt" ] || ! grep -q "done training" "$log" 2>/dev/null; then
+    say "training $1 ($UPDATES updates) -> $log"
+    fairseq-hydra-train --config-dir configs/trime_mt --config-name multi30k_small task.data="$DATA" \
+      optimization.max_update="$UPDATES" checkpoint.save_dir="$OUT/$1" hydra.run.dir="$OUT/hydra_$1" "${@:2}" \
+      > "$log" 2>&1
+  fi
+}
+train transformer criterion._name=cross_entropy '~criterion.ce_warmup_ratio' task.batching=shuffled \
+  task.bm25_order=null & p1=$!
+train trime_mt task.bm25_order="$order" & p2=$!
+watch_training "$UPDATES" "$OUT/train_transformer.log" "$OUT/train_trime_mt.log" & watch_pid=$!
+wait $p1; wait $p2
+kill $watch_pid 2>/dev/null || true
+transformer="$OUT/transformer/checkpoint_last.pt"
+trime="$OUT/trime_mt/checkpoint_last.pt"
+
+# 3. datastores
+datastore() {  # checkpoint data split output metric
+  [ -f "$4/datastore.json" ] && return
+  say "datastore of $2/$3 -> $4 (log $4.log)"
+  trime-build-datastore --path "$1" --data "$2" --gen-subset "$3" --output "$4" --metric "$5" \
+    --index-factory "${INDEX:-IVF256,Flat}" --nprobe 32 --cpu --no-progress-bar > "$4.log" 2>&1
+}
+datastore "$transformer" "$DATA" train "$OUT/dstore_transformer" l2 & p1=$!
+datastore "$trime" "$DATA" train "$OUT/dstore_trime_mt" ip & p2=$!
+wait $p1; wait $p2
+
+GEN="--user-dir trime_fairseq --task trime_translation --cpu --beam $BEAM --max-tokens 8000 --remove-bpe"
+# 4. tuning on valid
+tune() {  # name checkpoint data mode datastore grid... -> best flags
+  local out="$OUT/tune_$1"
+  if [ ! -s "$out.flags" ]; then
+    say "tuning $1 by BLEU on the first $TUNE_SENTENCES sentences of $3 valid"
+    trime-tune-mt "$3" $GEN --path "$2" --gen-subset valid --eval-memory "$4" --datastore "$5" \
+      --max-sentences-for-tuning "$TUNE_SENTENCES" --ks "$KS" --results-json "$out.json" "${@:6}" \
+      > "$out.txt" 2> "$out.err"
+    sed -n 's/^best: \(.*\)  (.*/\1/p' "$out.txt" > "$out.flags"
+  fi
+  [ -s "$out.flags" ] || { say "tuning $1 failed: see $out.err"; return 1; }
+  cat "$out.flags"
+}
+knn_flags=$(tune knn "$transformer" "$DATA" knn "$OUT/dstore_transformer" --knn-temperatures 1,10,100 \
+  --knn-lambdas 0.1,0.3,0.5)
+trime_flags=$(tune trime_ext "$trime" "$DATA" trime_ext "$OUT/dstore_trime_mt" --temperatures 1 \
+  --interpolation-temperatures 1,10 --interpolation-lambdas 0.1,0.3,0.5)
+say "tuned: kNN-MT $knn_flags; TRIME-MT $trime_flags"
+
+# 5. test2016
+bleu() {  # name checkpoint data split refs args... -> BLEU line
+  local out="$OUT/gen_$1"
+  if [ ! -s "$out.bleu" ]; then
+    say "  decoding $1"
+    fairseq-generate "$3" $GEN --path "$2" --gen-subset "$4" "${@:6}" > "$out.txt" 2> "$out.err"
+    python scripts/sacrebleu_from_generate.py "$out.txt" ${5:+--refs "$5"} > "$out.bleu"
+  fi
+  cat "$out.bleu"
+}
+refs="$DATA/bpe/test.raw.en"
+say "decoding Multi30k test2016 (beam $BEAM)"
+bleu transformer "$transformer" "$DATA" test "$refs" > /dev/null & p1=$!
+bleu knn "$transformer" "$DATA" test "$refs" $knn_flags --datastore "$OUT/dstore_transformer" > /dev/null & p2=$!
+wait $p1; wait $p2
+bleu trime_none "$trime" "$DATA" test "$refs" > /dev/null & p1=$!
+bleu trime_ext "$trime" "$DATA" test "$refs" $trime_flags --datastore "$OUT/dstore_trime_mt" > /dev/null & p2=$!
+wait $p1; wait $p2
+
+# 6. domain adaptation: IWSLT'14 (TED talks) in the Multi30k vocabulary
+domain=""
+if [ -f "$IWSLT/valid.de" ]; then
+  ted="$OUT/iwslt14-in-multi30k"
+  if [ ! -f "$ted/dict.en.txt" ]; then
+    say "IWSLT'14 valid (datastore / last 1,000 pairs: tuning) and test (first $IWSLT_TEST pairs) -> $ted"
+    split="$OUT/iwslt14-split"
+    mkdir -p "$split"
+    for l in de en; do
+      n=$(wc -l < "$IWSLT/valid.$l")
+      head -n $((n - 1000)) "$IWSLT/valid.$l" > "$split/train.$l"  # the datastore
+      tail -n 1000 "$IWSLT/valid.$l" > "$split/valid.$l"           # tuning
+      head -n "$IWSLT_TEST" "$IWSLT/test.$l" > "$split/test.$l"
+    done
+    scripts/prepare_iwslt14.sh "$ted" --tokenized "$split" --codes "$DATA/bpe/code" --dict "$DATA/dict.en.txt" \
+      > "$OUT/iwslt14-prepare.log" 2>&1
+  fi
+  datastore "$transformer" "$ted" train "$OUT/dstore_ted_transformer" l2 & p1=$!
+  datastore "$trime" "$ted" train "$OUT/dstore_ted_trime_mt" ip & p2=$!
+  wait $p1; wait $p2
+  ted_knn=$(TUNE_SENTENCES=1000 tune ted_knn "$transformer" "$ted" knn "$OUT/dstore_ted_transformer" \
+    --knn-temperatures 1,10,100 --knn-lambdas 0.1,0.3,0.5)
+  ted_trime=$(TUNE_SENTENCES=1000 tune ted_trime_ext "$trime" "$ted" trime_ext "$OUT/dstore_ted_trime_mt" \
+    --temperatures 1 --interpolation-temperatures 1,10 --interpolation-lambdas 0.1,0.3,0.5)
+  say "decoding IWSLT'14 test (first $IWSLT_TEST pairs)"
+  bleu ted_transformer "$transformer" "$ted" test "" > /dev/null & p1=$!
+  bleu ted_knn "$transformer" "$ted" test "" $ted_knn --datastore "$OUT/dstore_ted_transformer" > /dev/null & p2=$!
+  wait $p1; wait $p2
+  bleu ted_trime_none "$trime" "$ted" test "" > /dev/null & p1=$!
+  bleu ted_trime_ext "$trime" "$ted" test "" $ted_trime --datastore "$OUT/dstore_ted_trime_mt" > /dev/null & p2=$!
+  wait $p1; wait $p2
+  domain=1
+fi
+
+score() { sed -n 's/^BLEU = \([0-9.]*\) .*/\1/p' "$OUT/gen_$1.bleu"; }
+{
+  echo "Multi30k de->en, configs/trime_mt/multi30k_small.yaml, $UPDATES updates x 4,096 tokens; beam $BEAM;"
+  echo "detokenised sacreBLEU: $(sed -n 's/.* | \(nrefs[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*\) | .*/\1/p' "$OUT/gen_transformer.bleu")"
+  echo
+  echo "| model | evaluation memory (tuned on valid) | test2016 BLEU |$([ -n "$domain" ] && echo " IWSLT'14 test BLEU (memory: IWSLT'14 valid) |")"
+  echo "|---|---|---|$([ -n "$domain" ] && echo "---|")"
+  echo "| Transformer | none | $(score transformer) |$([ -n "$domain" ] && echo " $(score ted_transformer) |")"
+  echo "| Transformer: kNN-MT | \`$knn_flags\` (Multi30k train)$([ -n "$domain" ] && echo "; \`$ted_knn\` (TED)") | $(score knn) |$([ -n "$domain" ] && echo " $(score ted_knn) |")"
+  echo "| TRIME-MT | none | $(score trime_none) |$([ -n "$domain" ] && echo " $(score ted_trime_none) |")"
+  echo "| TRIME-MT | \`$trime_flags\` (Multi30k train)$([ -n "$domain" ] && echo "; \`$ted_trime\` (TED)") | $(score trime_ext) |$([ -n "$domain" ] && echo " $(score ted_trime_ext) |")"
+} | tee "$OUT/results.md"

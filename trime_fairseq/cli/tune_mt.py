@@ -1,0 +1,162 @@
+"""``trime-tune-mt``: grid-search kNN-MT / TRIME-MT's memory options on a validation split by BLEU.
+
+Takes every ``fairseq-generate`` option (data, ``--path``, ``--gen-subset valid``, beam,
+``--task trime_translation --eval-memory knn|trime_ext --datastore DIR``) plus the grids
+below, decodes the split (or its first ``--max-sentences-for-tuning`` sentences) once per
+grid point and prints the flags with the best BLEU (sacrebleu, on the BPE-removed
+tokenised text, as ``fairseq-generate --scoring sacrebleu``)::
+
+    trime-tune-mt data-bin/multi30k --user-dir trime_fairseq --task trime_translation \\
+        --path checkpoints/mt/checkpoint_best.pt --gen-subset valid --beam 5 --remove-bpe \\
+        --eval-memory knn --datastore dstore/multi30k-train --max-sentences-for-tuning 300
+
+| mode | grid |
+|---|---|
+| knn | K (``--ks``, paper: 1, 2, ..., 64 after Zheng et al. 2021) x T x λ |
+| trime_ext | K x τ (``--temperatures``) x τ' x λ |
+
+The datastore is searched once per decoding step at the largest K; smaller K keep that
+search's best-first hits (the same as searching for K).
+"""
+
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict
+from typing import Dict, List
+
+import torch
+
+from trime_fairseq.atomic import atomic_write_text
+from trime_fairseq.cli.tune import grid
+
+logger = logging.getLogger("trime_fairseq.tune_mt")
+
+AXES = {
+    "knn": (("knn_k", "ks", int), ("knn_temperature", "knn_temperatures", float),
+            ("knn_lambda", "knn_lambdas", float)),
+    "trime_ext": (("knn_k", "ks", int), ("memory_temperature", "temperatures", float),
+                  ("interpolation_temperature", "interpolation_temperatures", float),
+                  ("interpolation_lambda", "interpolation_lambdas", float)),
+}
+
+
+def add_args(parser):
+    group = parser.add_argument_group("trime-tune-mt grids")
+    group.add_argument("--ks", default="1,2,4,8,16,32,64", help="K values (neighbours retrieved per step)")
+    group.add_argument("--knn-temperatures", default="10,100", help="T values (knn)")
+    group.add_argument("--knn-lambdas", default="0.2,0.4,0.6", help="λ values (knn)")
+    group.add_argument("--temperatures", default="1", help="τ values of Eq. 6 (trime_ext)")
+    group.add_argument("--interpolation-temperatures", default="1,10", help="τ' values of Eq. 7 (trime_ext)")
+    group.add_argument("--interpolation-lambdas", default="0.2,0.4,0.6", help="λ values of Eq. 8 (trime_ext)")
+    group.add_argument("--max-sentences-for-tuning", type=int, default=None,
+                       help="decode only the first N sentences of the split (by sentence id)")
+    group.add_argument("--results-json", default=None, help="write every grid point and the best to this file")
+
+
+def describe(opt) -> str:
+    if opt.mode == "knn":
+        return (f"--eval-memory knn --knn-k {opt.knn_k} --knn-temperature {opt.knn_temperature:g} "
+                f"--knn-lambda {opt.knn_lambda:g}")
+    if opt.mode == "trime_ext":
+        return (f"--eval-memory trime_ext --knn-k {opt.knn_k} --memory-temperature {opt.memory_temperature:g} "
+                f"--interpolation-temperature {opt.interpolation_temperature:g} "
+                f"--interpolation-lambda {opt.interpolation_lambda:g}")
+    return "--eval-memory none"
+
+
+def bleu(cfg, task, model, samples, generator) -> float:
+    """Corpus BLEU (sacrebleu, 13a) of the hypotheses of ``samples`` against their references."""
+    import sacrebleu
+
+    tgt_dict = task.target_dictionary
+    hyps, refs = {}, {}
+    for sample in samples:
+        with torch.no_grad():
+            out = task.inference_step(generator, [model], sample)
+        for i, sid in enumerate(sample["id"].tolist()):
+            ref = sample["target"][i][sample["target"][i].ne(tgt_dict.pad())]
+            refs[sid] = tgt_dict.string(ref.int().cpu(), cfg.common_eval.post_process, escape_unk=True)
+            hyps[sid] = tgt_dict.string(out[i][0]["tokens"].int().cpu(), cfg.common_eval.post_process)
+    ids = sorted(refs)
+    return sacrebleu.corpus_bleu([hyps[i] for i in ids], [[refs[i] for i in ids]], tokenize="13a").score
+
+
+def main(argv=None):
+    from fairseq import checkpoint_utils, options, tasks, utils
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    from trime_fairseq.memory.eval_memory import EvalMemory, route_normalized_probs
+
+    parser = options.get_generation_parser()
+    add_args(parser)
+    args = options.parse_args_and_arch(parser, input_args=sys.argv[1:] if argv is None else argv)
+    cfg = convert_namespace_to_omegaconf(args)
+    utils.import_user_module(cfg.common)
+    from trime_fairseq.tasks.memory_config import RETRIEVAL_FLAGS, memory_options
+
+    base = memory_options(cfg.task, RETRIEVAL_FLAGS)
+    if base.mode not in AXES:
+        raise ValueError("trime-tune-mt needs --task trime_translation --eval-memory knn or trime_ext (and --datastore)")
+    axes = {name: sorted({cast(x) for x in getattr(args, option).split(",") if x.strip()})
+            for name, option, cast in AXES[base.mode]}
+    # one search per step at the largest K serves every K of the grid
+    cfg.task.knn_k = max(axes["knn_k"])
+    task = tasks.setup_task(cfg.task)
+    models, _ = checkpoint_utils.load_model_ensemble([cfg.common_eval.path], task=task,
+                                                     arg_overrides=eval(cfg.common_eval.model_overrides))
+    model = models[0].eval()
+    if torch.cuda.is_available() and not cfg.common.cpu:
+        model.cuda()
+    memory = model.trime_eval_memory
+    task.load_dataset(cfg.dataset.gen_subset)
+    dataset = task.dataset(cfg.dataset.gen_subset)
+    from fairseq.data import data_utils
+
+    limit = args.max_sentences_for_tuning
+    indices = dataset.ordered_indices()  # length order, as fairseq-generate batches
+    if limit is not None:
+        indices = indices[indices < limit]  # the first N sentences by id
+    indices = task.filter_indices_by_size(
+        indices, dataset, utils.resolve_max_positions(task.max_positions(), model.max_positions()),
+        ignore_invalid_inputs=cfg.dataset.skip_invalid_size_inputs_valid_test)
+    batches = data_utils.batch_by_size(indices, dataset.num_tokens, max_tokens=cfg.dataset.max_tokens,
+                                       max_sentences=cfg.dataset.batch_size)
+    samples = [dataset.collater([dataset[i] for i in batch]) for batch in batches]
+    if next(model.parameters()).is_cuda:
+        samples = [utils.move_to_cuda(s) for s in samples]
+    if not samples:
+        raise ValueError(f"no sentences to decode in '{cfg.dataset.gen_subset}'")
+    generator = task.build_generator([model], cfg.generation)
+    points = grid(base, axes)[1:]
+    results: Dict = {}
+    for n, opt in enumerate(points):
+        route_normalized_probs(model, EvalMemory(opt, task.target_dictionary.pad(), external=memory.external,
+                                                 local=False))
+        start = time.time()
+        results[opt] = bleu(cfg, task, model, samples, generator)
+        logger.info(f"{n + 1}/{len(points)}: BLEU {results[opt]:.2f}  {describe(opt)} ({time.time() - start:.0f}s)")
+    del model.get_normalized_probs  # the model's own distribution (the class's method)
+    plain = bleu(cfg, task, model, samples, generator)
+    best = max(results, key=results.get)
+    sentences = sum(len(s["id"]) for s in samples)
+    print(f"{'BLEU':>8}  options ({cfg.dataset.gen_subset}, {sentences} sentences)")
+    for opt, value in sorted(results.items(), key=lambda kv: -kv[1]):
+        print(f"{value:8.2f}  {describe(opt)}")
+    print(f"best: {describe(best)}  ({cfg.dataset.gen_subset} BLEU {results[best]:.2f}; without memory {plain:.2f})")
+    if args.results_json:
+        atomic_write_text(args.results_json, json.dumps(dict(
+            split=cfg.dataset.gen_subset, sentences=sentences, best=describe(best), best_bleu=results[best],
+            plain_bleu=plain, points=[dict(flags=describe(p), bleu=v, options=asdict(p))
+                                      for p, v in sorted(results.items(), key=lambda kv: -kv[1])],
+        ), indent=2) + "\n")
+    return best, results
+
+
+def cli_main():
+    main()
+
+
+if __name__ == "__main__":
+    cli_main()

@@ -1,0 +1,60 @@
+"""``trime_mt_loss``: TRIME's objective for translation (§5.4, Appendix B).
+
+For the target token at position t of sentence s the memory is every target position
+of the *other* sentences of the batch -- keys g (input of the last decoder
+feed-forward block), values the target tokens (EOS included, never padding) -- and no
+entry of the sentence itself (translation is a sentence-level task: no local or
+long-term memory). Token logits and the similarities g·g'/(√d·τ_train) share one
+softmax (Eq. 5), gradients flow into every key. With ``--batching bm25``
+(``trime_translation``) the other sentences of a batch are the ones whose targets
+are lexically close (BM25). The math is
+:class:`~trime_fairseq.criterions.trime_loss.TrimeLoss`'s; the memory is
+:func:`~trime_fairseq.memory.cross_segment.cross_segment_memory` with no row keeping
+its own entries (the same source as ``trime_ext_loss``'s).
+
+Cross-entropy warm-up and logging as ``trime_loss`` (``in_memory``: share of target
+tokens found among the other sentences' targets).
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from fairseq.criterions import register_criterion
+
+from trime_fairseq.criterions.trime_loss import TrimeLoss, TrimeLossConfig
+from trime_fairseq.memory.cross_segment import cross_segment_memory
+from trime_fairseq.memory.sources import MemoryBatch, dot_scale
+
+
+@dataclass
+class TrimeMTLossConfig(TrimeLossConfig):
+    train_memory_temperature: float = field(
+        default=1.0, metadata={"help": "τ_train: similarities g·g'/(√d·τ_train) in the training softmax (the "
+                               "task's --memory-temperature is the evaluation's τ)"}
+    )
+    memory_block_size: int = field(
+        default=4096,
+        metadata={"help": "batches of more than this many target positions (B·T) are scored in checkpointed "
+        "query blocks instead of one dense (B·T)² score matrix; 0: always dense"},
+    )
+
+
+@register_criterion("trime_mt_loss", dataclass=TrimeMTLossConfig)
+class TrimeMTLoss(TrimeLoss):
+    def __init__(self, task, ce_warmup_ratio, ce_warmup_updates, max_update, sentence_avg,
+                 train_memory_temperature=1.0, memory_block_size=4096):
+        super().__init__(task, ce_warmup_ratio, ce_warmup_updates, max_update, sentence_avg)
+        if not train_memory_temperature > 0:
+            raise ValueError(f"--train-memory-temperature must be > 0, got {train_memory_temperature}")
+        if memory_block_size < 0:
+            raise ValueError(f"--memory-block-size must be >= 0, got {memory_block_size}")
+        self.memory_temperature = float(train_memory_temperature)
+        self.memory_block_size = memory_block_size
+
+    def training_memory(self, keys, target, valid, sample) -> MemoryBatch:
+        """keys (B, T, d) decoder g; target, valid (B, T): one stream of N = B·T target positions,
+        each seeing the valid positions of the other sentences only."""
+        bsz, _, dim = keys.shape
+        own_rows = torch.zeros(bsz, dtype=torch.bool, device=keys.device)  # no entry of the sentence itself
+        return cross_segment_memory(keys, target, valid, own_rows, dot_scale(dim, self.memory_temperature),
+                                    self.memory_block_size)
