@@ -438,3 +438,23 @@ def test_spalm_configs_build_their_architecture_with_the_papers_sizes(name):
         with torch.device("meta"):
             count = sum(p.numel() for p in SpalmDecoder(expected, d).parameters())
         assert abs(count - params) / params < 0.02, f"{arch}: {count / 1e6:.1f}M parameters, the paper {params / 1e6:g}M"
+
+
+def test_rows_without_scored_positions_with_a_tied_adaptive_softmax():
+    """An ended stream's padding row (no scored position) under the evaluation memory: the model's
+    own distribution, no error from the tied adaptive head on an empty selection."""
+    from trime_fairseq.memory.eval_memory import EvalMemory, attach_eval_memory
+    from trime_fairseq.memory.options import MemoryOptions
+
+    decoder = tiny(SpalmDecoder, SpalmConfig, decoder_embed_dim=16, adaptive_input=True,
+                   adaptive_input_cutoff="10,20", adaptive_softmax_cutoff="10,20", tie_adaptive_weights=True,
+                   tie_adaptive_proj=True)
+    model = SpalmModel(decoder).eval()
+    attach_eval_memory(model, EvalMemory(MemoryOptions("neighbour_knn"), PAD))
+    toks = tokens(1, 5)
+    nb = neighbours_for(toks)
+    sample = {"net_input": {"src_tokens": toks, NEIGHBOUR_TOKENS: nb, NEIGHBOUR_SCORES: nb.double()},
+              "target": torch.full_like(toks, PAD)}
+    out = model(**sample["net_input"])
+    log_probs = model.get_normalized_probs(out, log_probs=True, sample=sample)
+    assert log_probs.shape == (1, 5, VOCAB) and torch.isfinite(log_probs).all()

@@ -31,9 +31,9 @@ import time
 import numpy as np
 import torch
 
-from trime_fairseq.checksums import dictionary_checksum, model_checksum
+from trime_fairseq.checksums import dictionary_checksum, loaded_model_checksum
 from trime_fairseq.cli import setup_logging
-from trime_fairseq.cli.build_datastore import load_lm, scored_keys
+from trime_fairseq.cli.build_datastore import default_max_tokens, is_translation, load_model, scored_batches, scored_keys
 from trime_fairseq.data.documents import DocumentBoundaries
 from trime_fairseq.data.neighbours import EXCLUSIONS, NeighbourError, NeighbourWriter, document_labels
 from trime_fairseq.memory.datastore import Datastore, Exclusion, read_metadata
@@ -111,8 +111,11 @@ def main(args) -> dict:
     args.tokens_per_sample, args.context_window = source["tokens_per_sample"], source["context_window"]
     if args.max_tokens is None and args.batch_size is None:
         args.max_tokens, args.batch_size = source.get("max_tokens"), source.get("batch_size")
-    model, task, state = load_lm(args)
-    model_sha = model_checksum(state["model"])
+    model, task, state = load_model(args)
+    if is_translation(task):
+        raise NeighbourError("trime-neighbours aligns neighbours to a language model's token stream; "
+                             f"{args.path} is a translation model")
+    model_sha = loaded_model_checksum(model)  # what the datastore build recorded (before --fp16)
     del state
     if args.fp16:
         model.half()
@@ -158,8 +161,9 @@ def main(args) -> dict:
     if done:
         logger.info(f"resuming: {writer.rows} positions from {done} batches already written")
     short, batches, searched, search_seconds = 0, done, 0, 0.0
-    for batches, keys, targets in scored_keys(model, task, dataset, args, store_meta["key_type"], device, done,
-                                              progress):
+    itr, num_batches = scored_batches(args, task, model, dataset, default_max_tokens(args, False))
+    for batches, keys, targets in scored_keys(model, task, itr, num_batches, store_meta["key_type"], device, done,
+                                              progress, desc=f"neighbours of {args.gen_subset}"):
         start = writer.next_position
         keys = keys.float().cpu().numpy()
         targets = targets.cpu().numpy()
