@@ -13,7 +13,10 @@ tokens, scores and ids, aligned to the split's token stream
 On the datastore's own split a position never retrieves its own entry, and by
 default no entry of its own document (``--neighbour-exclude document``; ``self``:
 only its own entry, so entries of the same document -- also its *later* positions,
-whose next tokens are the position's own future -- may be retrieved). Exclusion is
+whose next tokens are the position's own future -- may be retrieved). Documents are
+WikiText's `` = Title = `` articles by :mod:`trime_fairseq.data.documents`' rule; a
+position's own document is decided from the document starts strictly before it
+(:func:`~trime_fairseq.data.neighbours.document_labels`), never from its target. Exclusion is
 explicit: the index is asked for more entries than K and the excluded ids are
 dropped (``Datastore.search(..., exclude=...)``), never "the first hit is the
 query itself". On that split the recomputed keys are also checked against the
