@@ -12,14 +12,14 @@
 #      last 1,000 pairs (tuning), test = the first IWSLT_TEST pairs of IWSLT'14 test; with vs without datastore
 #   BLEU: detokenised sacreBLEU with its signature (scripts/sacrebleu_from_generate.py)
 #
-#   scripts/multi30k_mt.sh                 # UPDATES=3000
+#   scripts/multi30k_mt.sh                 # UPDATES=1000
 #
-# Environment: UPDATES (3000), OUT (runs/multi30k-mt-$UPDATES), DATA (data-bin/multi30k), BEAM (5), TUNE_SENTENCES (300),
+# Environment: UPDATES (1000), OUT (runs/multi30k-mt-$UPDATES), DATA (data-bin/multi30k), BEAM (5), TUNE_SENTENCES (300),
 # IWSLT (../shared/data/iwslt14.tokenized.de-en; skipped when absent), IWSLT_TEST (1000), KS (K grid,
 # 1,2,4,8,16,32,64 as the paper after Zheng et al. 2021), INDEX (FAISS factory of the datastores, IVF256,Flat).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-UPDATES=${UPDATES:-3000}
+UPDATES=${UPDATES:-1000}
 OUT=${OUT:-runs/multi30k-mt-$UPDATES}
 DATA=${DATA:-data-bin/multi30k}
 BEAM=${BEAM:-5}
@@ -48,7 +48,7 @@ train() {  # name overrides...
       > "$log" 2>&1
   fi
 }
-train transformer criterion._name=cross_entropy '~criterion.ce_warmup_ratio' task.batching=shuffled \
+train transformer criterion._name=cross_entropy '~criterion.ce_warmup_ratio' '~criterion.memory_block_size' task.batching=shuffled \
   task.bm25_order=null & p1=$!
 train trime_mt task.bm25_order="$order" & p2=$!
 watch_training "$UPDATES" "$OUT/train_transformer.log" "$OUT/train_trime_mt.log" & watch_pid=$!
