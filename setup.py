@@ -42,6 +42,7 @@ setup(
             "trime-bm25-batches = trime_fairseq.cli.bm25_batches:cli_main",
             "trime-sweep-memory = trime_fairseq.cli.sweep_memory:cli_main",
             "trime-tune-mt = trime_fairseq.cli.tune_mt:cli_main",
+            "trime-neighbours = trime_fairseq.cli.neighbours:cli_main",
         ],
     },
 )

@@ -3,7 +3,9 @@
 Runs the checkpoint over a split exactly as ``fairseq-eval-lm`` does (same
 ``task.eval_lm_dataloader``, ``--context-window``), stores for every scored
 position (target != pad) its key -- g (``trime_key``, TRIME and kNN-LM) or f
-(``trime_feature``) -- and its next token, then trains and fills a FAISS index::
+(``trime_feature``) -- and its next token, then trains and fills a FAISS index.
+For a language model, entry n is the split's n-th token (blocks in stream order, also
+without a context window), which SPALM's neighbour files rely on::
 
     trime-build-datastore --path checkpoints/checkpoint_best.pt --data data-bin/wikitext-103 \\
         --gen-subset train --context-window 1536 --tokens-per-sample 3072 \\
@@ -47,6 +49,7 @@ import torch
 from tqdm import tqdm
 
 from trime_fairseq.checksums import dictionary_checksum, loaded_model_checksum
+from trime_fairseq.data.eval_order import StreamOrderDataset
 from trime_fairseq.memory import faiss_index as fi
 from trime_fairseq.memory.datastore import (KEY_DTYPES, KEY_TYPES, DatastoreSpec, DatastoreWriter, merge_parts,
                                             part_folder, read_part)
@@ -182,18 +185,47 @@ def scored_batches(args, task, model, dataset, max_tokens):
             ignore_invalid_inputs=False, required_batch_size_multiple=1, seed=args.seed, num_shards=1, shard_id=0,
             num_workers=args.num_workers, disable_iterator_cache=True,
         ).next_epoch_itr(shuffle=False)
-    else:
+    else:  # as fairseq-eval-lm, with the blocks in stream order also without a context window
         itr = task.eval_lm_dataloader(
-            dataset=dataset, max_tokens=max_tokens, batch_size=args.batch_size, max_positions=max_positions,
-            num_shards=1, shard_id=0, num_workers=args.num_workers, data_buffer_size=0,
-            context_window=args.context_window,
+            dataset=dataset if args.context_window > 0 else StreamOrderDataset(dataset), max_tokens=max_tokens,
+            batch_size=args.batch_size, max_positions=max_positions, num_shards=1, shard_id=0,
+            num_workers=args.num_workers, data_buffer_size=0, context_window=args.context_window,
         )
     return itr, len(itr)
 
 
-def main(args) -> dict:
+def default_max_tokens(args, translation: bool):
+    """Tokens per batch: --max-tokens, else fairseq's default (eval-lm 36000, translation 8000) unless
+    --batch-size is given."""
+    return args.max_tokens or (None if args.batch_size else (8000 if translation else 36000))
+
+
+def scored_keys(model, task, itr, num_batches: int, key_type: str, device, skip_batches: int = 0,
+                progress: bool = True, desc: str = "keys", stop_batches=None):
+    """Keys of the scored positions (target != pad) of the batches of ``itr`` (:func:`scored_batches`),
+    in its order -- for a language model the split's token order. Yields (batches done, keys (n, d),
+    targets (n,)) per batch; the first ``skip_batches`` batches are read but not run (resuming, or a later
+    part of a sharded build), and batches from ``stop_batches`` on are not read."""
     from fairseq import utils
 
+    pad = task.target_dictionary.pad()
+    stop = num_batches if stop_batches is None else stop_batches
+    bar = tqdm(itr, total=stop, desc=desc, unit="batch", disable=not progress, mininterval=2.0)
+    with torch.no_grad():
+        for i, sample in enumerate(bar):  # batches before skip_batches are collated only (context window state)
+            if i >= stop:
+                break
+            if i < skip_batches or "net_input" not in sample:
+                continue
+            sample = utils.move_to_cuda(sample) if device.type == "cuda" else sample
+            net_output = model(**sample["net_input"])
+            keys = get_keys(net_output, key_type)  # (B, T, d)
+            target = sample["target"]  # (B, T); context positions and padding are pad
+            scored = target.ne(pad)
+            yield i + 1, keys[scored], target[scored]
+
+
+def main(args) -> dict:
     if args.merge_shards is not None:
         return merge_main(args)
     if args.path is None:
@@ -213,11 +245,10 @@ def main(args) -> dict:
         model.half()
     model.to(device).eval()
     dictionary = task.target_dictionary
-    pad = dictionary.pad()
 
     task.load_dataset(args.gen_subset)
     dataset = task.dataset(args.gen_subset)
-    max_tokens = args.max_tokens or (None if args.batch_size else (8000 if translation else 36000))
+    max_tokens = default_max_tokens(args, translation)
     if translation:  # every target position, EOS included: target tokens + one EOS per sentence
         capacity = int(np.sum(dataset.tgt_sizes))
         source = dict(data=os.path.abspath(task.cfg.data), split=args.gen_subset, task="translation",
@@ -227,7 +258,8 @@ def main(args) -> dict:
         capacity = int(np.sum(dataset.sizes))  # every token is scored once (also with a context window)
         source = dict(data=os.path.abspath(task.args.data), split=args.gen_subset,
                       tokens_per_sample=int(task.args.tokens_per_sample) + args.context_window,
-                      context_window=args.context_window, max_tokens=max_tokens, batch_size=args.batch_size)
+                      context_window=args.context_window, max_tokens=max_tokens, batch_size=args.batch_size,
+                      order="stream")
     itr, num_batches = scored_batches(args, task, model, dataset, max_tokens)
     output, first, stop = args.output, 0, num_batches  # the batches [first, stop) this run scores
     if num_shards > 1:  # a contiguous range of the batches; at most max_tokens / B x longest scored tokens each
@@ -253,23 +285,13 @@ def main(args) -> dict:
         done = max(writer.batches_done, first)
         if writer.batches_done:
             logger.info(f"resuming: {writer.rows} keys from batches [{first}, {done}) already written")
-        bar = tqdm(itr, total=stop, desc=f"keys of {args.gen_subset}" + (
-            f" (part {shard_id} of {num_shards}: batches {first}-{stop - 1})" if num_shards > 1 else ""),
-            unit="batch", disable=not progress, mininterval=2.0)
-        with torch.no_grad():
-            for i, sample in enumerate(bar):  # batches before `done` are collated only (context window state)
-                if i >= stop:
-                    break
-                if i < done or "net_input" not in sample:
-                    continue
-                sample = utils.move_to_cuda(sample) if use_cuda else sample
-                net_output = model(**sample["net_input"])
-                keys = get_keys(net_output, args.key_type)  # (B, T, d)
-                target = sample["target"]  # (B, T); context positions and padding are pad
-                scored = target.ne(pad)
-                writer.add(keys[scored], target[scored].int())  # refuses keys its dtype cannot hold
-                if (i + 1) % args.commit_every == 0:
-                    writer.commit(i + 1)
+        desc = f"keys of {args.gen_subset}" + (
+            f" (part {shard_id} of {num_shards}: batches {first}-{stop - 1})" if num_shards > 1 else "")
+        for batches, keys, targets in scored_keys(model, task, itr, num_batches, args.key_type, device, done,
+                                                  progress, desc=desc, stop_batches=stop):
+            writer.add(keys, targets.int())  # refuses keys its dtype cannot hold
+            if batches % args.commit_every == 0:
+                writer.commit(batches)
         writer.commit(stop)
     if num_shards > 1:
         part = writer.finish_part(shard_id, num_shards)

@@ -18,6 +18,7 @@ grid points that use it, and the datastore is searched once per batch).
 | cache | λ_c × θ (``--cache-lambdas``, ``--cache-thetas``) |
 | knn | T × λ (``--knn-temperatures``, ``--knn-lambdas``); a cache given on the command line is kept |
 | trime_ext | τ × τ′ × λ (``--temperatures``, ``--interpolation-temperatures``, ``--interpolation-lambdas``) |
+| neighbour_knn | T × λ (``--knn-temperatures``, ``--knn-lambdas``) over the batch's precomputed neighbours |
 
 ``--widen-edges R`` (default 2): when the best value of an axis lies on the edge
 of its grid, the axis is extended past that edge (temperatures and θ by a factor
@@ -48,6 +49,7 @@ AXES = {
     "trime": (("memory_temperature", "temperatures"),),
     "cache": (("cache_lambda", "cache_lambdas"), ("cache_theta", "cache_thetas")),
     "knn": (("knn_temperature", "knn_temperatures"), ("knn_lambda", "knn_lambdas")),
+    "neighbour_knn": (("knn_temperature", "knn_temperatures"), ("knn_lambda", "knn_lambdas")),
     "trime_ext": (("memory_temperature", "temperatures"), ("interpolation_temperature", "interpolation_temperatures"),
                   ("interpolation_lambda", "interpolation_lambdas")),
 }
@@ -66,8 +68,8 @@ def add_args(parser):
     group.add_argument("--temperatures", default="0.25,0.5,1,2,4", help="τ values of Eq. 6 (trime, trime_ext)")
     group.add_argument("--cache-lambdas", default="0.02,0.05,0.1,0.2,0.3", help="λ values (cache)")
     group.add_argument("--cache-thetas", default="0.05,0.1,0.3,0.5,1.0", help="θ values (cache)")
-    group.add_argument("--knn-temperatures", default="0.5,1,2,5,10,20", help="T values (knn)")
-    group.add_argument("--knn-lambdas", default="0.05,0.1,0.25,0.4,0.6", help="λ values (knn)")
+    group.add_argument("--knn-temperatures", default="0.5,1,2,5,10,20", help="T values (knn, neighbour_knn)")
+    group.add_argument("--knn-lambdas", default="0.05,0.1,0.25,0.4,0.6", help="λ values (knn, neighbour_knn)")
     group.add_argument("--interpolation-temperatures", default="0.5,1,2,5,10",
                        help="τ' values of Eq. 7 (trime_ext)")
     group.add_argument("--interpolation-lambdas", default="0.05,0.1,0.25,0.4,0.6",
@@ -79,7 +81,7 @@ def add_args(parser):
 
 def axes_of(base: MemoryOptions, args) -> Dict[str, List[float]]:
     if base.mode not in AXES:
-        raise ValueError("trime-tune needs --eval-memory trime, cache, knn or trime_ext")
+        raise ValueError(f"trime-tune needs --eval-memory {', '.join(AXES)}")
     return {name: _floats(getattr(args, option)) for name, option in AXES[base.mode]}
 
 
@@ -135,6 +137,8 @@ def describe(opt: MemoryOptions) -> str:
     if opt.mode == "knn":
         cache = f" --cache-lambda {opt.cache_weight:g} --cache-theta {opt.cache_theta:g}" if opt.uses_cache else ""
         return f"--eval-memory knn --knn-temperature {opt.knn_temperature:g} --knn-lambda {opt.knn_lambda:g}{cache}"
+    if opt.mode == "neighbour_knn":
+        return f"--eval-memory neighbour_knn --knn-temperature {opt.knn_temperature:g} --knn-lambda {opt.knn_lambda:g}"
     if opt.mode == "trime_ext":
         return (f"--eval-memory trime_ext --memory-temperature {opt.memory_temperature:g} "
                 f"--interpolation-temperature {opt.interpolation_temperature:g} "

@@ -98,9 +98,25 @@ class StreamRowsDataset(FairseqDataset):
         net_input["src_tokens"] = pad_rows(net_input["src_tokens"], self.pad)
         if "src_lengths" in net_input:
             net_input["src_lengths"] = pad_rows(net_input["src_lengths"], 0)
+        fills = net_input_padding(self.dataset)
+        for name in set(net_input) - {"src_tokens", "src_lengths"}:  # e.g. SPALM's neighbours
+            if name not in fills:
+                raise ValueError(f"no fill value for the batch field '{name}' of an ended stream's row: "
+                                 "the dataset must name it in its net_input_padding")
+            net_input[name] = pad_rows(net_input[name], fills[name])
         if torch.is_tensor(batch.get("target")):
             batch["target"] = pad_rows(batch["target"], self.pad)
         return batch
+
+
+def net_input_padding(dataset) -> dict:
+    """Fill values of the extra ``net_input`` fields of a dataset (or of one it wraps): ``{name: value}``."""
+    while dataset is not None:
+        fills = getattr(dataset, "net_input_padding", None)
+        if fills is not None:
+            return fills
+        dataset = getattr(dataset, "dataset", None)
+    return {}
 
 
 def _batch_size(task, max_tokens: Optional[int], max_sentences: Optional[int]) -> int:

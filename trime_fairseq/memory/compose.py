@@ -16,6 +16,7 @@ A term is one memory *part* -- entries a driver gathers for its queries, with
 | ``LOCAL_G`` | the scored row's earlier positions (+ the stream's long-term memory) | g·g_j |
 | ``LOCAL_F`` | the same positions | f·f_j |
 | ``DATASTORE`` | the K retrieved entries of the external memory | the index's: q·k (ip) or −‖q−k‖² (l2) |
+| ``NEIGHBOURS`` | the position's precomputed neighbours, carried in the batch (SPALM's ``--neighbours``) | the datastore's, stored by trime-neighbours |
 
 | mode | joint | interpolations |
 |---|---|---|
@@ -24,6 +25,7 @@ A term is one memory *part* -- entries a driver gathers for its queries, with
 | cache | — | (LOCAL_F · θ, λ_c) |
 | knn | — | (DATASTORE / T, λ), then (LOCAL_F · θ, λ_c) with a cache |
 | trime_ext | LOCAL_G, DATASTORE / (√d·τ) | (LOCAL_G, DATASTORE / (√d·τ′), λ) |
+| neighbour_knn | — | (NEIGHBOURS / T, λ): SPALM + kNN; with another model, kNN-LM over the same neighbours |
 
 Without a local memory (``local=False``: translation, where TRIME-MT uses the
 external memory only) the LOCAL terms are left out of trime_ext, and modes that
@@ -64,13 +66,16 @@ from trime_fairseq.memory.sources import MemoryBatch, concat_memory, dot_scale
 LOCAL_G = "local_g"
 LOCAL_F = "local_f"
 DATASTORE = "datastore"
+NEIGHBOURS = "neighbours"
+#: parts that are not the scored sequence's own positions
+RETRIEVED = frozenset({DATASTORE, NEIGHBOURS})
 #: the key kind each local part searches with
 LOCAL_KEYS: Dict[str, str] = {LOCAL_G: TRIME_KEY, LOCAL_F: TRIME_FEATURE}
 
 
 @dataclass(frozen=True)
 class Term:
-    part: str  # LOCAL_G, LOCAL_F or DATASTORE
+    part: str  # LOCAL_G, LOCAL_F, DATASTORE or NEIGHBOURS
     scale: float  # multiplier of the part's raw scores
 
 
@@ -113,6 +118,9 @@ def composition(options: MemoryOptions, dim: Optional[int] = None, local: bool =
     if mode == "knn":
         knn = Interpolation((Term(DATASTORE, 1.0 / options.knn_temperature),), options.knn_lambda)
         return Composition(interpolations=(knn, cache) if options.uses_cache else (knn,))
+    if mode == "neighbour_knn":
+        knn = Interpolation((Term(NEIGHBOURS, 1.0 / options.knn_temperature),), options.knn_lambda)
+        return Composition(interpolations=(knn,))
     if mode == "trime_ext":
         parts = (LOCAL_G, DATASTORE) if local else (DATASTORE,)
         eq6 = dot_scale(dim, options.memory_temperature)

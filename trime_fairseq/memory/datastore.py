@@ -30,6 +30,7 @@ scaled, so callers apply temperatures and interpolation with
 ``joint_log_probs``).
 """
 
+import hashlib
 import json
 import os
 import time
@@ -107,7 +108,7 @@ class DatastoreWriter:
             self.progress = json.loads((self.path / PROGRESS).read_text())
             theirs = {"spec": self.progress.get("spec"), "capacity": self.progress.get("capacity")}
             if theirs != json.loads(json.dumps(identity)):
-                diff = _differences(theirs, identity)
+                diff = settings_differences(theirs, identity)
                 raise DatastoreError(
                     f"{self.path} holds an interrupted build with other settings ({diff}); delete the folder or "
                     "rerun with the same checkpoint, data and options to resume it"
@@ -328,12 +329,12 @@ class DatastoreWriter:
         return _read_index(self.path / name)
 
 
-def _differences(a: dict, b: dict, prefix: str = "") -> str:
+def settings_differences(a: dict, b: dict, prefix: str = "") -> str:
     out = []
     for key in sorted(set(a or {}) | set(b or {})):
         x, y = (a or {}).get(key), (b or {}).get(key)
         if isinstance(x, dict) and isinstance(y, dict):
-            inner = _differences(x, y, f"{prefix}{key}.")
+            inner = settings_differences(x, y, f"{prefix}{key}.")
             if inner:
                 out.append(inner)
         elif x != y:
@@ -399,7 +400,7 @@ def merge_parts(output, num_shards: int, overwrite: bool = False, progress_bar: 
             problems.append(f"it is part {part['shard_id']} of {part['num_shards']}")
         spec = dict(part["spec"], source=_unsharded(part["spec"]["source"]))
         if spec != first:
-            problems.append(_differences(first, spec))
+            problems.append(settings_differences(first, spec))
         lo, hi = part["spec"]["source"]["batches"]
         if lo != covered:
             problems.append(f"its batches start at {lo}, not {covered}")
@@ -441,6 +442,67 @@ def _part_arrays(path: Path, part: dict):
             np.memmap(path / VALUES, dtype=VALUE_DTYPE, mode="r", shape=(n,)))
 
 
+# -- exclusion ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Exclusion:
+    """Entries a search must not return, per query: its own entry and / or every entry with its label.
+
+    * ``own_ids`` (Q,): entry q of the datastore is query q's own (SPALM's training
+      split: entry ids are stream positions); -1: none;
+    * ``query_labels`` (Q,) and ``entry_labels`` (N,): entry i is hidden from query q
+      iff ``entry_labels[i] == query_labels[q]`` (the query's document); a query
+      label of -1 hides nothing.
+
+    ``max_hidden`` (at most this many entries are hidden per query: 1 for own-entry
+    exclusion alone) sizes the first over-fetch; None: unknown.
+    """
+
+    own_ids: Optional[np.ndarray] = None  # (Q,) int64
+    query_labels: Optional[np.ndarray] = None  # (Q,) int64
+    entry_labels: Optional[np.ndarray] = None  # (N,)
+
+    def __post_init__(self):
+        if (self.query_labels is None) != (self.entry_labels is None):
+            raise ValueError("label exclusion needs both the queries' and the entries' labels")
+        if self.own_ids is None and self.query_labels is None:
+            raise ValueError("an exclusion needs own entry ids or labels")
+
+    @classmethod
+    def own_entry(cls, entry_ids, query_labels=None, entry_labels=None) -> "Exclusion":
+        """Each query's own entry (``entry_ids``), and with labels every entry sharing its label."""
+        return cls(np.asarray(entry_ids, dtype=np.int64),
+                   None if query_labels is None else np.asarray(query_labels, dtype=np.int64),
+                   None if entry_labels is None else np.asarray(entry_labels))
+
+    @classmethod
+    def same_label(cls, query_labels, entry_labels) -> "Exclusion":
+        return cls(None, np.asarray(query_labels, dtype=np.int64), np.asarray(entry_labels))
+
+    @property
+    def max_hidden(self) -> Optional[int]:
+        return 1 if self.query_labels is None else None
+
+    def check(self, num_queries: int, num_entries: int) -> None:
+        for name in ("own_ids", "query_labels"):
+            value = getattr(self, name)
+            if value is not None and value.shape != (num_queries,):
+                raise ValueError(f"exclusion {name} {value.shape} do not match {num_queries} queries")
+        if self.entry_labels is not None and self.entry_labels.shape != (num_entries,):
+            raise ValueError(f"exclusion has {self.entry_labels.shape} entry labels for a datastore of {num_entries}")
+
+    def hidden(self, rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """(R, F) bool: hit ``ids[r, f]`` of query ``rows[r]`` is excluded (ids -1 never are)."""
+        found = ids >= 0
+        out = np.zeros(ids.shape, dtype=bool)
+        if self.own_ids is not None:
+            out |= ids == self.own_ids[rows][:, None]
+        if self.query_labels is not None:
+            mine = self.query_labels[rows][:, None]  # (R, 1)
+            out |= (mine >= 0) & (self.entry_labels[np.where(found, ids, 0)] == mine)
+        return found & out
+
+
 # -- reading --------------------------------------------------------------------------------------
 
 ModelRef = Union[str, dict, torch.nn.Module]
@@ -453,6 +515,9 @@ class Datastore:
         self.path, self.meta, self.keys, self.values, self.index = path, meta, keys, values, index
         self.rescore = rescore
         self.size, self.dim, self.metric = int(meta["size"]), int(meta["dim"]), meta["metric"]
+        # sha256 of this build's datastore.json (size, model, dictionary, index, build time):
+        # what artefacts derived from the datastore (SPALM's neighbour files) record
+        self.fingerprint = hashlib.sha256((path / META).read_bytes()).hexdigest()
         self.on_gpu = False  # the index lives on a GPU (faiss-gpu): torch queries stay there
         self._device_values = {}  # device -> (N,) int32 copy of the values, for torch searches
 
@@ -469,23 +534,7 @@ class Datastore:
         rescore: re-rank the index's (PQ-approximate) hits with the stored keys.
         """
         path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"datastore folder not found: {path}")
-        meta_path = path / META
-        if not meta_path.exists():
-            if (path / PROGRESS).exists():
-                state = json.loads((path / PROGRESS).read_text())
-                raise DatastoreError(
-                    f"{path} is an incomplete datastore (build interrupted at stage '{state.get('stage')}', "
-                    f"{state.get('rows')} keys written); rerun trime-build-datastore with the same arguments to resume"
-                )
-            raise DatastoreError(f"{path} is not a datastore (no {META})")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
-            raise DatastoreError(f"{meta_path} is unreadable: {e}") from None
-        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise DatastoreError(f"{path}: unsupported datastore format {meta.get('format')} v{meta.get('version')}")
+        meta = read_metadata(path)
         n, d = int(meta["size"]), int(meta["dim"])
         _check_expectations(meta, path, expect_dim, expect_dictionary, expect_model, expect_key_type, expect_metric)
         key_dtype = meta.get("key_dtype", "float16")
@@ -524,18 +573,20 @@ class Datastore:
         """Refuse (DatastoreError) queries that do not fit this datastore; same checks as :meth:`load`."""
         _check_expectations(self.meta, self.path, dim, dictionary, model, key_type, metric)
 
-    def search(self, queries, k: int, rescore: Optional[bool] = None) -> MemoryBatch:
+    def search(self, queries, k: int, rescore: Optional[bool] = None,
+               exclude: Optional[Exclusion] = None) -> MemoryBatch:
         """Top-k entries of each query: MemoryBatch(scores (Q, k) float32, values (Q, k) long, mask (Q, k) bool).
 
         ``queries`` (Q, d), numpy or torch (results follow a tensor's device). Scores
         are ``q·k`` (ip) or ``-|q - k|^2`` (l2), best first; missing hits (fewer than k
-        found) have mask False, score -inf and value 0.
+        found) have mask False, score -inf and value 0. ``exclude``: entries each query
+        must not retrieve (see :class:`Exclusion`).
         """
         device = queries.device if isinstance(queries, torch.Tensor) else torch.device("cpu")
-        if self.on_gpu and isinstance(queries, torch.Tensor) and queries.is_cuda and not (
+        if self.on_gpu and isinstance(queries, torch.Tensor) and queries.is_cuda and exclude is None and not (
                 self.rescore if rescore is None else rescore):
             return self.search_torch(queries, k)
-        scores, ids = self.search_ids(queries, k, rescore)
+        scores, ids = self.search_ids(queries, k, rescore, exclude)
         valid = ids >= 0
         values = np.where(valid, self.values[np.where(valid, ids, 0)], 0)
         return MemoryBatch(
@@ -563,13 +614,42 @@ class Datastore:
         hit_values = values[ids.clamp(min=0)].long().masked_fill(~valid, 0)
         return MemoryBatch(scores.float().masked_fill(~valid, float("-inf")), hit_values, valid)
 
-    def search_ids(self, queries, k: int, rescore: Optional[bool] = None):
-        """Like :meth:`search`, with entry ids: scores (Q, k) float32 (-inf: none), ids (Q, k) int64 (-1: none)."""
+    def search_ids(self, queries, k: int, rescore: Optional[bool] = None, exclude: Optional[Exclusion] = None):
+        """Like :meth:`search`, with entry ids: scores (Q, k) float32 (-inf: none), ids (Q, k) int64 (-1: none).
+
+        With ``exclude`` the index is asked for more than k entries (over-fetch), the
+        excluded ones are dropped and the best k kept; a query left with fewer than k
+        asks again for twice as many, until it has k or the index has no further
+        candidates for it (all N entries, or every probed inverted list, returned):
+        only then does it keep fewer than k (missing ones: id -1).
+        """
         q = fi.as_float32(_numpy(queries))
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(f"queries must be (Q, {self.dim}), got {tuple(q.shape)}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if exclude is None:
+            return self._search(q, k, rescore)
+        exclude.check(len(q), self.size)
+        out_scores = np.full((len(q), k), -np.inf, dtype=np.float32)
+        out_ids = np.full((len(q), k), -1, dtype=np.int64)
+        rows = np.arange(len(q))
+        fetch = min(self.size, k + exclude.max_hidden if exclude.max_hidden is not None else 4 * k)
+        while rows.size:
+            scores, ids = self._search(q[rows], fetch, rescore)  # (R, fetch) best first
+            keep = (ids >= 0) & ~exclude.hidden(rows, ids)
+            exhausted = (ids < 0).any(axis=1) | (fetch >= self.size)  # the index has nothing more to give
+            done = (keep.sum(axis=1) >= k) | exhausted
+            take = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # kept entries first, in rank order
+            kept = np.take_along_axis(keep, take, 1)[done]
+            cols = take.shape[1]
+            out_scores[rows[done], :cols] = np.where(kept, np.take_along_axis(scores, take, 1)[done], -np.inf)
+            out_ids[rows[done], :cols] = np.where(kept, np.take_along_axis(ids, take, 1)[done], -1)
+            rows = rows[~done]
+            fetch = min(self.size, 2 * fetch)
+        return out_scores, out_ids
+
+    def _search(self, q: np.ndarray, k: int, rescore: Optional[bool]):
         distances, ids = self.index.search(q, k)  # (Q, k), (Q, k)
         if self.rescore if rescore is None else rescore:
             scores = self.exact_scores(q, ids)
@@ -595,6 +675,29 @@ class Datastore:
                 sc = -np.square(keys - qb).sum(-1)
             out[s:s + rows] = np.where(valid, sc, -np.inf)
         return out
+
+
+def read_metadata(path) -> dict:
+    """The ``datastore.json`` of a complete datastore (clear errors for missing folders and interrupted builds)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"datastore folder not found: {path}")
+    meta_path = path / META
+    if not meta_path.exists():
+        if (path / PROGRESS).exists():
+            state = json.loads((path / PROGRESS).read_text())
+            raise DatastoreError(
+                f"{path} is an incomplete datastore (build interrupted at stage '{state.get('stage')}', "
+                f"{state.get('rows')} keys written); rerun trime-build-datastore with the same arguments to resume"
+            )
+        raise DatastoreError(f"{path} is not a datastore (no {META})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DatastoreError(f"{meta_path} is unreadable: {e}") from None
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise DatastoreError(f"{path}: unsupported datastore format {meta.get('format')} v{meta.get('version')}")
+    return meta
 
 
 def _check_expectations(meta, path, dim, dictionary, model, key_type, metric) -> None:

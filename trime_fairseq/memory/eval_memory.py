@@ -29,7 +29,10 @@ Parts and where they come from (raw scores; the composition scales them):
   :mod:`trime_fairseq.memory.stream`) also the N earlier stream entries, and
   limited to the position's document;
 * ``DATASTORE``: the K nearest entries of the external memory
-  (:mod:`trime_fairseq.memory.external`), searched once per scored position.
+  (:mod:`trime_fairseq.memory.external`), searched once per scored position;
+* ``NEIGHBOURS``: the precomputed neighbours the batch carries (SPALM's
+  ``--neighbours``): the k a SPALM model used (its output's ``extra``), else all
+  of the batch's ``net_input`` -- read, never searched.
 
 Per-forward state lives in :class:`ForwardState`, an explicit object owned by
 the EvalMemory (recognised by the identity of the forward's ``extra`` dict,
@@ -51,6 +54,8 @@ from trime_fairseq.memory.blockwise import target_sums
 from trime_fairseq.memory.compose import (
     DATASTORE,
     LOCAL_KEYS,
+    NEIGHBOURS,
+    RETRIEVED,
     Composition,
     Term,
     composition,
@@ -59,7 +64,7 @@ from trime_fairseq.memory.compose import (
 )
 from trime_fairseq.memory.datastore import DatastoreError
 from trime_fairseq.memory.external import ExternalMemory
-from trime_fairseq.memory.keys import TRIME_FEATURE, TRIME_KEY, get_keys
+from trime_fairseq.memory.keys import NEIGHBOUR_TOKENS, TRIME_FEATURE, TRIME_KEY, get_keys, get_neighbours
 from trime_fairseq.memory.mixing import fp32
 from trime_fairseq.memory.options import MODES, MemoryOptions  # noqa: F401  (re-exported)
 from trime_fairseq.memory.sources import MemoryBatch, concat_memory, scaled_dot
@@ -110,6 +115,7 @@ class ForwardState:
         self._raw: Dict[tuple, Tensor] = {}
         self._pieces: Dict[tuple, List[MemoryBatch]] = {}
         self._hits: Optional[MemoryBatch] = None
+        self._neighbours: Optional[MemoryBatch] = None
         self._hit_row = torch.full((self.total,), -1, dtype=torch.long, device=self.device)
         self._sums: Dict[tuple, Tuple[Tensor, Tensor]] = {}
         self._sum_positions: Optional[Tensor] = None
@@ -258,13 +264,30 @@ class ForwardState:
             self._target_scores = target_token_scores(decoder, net_output, target)
         return self._target_scores
 
+    # -- the precomputed neighbours -----------------------------------------------------------------
+    def neighbours(self, positions: Tensor) -> MemoryBatch:
+        """Raw neighbour entries (n, k) of flat ``positions``: those a SPALM model used, else the batch's."""
+        if self._neighbours is None:
+            source = self.extra if self.extra.get(NEIGHBOUR_TOKENS) is not None else self.sample["net_input"]
+            found = get_neighbours(source, self.memory.pad)
+            if tuple(found.mask.shape[:2]) != (self.bsz, self.tsz):
+                raise ValueError(f"the batch's neighbours {tuple(found.mask.shape)} do not match the scored "
+                                 f"positions ({self.bsz}, {self.tsz})")
+            self._neighbours = found.flatten()  # (B·T, k)
+        return self._neighbours.rows(positions)
+
     # -- gathering for a composition --------------------------------------------------------------
+    def retrieved(self, part: str, positions: Tensor, options: MemoryOptions) -> MemoryBatch:
+        """The raw entries of a part that is not the sequence's own positions: the first ``knn_k``
+        datastore hits (DATASTORE), or the precomputed neighbours (NEIGHBOURS)."""
+        return self.hits(positions).first(options.knn_k) if part == DATASTORE else self.neighbours(positions)
+
     def parts(self, comp: Composition, options: MemoryOptions, positions: Tensor) -> Dict[str, MemoryBatch]:
         """Raw memory batches (n, M) of every part of ``comp`` for flat ``positions`` (n,)."""
         parts = {}
         for part in comp.parts:
-            if part == DATASTORE:
-                parts[part] = self.hits(positions).first(options.knn_k)
+            if part in RETRIEVED:
+                parts[part] = self.retrieved(part, positions, options)
             else:
                 parts[part] = self.local_part(LOCAL_KEYS[part], options, positions)
         return parts
@@ -279,10 +302,11 @@ class ForwardState:
         visibility = (options.window, options.long_memory_size, options.memory_reset)
 
         def summarize(term: Term):
-            key = (term, visibility if term.part != DATASTORE else options.knn_k)
+            retrieved = {DATASTORE: options.knn_k, NEIGHBOURS: None}  # what a retrieved part's entries depend on
+            key = (term, retrieved[term.part] if term.part in RETRIEVED else visibility)
             if key not in self._sums:
-                if term.part == DATASTORE:
-                    pieces = [self.hits(positions).first(options.knn_k)]
+                if term.part in RETRIEVED:
+                    pieces = [self.retrieved(term.part, positions, options)]
                 else:
                     _, index = self.local_rows()
                     rows = index[positions]
@@ -463,6 +487,9 @@ class EvalMemory:
                 "output carries no extra dict"
             )
         comp = self.composition(self.options, extra)
+        if NEIGHBOURS in comp.parts:
+            raise ValueError("--eval-memory neighbour_knn reads the neighbours precomputed for the positions of a "
+                             "split (trime-neighbours); generated hypotheses have none")
         local = comp.parts - {DATASTORE}
         if local:
             raise ValueError(

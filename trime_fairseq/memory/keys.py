@@ -24,17 +24,29 @@ hooks once per decoder:
 A decoder without a feed-forward block (e.g. ``lstm_lm``) has no g: it serves
 every memory on f (plain evaluation, the continuous cache) and is refused, with
 a clear error, by what needs g (:func:`require_keys`).
+
+SPALM's precomputed neighbours travel under two names, in the batch's
+``net_input`` (all neighbours of the file) and in the ``extra`` of the SPALM model's
+output (the k the model used): ``neighbour_tokens`` (B, T, K) long, the next token
+stored with each retrieved datastore entry (padding where a position has fewer
+than K neighbours), and ``neighbour_scores`` (B, T, K) float32, the datastore's raw
+scores (q·k or −|q−k|²). :func:`get_neighbours` reads them as a memory batch.
 """
 
 import logging
 from typing import Iterable, Optional
 
+import torch
 from torch import Tensor, nn
+
+from trime_fairseq.memory.sources import MemoryBatch
 
 logger = logging.getLogger(__name__)
 
 TRIME_KEY = "trime_key"
 TRIME_FEATURE = "trime_feature"
+NEIGHBOUR_TOKENS = "neighbour_tokens"
+NEIGHBOUR_SCORES = "neighbour_scores"
 
 
 class KeyCapture:
@@ -131,3 +143,15 @@ def get_keys(net_output, name: str = TRIME_KEY) -> Tensor:
             + (" (a decoder without a feed-forward block has no g)" if name == TRIME_KEY else "")
         )
     return extra[name]
+
+
+def get_neighbours(source: dict, pad: int) -> MemoryBatch:
+    """Precomputed neighbours as raw-score memory entries: scores (B, T, K) float32 (the datastore's),
+    values (B, T, K), mask (B, T, K) bool. ``source``: the ``extra`` of a SPALM output (the k it
+    used) or a batch's ``net_input`` (all K of the neighbour file)."""
+    if not isinstance(source, dict) or source.get(NEIGHBOUR_TOKENS) is None or source.get(NEIGHBOUR_SCORES) is None:
+        raise ValueError("the batch carries no precomputed neighbours (tokens and scores): memory over neighbours "
+                         "needs --task trime_lm --neighbours DIR (written by trime-neighbours)")
+    values, scores = source[NEIGHBOUR_TOKENS], source[NEIGHBOUR_SCORES]
+    mask = values.ne(pad)
+    return MemoryBatch(scores.float().masked_fill(~mask, float("-inf")), torch.where(mask, values, 0), mask)

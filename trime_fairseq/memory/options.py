@@ -12,7 +12,7 @@ other option is a field of :class:`MemoryOptions` with exactly one meaning:
 | ``long_memory_size`` | N earlier stream entries in memory (TRIMELM_long) | trime, cache, trime_ext, knn + cache |
 | ``memory_reset`` | "document": memory from the position's own document only | as long_memory_size |
 | ``datastore``, ``knn_k``, ``knn_nprobe``, ``knn_rescore``, ``knn_gpu`` | the external memory and its search (K hits) | knn, trime_ext |
-| ``knn_temperature``, ``knn_lambda`` | T, λ of kNN-LM: p_kNN ∝ Σ exp(score/T) | knn |
+| ``knn_temperature``, ``knn_lambda`` | T, λ of kNN-LM: p_kNN ∝ Σ exp(score/T) | knn, neighbour_knn |
 | ``interpolation_temperature``, ``interpolation_lambda`` | τ′, λ of Eq. 7-8 | trime_ext |
 
 :meth:`MemoryOptions.from_flags` is how a task builds the options from its
@@ -23,7 +23,7 @@ a flag not given takes its default. ``__post_init__`` checks every value.
 from dataclasses import dataclass, fields
 from typing import Dict, FrozenSet, Mapping, Optional
 
-MODES = ("none", "trime", "cache", "knn", "trime_ext")
+MODES = ("none", "trime", "cache", "knn", "trime_ext", "neighbour_knn")
 RESETS = ("never", "document")
 
 _LONG = frozenset({"long_memory_size", "memory_reset"})
@@ -37,6 +37,7 @@ OPTIONS_OF_MODE: Dict[str, FrozenSet[str]] = {
     "cache": _CACHE | _LONG,
     "knn": _SEARCH | {"knn_temperature", "knn_lambda"} | _CACHE | _LONG,
     "trime_ext": _SEARCH | {"memory_temperature", "interpolation_temperature", "interpolation_lambda"} | _LONG,
+    "neighbour_knn": frozenset({"knn_temperature", "knn_lambda"}),  # the batch's neighbours (--neighbours)
 }
 
 
@@ -144,6 +145,11 @@ class MemoryOptions:
     @property
     def uses_datastore(self) -> bool:
         return self.mode in ("knn", "trime_ext")
+
+    @property
+    def uses_neighbours(self) -> bool:
+        """Whether the precomputed neighbours carried in the batch (SPALM's ``--neighbours``) take part."""
+        return self.mode == "neighbour_knn"
 
     @property
     def uses_stream(self) -> bool:

@@ -74,7 +74,10 @@ def all_token_log_probs(decoder, x: Tensor, target: Optional[Tensor] = None,
     if asm is not None:
         tgt = target.reshape(1, -1) if target is not None else None
         log_probs = fp32(asm.get_log_prob(flat.unsqueeze(0), tgt).reshape(-1, asm.vocab_size))
-        head_lse = torch.logsumexp(fp32(asm.head(flat if rows is None else flat[rows])), dim=-1)
+        head_rows = flat if rows is None else flat[rows]
+        if head_rows.size(0) == 0:  # nothing scored (e.g. an ended stream's padding row): the tied head
+            return log_probs, log_probs.new_empty(0)  # cannot view an empty batch
+        head_lse = torch.logsumexp(fp32(asm.head(head_rows)), dim=-1)
         return log_probs, head_lse
     logits = fp32(flat)
     lse = torch.logsumexp(logits, dim=-1)

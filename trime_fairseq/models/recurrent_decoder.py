@@ -92,6 +92,14 @@ def fill_defaults(args, config_cls, **overrides) -> None:
         setattr(args, f.name, safe_getattr(args, f.name, default))
 
 
+def tied_adaptive(cutoff: str, factor: float = 1) -> dict:
+    """Architecture fields of an adaptive input and adaptive softmax with the same cutoffs, tied weights and
+    projections (what the word-level architectures use)."""
+    return dict(adaptive_input=True, adaptive_input_factor=factor, adaptive_input_cutoff=cutoff,
+                adaptive_softmax_cutoff=cutoff, adaptive_softmax_factor=factor, adaptive_softmax_dropout=0.0,
+                tie_adaptive_weights=True, tie_adaptive_proj=True)
+
+
 def _cutoffs(value: Optional[str], vocab_size: int, what: str):
     if value is None:
         return None
@@ -315,9 +323,15 @@ class RecurrentLMDecoder(FairseqIncrementalDecoder):
         **kwargs,
     ):
         x, extra = self.extract_features(prev_output_tokens, incremental_state=incremental_state)
+        x = self.output_features(x, extra, prev_output_tokens, incremental_state, **kwargs)
         if not features_only:
             x = self.output_layer(x)
         return x, extra
+
+    def output_features(self, features: Tensor, extra: dict, tokens: Tensor, incremental_state=None, **inputs):
+        """What the output layer receives, from the last layer's features (B, T, d); the other
+        ``net_input`` fields arrive as ``inputs``. The identity here; SPALM fuses its neighbours."""
+        return features
 
     def extract_features(self, prev_output_tokens: Tensor, encoder_out=None, incremental_state=None, **kwargs):
         tokens = prev_output_tokens

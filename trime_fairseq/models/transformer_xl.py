@@ -31,6 +31,7 @@ from trime_fairseq.models.recurrent_decoder import (
     RecurrentLMDecoder,
     fill_defaults,
     head_dim_of,
+    tied_adaptive,
 )
 from trime_fairseq.models.dropout import Dropout
 from trime_fairseq.models.recurrent_memory import MemoryState
@@ -126,14 +127,7 @@ def wt103_base(args, config_cls):
         dropout=0.1,
         attention_dropout=0.0,
         mem_len=150,
-        adaptive_input=True,
-        adaptive_input_factor=1,
-        adaptive_input_cutoff="20000,40000,200000",
-        adaptive_softmax_cutoff="20000,40000,200000",
-        adaptive_softmax_factor=1,
-        adaptive_softmax_dropout=0.0,
-        tie_adaptive_weights=True,
-        tie_adaptive_proj=True,
+        **tied_adaptive("20000,40000,200000"),
     )
 
 
@@ -167,14 +161,7 @@ def wikitext2_small(args, config_cls):
         dropout=0.2,
         attention_dropout=0.1,
         mem_len=64,
-        adaptive_input=True,
-        adaptive_input_factor=1,
-        adaptive_input_cutoff="2000,10000",
-        adaptive_softmax_cutoff="2000,10000",
-        adaptive_softmax_factor=1,
-        adaptive_softmax_dropout=0.0,
-        tie_adaptive_weights=True,
-        tie_adaptive_proj=True,
+        **tied_adaptive("2000,10000"),
     )
 
 

@@ -33,10 +33,10 @@ class RetrievalMemoryConfig(FairseqDataclass):
         default=None, metadata={"help": "knn / trime_ext: K entries retrieved per scored token (default 1024)"}
     )
     knn_temperature: Optional[float] = field(
-        default=None, metadata={"help": "knn: T, p_kNN ∝ exp(score / T) (default 1.0)"},
+        default=None, metadata={"help": "knn, neighbour_knn: T, p_kNN ∝ exp(score / T) (default 1.0)"},
     )
     knn_lambda: Optional[float] = field(
-        default=None, metadata={"help": "knn: λ, (1-λ) p_model + λ p_kNN (default 0.25)"}
+        default=None, metadata={"help": "knn, neighbour_knn: λ, (1-λ) p_model + λ p_kNN (default 0.25)"}
     )
     interpolation_temperature: Optional[float] = field(
         default=None, metadata={"help": "trime_ext: τ' of Eq. 7, P' ∝ Σ exp(g·g_j / (√d τ')) (default 1.0)"},

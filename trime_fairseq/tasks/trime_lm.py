@@ -7,6 +7,13 @@ Evaluation: ``fairseq-eval-lm --task trime_lm --eval-memory {none,trime,cache,kn
 routes the model's ``get_normalized_probs`` through
 :class:`~trime_fairseq.memory.eval_memory.EvalMemory` (knn / trime_ext: with the
 ``--datastore`` of trime-build-datastore).
+
+SPALM: ``--neighbours DIR`` (written by trime-neighbours) adds every split's
+precomputed neighbours to its items and batches (:mod:`trime_fairseq.data.neighbours`),
+in training and in ``fairseq-eval-lm`` (stream order or ``--context-window``). Models
+that read them (``spalm``) need the option; other models accept it only for
+``--eval-memory neighbour_knn`` (kNN-LM over the same neighbours), and are then called
+without the neighbour fields.
 """
 
 import os
@@ -25,9 +32,16 @@ from trime_fairseq.data.bm25_batching import validate_options as validate_bm25_o
 from trime_fairseq.data.consecutive import validate_options as validate_consecutive_options
 from trime_fairseq.data.documents import DocumentBoundaries
 from trime_fairseq.data.eval_order import StreamOrderDataset
+from trime_fairseq.data.neighbours import (
+    NeighbourContextWindowDataset,
+    NeighbourDataset,
+    NeighbourFolder,
+    carries_neighbours,
+    token_blocks,
+)
 from trime_fairseq.data.stream import enable_stream_memory, reset_stream_memory
 from trime_fairseq.memory.eval_memory import attach_eval_memory, build_eval_memory
-from trime_fairseq.memory.keys import ensure_key_capture, require_keys
+from trime_fairseq.memory.keys import NEIGHBOUR_SCORES, NEIGHBOUR_TOKENS, ensure_key_capture, require_keys
 from trime_fairseq.memory.options import MODES
 from trime_fairseq.tasks.memory_config import LocalMemoryConfig, RetrievalMemoryConfig, memory_options  # noqa: F401
 from trime_fairseq.tasks.training_memory import TrainingMemoryTask
@@ -47,7 +61,8 @@ class TrimeLMConfig(LanguageModelingConfig, LocalMemoryConfig, RetrievalMemoryCo
             "help": "evaluation memory: none (plain LM), trime (Eq. 6 joint softmax over "
             "vocabulary and memory), cache (continuous cache interpolation), knn (kNN-LM over --datastore, "
             "plus a cache with --cache-lambda), trime_ext (TRIMELM_ext: datastore entries join Eq. 6, then "
-            "Eq. 7-8 interpolation)"
+            "Eq. 7-8 interpolation), neighbour_knn (kNN-LM over the precomputed --neighbours of each position: "
+            "SPALM + kNN, or kNN-LM over SPALM's neighbours with another model)"
         },
     )
     consecutive_segments: int = field(
@@ -60,6 +75,11 @@ class TrimeLMConfig(LanguageModelingConfig, LocalMemoryConfig, RetrievalMemoryCo
         metadata={"help": "--batching consecutive: cut runs from the whole split, across document ends "
         "(default: runs stay inside WikiText ' = Title = ' documents)"},
     )
+    neighbours: Optional[str] = field(
+        default=None,
+        metadata={"help": "SPALM: folder of precomputed neighbours written by trime-neighbours (one sub-folder "
+        "per split); every batch carries the neighbours of its positions"},
+    )
     bm25_order: Optional[str] = field(
         default=None,
         metadata={"help": "--batching bm25: chain of the training segments written by trime-bm25-batches "
@@ -67,6 +87,19 @@ class TrimeLMConfig(LanguageModelingConfig, LocalMemoryConfig, RetrievalMemoryCo
     )
     # read by --batching bm25 (one update = update_freq x world size consecutive batches); not an option
     update_freq: List[int] = II("optimization.update_freq")
+
+
+def _withhold_neighbours(model) -> None:
+    """Call this model instance without the batch's neighbour fields (a decoder that reads none may refuse
+    unknown arguments); the batch keeps them for the evaluation memory."""
+    forward = model.forward
+
+    def without_neighbours(*args, **kwargs):
+        kwargs.pop(NEIGHBOUR_TOKENS, None)
+        kwargs.pop(NEIGHBOUR_SCORES, None)
+        return forward(*args, **kwargs)
+
+    model.forward = without_neighbours
 
 
 @register_task("trime_lm", dataclass=TrimeLMConfig)
@@ -78,6 +111,11 @@ class TrimeLMTask(TrainingMemoryTask, LanguageModelingTask):
             raise ValueError(f"unknown --batching '{args.batching}', choose one of {batching_names()}")
         validate_consecutive_options(args)
         validate_bm25_options(args)
+        neighbours = getattr(args, "neighbours", None)
+        self.neighbour_folder = NeighbourFolder(neighbours, dictionary) if neighbours else None
+        if self.trime_memory_options.uses_neighbours and self.neighbour_folder is None:
+            raise ValueError("--eval-memory neighbour_knn interpolates with the precomputed neighbours of every "
+                             "position: pass --neighbours DIR (written by trime-neighbours)")
 
     def get_batch_iterator(self, dataset, *args, **kwargs):
         return batch_iterator(self, self.args.batching, dataset, super().get_batch_iterator, args, kwargs)
@@ -95,6 +133,10 @@ class TrimeLMTask(TrainingMemoryTask, LanguageModelingTask):
         sizes = getattr(self.datasets[split], "sizes", None)
         if sizes is not None and int(np.sum(sizes)) == 0:
             raise ValueError(f"split '{split}' is empty: {prefix}.bin holds no tokens")
+        if self.neighbour_folder is not None:  # SPALM: every target's precomputed neighbours join its item
+            dataset = self.datasets[split]
+            found = self.neighbour_folder.open(split, int(token_blocks(dataset).sizes.sum()))
+            self.datasets[split] = NeighbourDataset(dataset, found, self.source_dictionary.pad())
 
     def eval_lm_dataloader(self, dataset, *args, context_window: int = 0, **kwargs):
         options = self.trime_memory_options
@@ -107,10 +149,26 @@ class TrimeLMTask(TrainingMemoryTask, LanguageModelingTask):
                 )
         if self.trime_memory_options.uses_stream and context_window == 0:
             dataset = StreamOrderDataset(dataset)  # the stream memory needs the blocks in order
+        if context_window > 0 and carries_neighbours(dataset):
+            # fairseq's context rows, with the neighbours moved along with their targets
+            dataset = NeighbourContextWindowDataset(
+                dataset, self.args.tokens_per_sample, context_window, self.source_dictionary.pad()
+            )
+            context_window = 0
         return super().eval_lm_dataloader(dataset, *args, context_window=context_window, **kwargs)
 
     def build_model(self, args, from_checkpoint=False):
         model = super().build_model(args, from_checkpoint)
+        reads_neighbours = getattr(model, "reads_neighbours", False)
+        if reads_neighbours and self.neighbour_folder is None:
+            raise ValueError(f"{type(model).__name__} reads precomputed neighbours: pass --neighbours DIR "
+                             "(written by trime-neighbours)")
+        uses_neighbours = self.trime_memory_options.uses_neighbours
+        if self.neighbour_folder is not None and not reads_neighbours and not uses_neighbours:
+            raise ValueError(f"--neighbours feeds SPALM models (--arch spalm_*) and --eval-memory neighbour_knn; "
+                             f"{type(model).__name__} reads no neighbours and the evaluation memory uses none")
+        if self.neighbour_folder is not None and not reads_neighbours:
+            _withhold_neighbours(model)  # the evaluation memory reads them from the sample
         ensure_key_capture(model)  # g where the decoder has one, f always
         # recurrent-memory models carry memory across batches only in stream order
         enable_stream_memory(model, self.args.batching == "stream")
