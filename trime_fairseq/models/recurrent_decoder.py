@@ -116,17 +116,18 @@ def check_config(cfg) -> None:
 class FeedForwardBlock(nn.Module):
     """Position-wise FFN with residual and layer norm; returns (output, TRIME key = FFN input after its norm)."""
 
-    def __init__(self, dim: int, inner_dim: int, dropout: float, normalize_before: bool):
+    def __init__(self, dim: int, inner_dim: int, dropout: float, normalize_before: bool, activation=torch.relu):
         super().__init__()
         self.fc1 = nn.Linear(dim, inner_dim)
         self.fc2 = nn.Linear(inner_dim, dim)
         self.ffn_norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
         self.normalize_before = normalize_before
+        self.activation = activation
 
     def forward(self, h: Tensor) -> Tuple[Tensor, Tensor]:
         key = self.ffn_norm(h) if self.normalize_before else h
-        y = self.fc2(self.dropout(torch.relu(self.fc1(key))))
+        y = self.fc2(self.dropout(self.activation(self.fc1(key))))
         y = h + self.dropout(y)
         if not self.normalize_before:
             y = self.ffn_norm(y)
