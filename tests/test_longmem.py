@@ -378,3 +378,238 @@ def test_memory_layer_equals_explicit_joint_attention():
     visible = torch.ones(5, 5, dtype=torch.bool).tril().view(1, 1, 5, 5)
     out, _, _ = layer(x, visible, memory=lambda q, scale: bank.retrieve(q, scale, bank_visible))
     torch.testing.assert_close(out, naive_joint_attention_layer(layer, x, naive, bank_visible))
+
+
+# -- training: only the SideNet learns ---------------------------------------------------------------
+
+
+def test_backbone_gets_no_gradient_and_stays_bit_identical_after_updates():
+    decoder = tiny_longmem()
+    model = LongMemModel(decoder).train()
+    assert not model.decoder.backbone.training
+    before = {k: v.clone() for k, v in model.decoder.backbone.state_dict().items()}
+    side_before = [p.detach().clone() for p in model.decoder.layers.parameters()]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    tokens = words(2, 15)
+    model.decoder.recurrent_memory.reset()
+    for s in range(0, 15, 5):
+        logits = model(tokens[:, s : s + 5])[0]
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), tokens[:, s + 1 : s + 5].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        assert all(p.grad is None for p in model.decoder.backbone.parameters())
+        gate_moves = decoder.layers[1].gate.grad.abs().sum() > 0
+        assert gate_moves == (s > 0)  # the first segment of a stream has an empty bank: output = A
+        optimizer.step()
+    for name, value in model.decoder.backbone.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert any(not torch.equal(p, q) for p, q in zip(model.decoder.layers.parameters(), side_before))
+    assert model.decoder.backbone.dictionary_checksum.dtype == torch.uint8
+
+
+# -- causality, rows, resets -------------------------------------------------------------------------------
+
+
+def heading_stream(bsz=2, length=20, seed=1):
+    """Random words with a WikiText article start: eos, '=', title word at positions 6, 7, 8."""
+    tokens = words(bsz, length, seed)
+    tokens[:, 6], tokens[:, 7] = EOS, HEAD
+    return tokens
+
+
+@pytest.mark.parametrize("reset", ["never", "document"])
+def test_no_leakage_from_later_tokens(reset):
+    """Perturbing every token after t leaves the outputs at positions <= t unchanged (local attention,
+    retrieval, the bank's insertion after scoring, article starts from inputs only)."""
+    decoder = tiny_longmem(bank_reset=reset)
+    tokens = heading_stream()
+    base = stream_features(decoder, tokens)
+    for t in [0, 3, 4, 7, 8, 12]:  # in the first segment, at its end, the heading's '=' (its target decides the start)
+        changed = tokens.clone()
+        changed[:, t + 1 :] = words(2, 20 - t - 1, seed=t + 10)
+        if t == 7:
+            changed[:, 8] = HEAD  # '= =': a section heading, not an article start
+        out = stream_features(decoder, changed)
+        torch.testing.assert_close(out[:, : t + 1], base[:, : t + 1])
+        assert not torch.allclose(out[:, t + 1], base[:, t + 1])
+
+
+def test_memory_carries_earlier_segments_and_the_current_segment_is_not_in_the_bank(monkeypatch):
+    decoder = tiny_longmem(memory_size=8)
+    tokens = words(2, 15)
+    base = stream_features(decoder, tokens)
+    changed = tokens.clone()
+    changed[:, :5] = words(2, 5, seed=9)  # only the first segment: later segments differ through the bank alone
+    assert not torch.allclose(stream_features(decoder, changed)[:, 10:], base[:, 10:])
+
+    held = []
+    retrieve = ChunkMemoryBank.retrieve
+
+    def spy(bank, queries, scale, visible=None):
+        held.append(bank.tokens().tolist())
+        return retrieve(bank, queries, scale, visible)
+
+    monkeypatch.setattr(ChunkMemoryBank, "retrieve", spy)
+    stream_features(decoder, tokens)
+    # while segment s is scored the bank holds segments < s: 0, 5, then 10 tokens = 5 chunks of which M/csz = 4 kept
+    assert held == [[0, 0], [5, 5], [8, 8]]
+
+
+def test_rows_never_retrieve_another_rows_memory():
+    decoder = tiny_longmem()
+    tokens = words(3, 15)
+    base = stream_features(decoder, tokens)
+    changed = tokens.clone()
+    changed[1] = words(1, 15, seed=7)[0]
+    out = stream_features(decoder, changed)
+    torch.testing.assert_close(out[[0, 2]], base[[0, 2]])
+    assert not torch.allclose(out[1, 5:], base[1, 5:])
+    alone = stream_features(decoder, tokens[2:3])  # a batch of one row: its own stream, same result
+    torch.testing.assert_close(alone[0], base[2])
+
+
+def test_stream_resets_and_article_starts_empty_the_bank():
+    decoder = tiny_longmem()
+    tokens = words(2, 10)
+    fresh = decoder(tokens[:, 5:], features_only=True)[0]
+    decoder.recurrent_memory.reset()
+    decoder(tokens[:, :5])
+    assert not torch.allclose(decoder(tokens[:, 5:], features_only=True)[0], fresh)  # the bank is read
+    decoder(tokens[:1, :5])  # another batch size: a new stream, the bank starts empty
+    decoder.recurrent_memory.reset()
+    torch.testing.assert_close(decoder(tokens[:, 5:], features_only=True)[0], fresh)  # explicit reset
+
+    # --bank-reset document: the segments after an article start see nothing before it
+    stream = heading_stream(length=25)
+    other = stream.clone()
+    other[:, :5] = words(2, 5, seed=5)  # another previous article, in the segment before the start's
+    for reset, same in [("document", True), ("never", False)]:
+        decoder = tiny_longmem(bank_reset=reset, memory_size=16)
+        a, b = stream_features(decoder, stream), stream_features(decoder, other)
+        assert torch.allclose(a[:, 10:], b[:, 10:]) == same, reset
+    # inside the segment of the start, positions from the start on read no bank entry either
+    decoder = tiny_longmem(bank_reset="document", memory_size=16)
+    long_stream = torch.cat([words(2, 5, seed=3), heading_stream(length=20)], dim=1)  # start at 13 in segment 2
+    other = long_stream.clone()
+    other[:, :5] = words(2, 5, seed=4)
+    a, b = stream_features(decoder, long_stream), stream_features(decoder, other)
+    torch.testing.assert_close(a[:, 13:15], b[:, 13:15])
+    assert not torch.allclose(a[:, 10:13], b[:, 10:13])
+
+
+def test_longmem_refuses_to_run_outside_stream_order():
+    decoder = tiny_longmem(stream=False)
+    with pytest.raises(ValueError, match="--batching stream"):
+        decoder(words(2, 5))
+    assert torch.isfinite(tiny_longmem(stream=False, memory_size=0)(words(2, 5))[0]).all()
+
+
+# -- generation --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reset", ["never", "document"])
+def test_incremental_generation_equals_the_segmented_stream(reset):
+    decoder = tiny_longmem(bank_reset=reset)
+    tokens = heading_stream(length=17)
+    expected = stream_features(decoder, tokens)
+    state = {}
+    steps = [decoder(tokens[:, : t + 1], incremental_state=state, features_only=True)[0] for t in range(17)]
+    torch.testing.assert_close(torch.cat(steps, 1), expected)
+    state = {}
+    chunks = [decoder(tokens[:, :end], incremental_state=state, features_only=True)[0] for end in (3, 12, 17)]
+    torch.testing.assert_close(torch.cat(chunks, 1), expected)  # several segments in one call
+
+    order = torch.tensor([1, 0])
+    state = {}
+    decoder(tokens[:, :13], incremental_state=state)
+    decoder.reorder_incremental_state(state, order)
+    reordered = decoder(tokens[order, :14], incremental_state=state, features_only=True)[0]
+    torch.testing.assert_close(reordered, expected[order, 13:14])
+
+
+def test_sequence_generator_beams_and_samples_with_the_bank():
+    from fairseq import search
+    from fairseq.sequence_generator import SequenceGenerator
+
+    model = LongMemModel(tiny_longmem()).eval()
+    prompt = words(2, 12)
+    sample = {"net_input": {"src_tokens": prompt, "src_lengths": torch.tensor([12, 12])}}
+    sampling = search.Sampling(DICT, sampling_topk=5)
+    for kwargs in [dict(beam_size=3), dict(beam_size=1, search_strategy=sampling)]:
+        generator = SequenceGenerator([model], DICT, max_len_b=20, **kwargs)
+        hypos = generator.generate([model], sample, prefix_tokens=prompt)
+        assert len(hypos) == 2 and all(len(h[0]["tokens"]) > 12 for h in hypos)
+
+
+# -- configuration and checkpoints ---------------------------------------------------------------------------
+
+
+def test_impossible_sizes_are_clear_errors():
+    backbone = tiny_backbone()
+    for overrides, message in [
+        (dict(memory_k=5), "multiple of the chunk size"),
+        (dict(memory_size=1, chunk_size=2), "memory size"),
+        (dict(memory_layer=3), "--memory-layer 3 is out of range"),
+        (dict(memory_layer=0), "out of range"),
+        (dict(backbone_memory_layer=5), "--backbone-memory-layer 5 is out of range"),
+        (dict(memory_size=-1), "memory-size"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            LongMemDecoder(longmem_config(**overrides), DICT, backbone)
+    with pytest.raises(ValueError, match="even number of layers"):
+        LongMemDecoder(longmem_config(memory_layer=1), DICT, tiny_backbone(decoder_layers=3))
+    no_heading = Dictionary()
+    with pytest.raises(ValueError, match="no such symbol"):
+        LongMemDecoder(longmem_config(bank_reset="document"), no_heading, tiny_backbone(dictionary=no_heading))
+
+
+def save_checkpoint(path, model_cfg, model):
+    from omegaconf import OmegaConf
+
+    torch.save({
+        "cfg": {"model": OmegaConf.to_container(OmegaConf.structured(model_cfg), enum_to_str=True), "task": {"_name": "trime_lm"}},
+        "model": model.state_dict(),
+        "optimizer_history": [{"criterion_name": "x", "optimizer_name": "x", "lr_scheduler_state": {}, "num_updates": 0}],
+        "extra_state": {"train_iterator": {}},
+    }, path)
+
+
+class TaskStub:
+    def __init__(self, dictionary):
+        self.source_dictionary = self.target_dictionary = self.dictionary = dictionary
+
+
+def test_backbone_checkpoint_is_loaded_and_checked(tmp_path):
+    from trime_fairseq.models.alibi_lm import AlibiLanguageModel
+
+    cfg = alibi_config()
+    cfg._name = "alibi_lm"
+    backbone = AlibiLanguageModel(tiny_backbone().float())
+    save_checkpoint(tmp_path / "backbone.pt", cfg, backbone)
+    config = longmem_config(backbone_path=str(tmp_path / "backbone.pt"))
+    model = LongMemModel.build_model(config, TaskStub(DICT))
+    for name, value in backbone.decoder.state_dict().items():
+        assert torch.equal(model.decoder.backbone.state_dict()[name], value), name
+
+    with pytest.raises(ValueError, match="needs --backbone-path"):
+        LongMemModel.build_model(longmem_config(), TaskStub(DICT))
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        LongMemModel.build_model(longmem_config(backbone_path=str(tmp_path / "missing.pt")), TaskStub(DICT))
+    other = tiny_dictionary()
+    other.symbols[5], other.symbols[6] = other.symbols[6], other.symbols[5]  # same size, other ids
+    with pytest.raises(ValueError, match="another dictionary"):
+        LongMemModel.build_model(config, TaskStub(other))
+    from trime_fairseq.models.transformer_xl import TransformerXLConfig, TrimeTransformerXLModel
+    from recurrent_helpers import tiny as tiny_xl
+
+    xl_cfg = TransformerXLConfig(decoder_layers=1, decoder_embed_dim=12, decoder_attention_heads=2, decoder_ffn_embed_dim=20)
+    xl_cfg._name = "trime_transformer_xl"
+    save_checkpoint(tmp_path / "xl.pt", xl_cfg, TrimeTransformerXLModel(tiny_xl(decoder_layers=1)))
+    with pytest.raises(ValueError, match="needs an alibi_lm backbone"):
+        LongMemModel.build_model(longmem_config(backbone_path=str(tmp_path / "xl.pt")), TaskStub(DICT))
+
+    # a longmem checkpoint adapted on a backbone of other sizes cannot be loaded over this one
+    wide = LongMemModel(LongMemDecoder(longmem_config(), DICT, tiny_backbone(decoder_embed_dim=18).float()))
+    with pytest.raises(ValueError, match="adapted on another backbone"):
+        model.load_state_dict(wide.state_dict())
+    model.load_state_dict(LongMemModel(LongMemDecoder(config, DICT, backbone.decoder)).state_dict())

@@ -26,7 +26,9 @@ validation pass, train/eval switch and batch-size change. Without stream order t
 stay empty: that is an error (unless ``memory_size`` is 0). ``bank_reset=document`` also empties a row at
 a WikiText article start, decided from input tokens only: position s starts an article iff
 x_{s−2} = eos, x_{s−1} = "=", x_s ≠ "=" (the first title word of a `` = Title = `` line); from s on the
-row's queries see no earlier entry, and the bank restarts with the tokens from s.
+row's queries see no earlier entry, and the bank restarts with the tokens from s. (Local attention is
+not cut: the keys of the tokens from s on may carry context of the previous article's tail in the same
+segment, as every model of this project reads its whole input row.)
 
 Generation (``fairseq-generate`` / sampling): ``incremental_state`` carries the backbone's and the
 SideNet's keys / values of the current segment and the bank; a segment holds ``tokens_per_sample``
