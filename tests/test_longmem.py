@@ -2,6 +2,7 @@
 SideNet model (models/longmem.py) against naive references, causality and reset checks, and the CLI path."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -613,3 +614,55 @@ def test_backbone_checkpoint_is_loaded_and_checked(tmp_path):
     with pytest.raises(ValueError, match="adapted on another backbone"):
         model.load_state_dict(wide.state_dict())
     model.load_state_dict(LongMemModel(LongMemDecoder(config, DICT, backbone.decoder)).state_dict())
+
+
+# -- end to end through the CLIs -------------------------------------------------------------------------------
+
+
+def test_cli_backbone_then_longmem_then_eval_lm(wikitext2_bin, tmp_path):
+    """fairseq-train the ALiBi backbone -> fairseq-train longmem in stream order -> fairseq-eval-lm with the bank
+    (and an eval-time memory size); the adapted checkpoint carries the backbone bit for bit."""
+    from fairseq import checkpoint_utils
+
+    import subprocess
+
+    from conftest import PYTHON, ROOT, perplexity, run_cli
+
+    common = [wikitext2_bin, "--user-dir", "trime_fairseq", "--task", "trime_lm", "--tokens-per-sample", "32",
+              "--sample-break-mode", "none", "--criterion", "adaptive_loss", "--ddp-backend", "legacy_ddp",
+              "--optimizer", "adam", "--batch-size", "4", "--max-update", "12", "--disable-validation",
+              "--no-epoch-checkpoints", "--cpu", "--seed", "1", "--log-format", "simple", "--log-interval", "6"]
+    run_cli([PYTHON, "-m", "fairseq_cli.train", *common, "--arch", "alibi_lm_wikitext2_small", "--decoder-layers", "4",
+             "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64", "--decoder-attention-heads", "2",
+             "--lr", "0.003", "--save-dir", tmp_path / "backbone"])
+    backbone = tmp_path / "backbone" / "checkpoint_last.pt"
+    out = run_cli([PYTHON, "-m", "fairseq_cli.train", *common, "--arch", "longmem_wikitext2_small",
+                   "--backbone-path", backbone, "--batching", "stream", "--memory-size", "64", "--memory-k", "8",
+                   "--memory-layer", "1", "--bank-reset", "document", "--lr", "0.001",
+                   "--save-dir", tmp_path / "longmem"])
+    assert "num_updates 12" in out and "recurrence memory across batches: on (stream)" in out, out[-3000:]
+    counts = re.search(r"num\. shared model params: ([\d,]+) \(num\. trained: ([\d,]+)\)", out)
+    total, trained = (int(c.replace(",", "")) for c in counts.groups())
+    assert 0 < trained < total / 2  # only the SideNet (2 of the backbone's 4 layers, gate, final norm)
+    adapted = checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "longmem" / "checkpoint_last.pt"))["model"]
+    original = checkpoint_utils.load_checkpoint_to_cpu(str(backbone))["model"]
+    for name, value in original.items():
+        assert torch.equal(adapted["decoder.backbone." + name[len("decoder."):]], value), name
+    assert any(not torch.equal(adapted[f"decoder.layers.0.{n}"], original[f"decoder.layers.1.{n}"])
+               for n in ("attn_norm.weight", "self_attn.q_proj.weight", "ffn.fc1.weight"))
+
+    def eval_lm(*extra):
+        return run_cli([PYTHON, "-m", "fairseq_cli.eval_lm", wikitext2_bin, "--user-dir", "trime_fairseq",
+                        "--task", "trime_lm", "--path", tmp_path / "longmem" / "checkpoint_last.pt",
+                        "--gen-subset", "valid", "--tokens-per-sample", "32", "--cpu", "--batching", "stream",
+                        "--batch-size", "2", *extra])
+
+    with_bank = perplexity(eval_lm())
+    without = perplexity(eval_lm("--model-overrides", "{'memory_size': 0}"))
+    assert math.isfinite(with_bank) and 1 < with_bank < 1e5 and with_bank != without
+    proc = subprocess.run(
+        [PYTHON, "-m", "fairseq_cli.eval_lm", str(wikitext2_bin), "--user-dir", "trime_fairseq", "--task", "trime_lm",
+         "--path", str(tmp_path / "longmem" / "checkpoint_last.pt"), "--cpu", "--tokens-per-sample", "32"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode != 0 and "--batching stream" in proc.stdout + proc.stderr
