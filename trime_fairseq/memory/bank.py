@@ -198,7 +198,7 @@ class ChunkMemoryBank:
         slots, found = [], []
         for start in range(0, tlen, block):
             scores = torch.einsum("bhtd,bhnd->bhtn", fp32(queries[:, :, start : start + block]), chunk_keys)
-            top, index = scores.masked_fill(empty, float("-inf")).topk(k, dim=-1)
+            top, index = scores.masked_fill_(empty, float("-inf")).topk(k, dim=-1)
             slots.append(index)
             found.append(top > float("-inf"))
         return torch.cat(slots, dim=2), torch.cat(found, dim=2)
