@@ -246,24 +246,33 @@ def test_alibi_slopes_are_press_et_al():
     torch.testing.assert_close(alibi_slopes(6), torch.tensor([2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8, 2.0**-1, 2.0**-3]))
 
 
-def naive_alibi_layer(layer, x, valid):
-    """One pre-norm ALiBi block with explicit loops over batch, head, query and key."""
-    attn = layer.self_attn
-    q, k, v = attn.project(layer.attn_norm(x))
-    bsz, tlen, heads, dim = q.shape
+def naive_local_attention(layer, q, k, v, b, h, t, valid=None):
+    """Context of query t, head h: softmax over keys j <= t (non-padding) of q·k_j/√D − m_h (t − j), times v."""
+    keys = [j for j in range(t + 1) if valid is None or valid[b, j]]
+    if not keys:
+        return torch.zeros_like(q[b, t, h])
+    dim = q.size(-1)
+    scores = torch.stack([q[b, t, h] @ k[b, j, h] / math.sqrt(dim) - layer.slopes[h] * (t - j) for j in keys])
+    return sum(p * v[b, j, h] for p, j in zip(torch.softmax(scores, 0), keys))
+
+
+def naive_block(layer, x, context_of):
+    """A pre-norm block whose attention context of (q, k, v, b, h, t) is ``context_of``, with explicit loops."""
+    q, k, v = layer.self_attn.project(layer.attn_norm(x))
+    bsz, tlen, heads, _ = q.shape
     context = torch.zeros_like(q)
     for b in range(bsz):
         for h in range(heads):
             for t in range(tlen):
-                keys = [j for j in range(t + 1) if valid[b, j]]
-                if not keys:
-                    continue
-                scores = torch.stack([q[b, t, h] @ k[b, j, h] / math.sqrt(dim) - layer.slopes[h] * (t - j) for j in keys])
-                probs = torch.softmax(scores, 0)
-                context[b, t, h] = sum(p * v[b, j, h] for p, j in zip(probs, keys))
-    x = x + attn.out(context)
+                context[b, t, h] = context_of(q, k, v, b, h, t)
+    x = x + layer.self_attn.out(context)
     key = layer.ffn.ffn_norm(x)
     return x + layer.ffn.fc2(layer.ffn.activation(layer.ffn.fc1(key))), key
+
+
+def naive_alibi_layer(layer, x, valid):
+    """One pre-norm ALiBi block with explicit loops over batch, head, query and key."""
+    return naive_block(layer, x, lambda q, k, v, b, h, t: naive_local_attention(layer, q, k, v, b, h, t, valid))
 
 
 def test_backbone_equals_naive_alibi_transformer_and_exposes_states():
@@ -343,23 +352,16 @@ def test_cross_network_residuals_add_backbone_2l_minus_2l_minus_2():
 def naive_joint_attention_layer(layer, x, naive_bank, bank_visible):
     """Eq. 2-3 with loops: local ALiBi attention A, attention M over the brute-force retrieved pairs,
     σ(g_h)·A + (1 − σ(g_h))·M (A alone where nothing is retrieved), then the rest of the block."""
-    attn = layer.self_attn
-    q, k, v = attn.project(layer.attn_norm(x))
-    bsz, tlen, heads, dim = q.shape
-    context = torch.zeros_like(q)
-    for b in range(bsz):
-        for h in range(heads):
-            gate = torch.sigmoid(layer.gate[h])
-            for t in range(tlen):
-                scores = torch.stack([q[b, t, h] @ k[b, j, h] / math.sqrt(dim) - layer.slopes[h] * (t - j) for j in range(t + 1)])
-                local = torch.softmax(scores, 0) @ v[b, : t + 1, h]
-                mem_scores, mem_values = naive_bank.retrieve(b, h, q[b, t, h], 1 / math.sqrt(dim))
-                if bank_visible[b, t] and mem_scores.numel():
-                    context[b, t, h] = gate * local + (1 - gate) * (torch.softmax(mem_scores, 0) @ mem_values)
-                else:
-                    context[b, t, h] = local
-    x = x + attn.out(context)
-    return layer.ffn(x)[0]
+
+    def joint(q, k, v, b, h, t):
+        local = naive_local_attention(layer, q, k, v, b, h, t)
+        scores, values = naive_bank.retrieve(b, h, q[b, t, h], 1 / math.sqrt(q.size(-1)))
+        if not bank_visible[b, t] or scores.numel() == 0:
+            return local
+        gate = torch.sigmoid(layer.gate[h])
+        return gate * local + (1 - gate) * (torch.softmax(scores, 0) @ values)
+
+    return naive_block(layer, x, joint)[0]
 
 
 def test_memory_layer_equals_explicit_joint_attention():

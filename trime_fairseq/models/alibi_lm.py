@@ -25,17 +25,23 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import torch
 from fairseq import utils
 from fairseq.dataclass import ChoiceEnum
-from fairseq.models import FairseqIncrementalDecoder, FairseqLanguageModel, register_model, register_model_architecture
+from fairseq.models import FairseqLanguageModel, register_model, register_model_architecture
 from omegaconf import II
 from torch import Tensor, nn
 
 from trime_fairseq.checksums import dictionary_checksum
 from trime_fairseq.memory.keys import TRIME_FEATURE, TRIME_KEY
 from trime_fairseq.memory.mixing import fp32
-from trime_fairseq.models.recurrent_decoder import UNBOUNDED_POSITIONS, FeedForwardBlock, fill_defaults
-from trime_fairseq.models.recurrent_memory import MemoryState, reorder_state
+from trime_fairseq.models.recurrent_decoder import FeedForwardBlock, fill_defaults
+from trime_fairseq.models.recurrent_memory import MemoryState
 from trime_fairseq.models.relative_attention import masked_softmax
-from trime_fairseq.models.token_io import TokenIOConfig, build_output_layer, build_token_embedding, check_token_io
+from trime_fairseq.models.token_io import (
+    TokenIOConfig,
+    TokenLMDecoder,
+    build_output_layer,
+    build_token_embedding,
+    check_token_io,
+)
 
 KeyValue = Tuple[Tensor, Tensor]  # keys, values: (B, T, H, D) each
 
@@ -184,7 +190,7 @@ def _checksum_tensor(dictionary) -> Tensor:
     return torch.tensor(list(bytes.fromhex(dictionary_checksum(dictionary))), dtype=torch.uint8)
 
 
-class AlibiLMDecoder(FairseqIncrementalDecoder):
+class AlibiLMDecoder(TokenLMDecoder):
     provides_trime_keys = True
     STATE_KEY = "alibi_cache"
 
@@ -238,13 +244,6 @@ class AlibiLMDecoder(FairseqIncrementalDecoder):
         return BackboneStates(hidden, key_values, key, self.final_norm(x))
 
     # -- fairseq interface ---------------------------------------------------------------------
-    def forward(self, prev_output_tokens, src_lengths=None, incremental_state=None, features_only=False,
-                encoder_out=None, **kwargs):
-        x, extra = self.extract_features(prev_output_tokens, incremental_state=incremental_state)
-        if not features_only:
-            x = self.output_layer(x)
-        return x, extra
-
     def extract_features(self, prev_output_tokens: Tensor, encoder_out=None, incremental_state=None, **kwargs):
         cache = None
         tokens = prev_output_tokens
@@ -257,19 +256,6 @@ class AlibiLMDecoder(FairseqIncrementalDecoder):
             self.set_incremental_state(incremental_state, self.STATE_KEY, extend_cache(cache, tokens, states, self.padding_idx))
         extra = {"attn": None, "inner_states": None, TRIME_KEY: states.key, TRIME_FEATURE: states.features}
         return states.features, extra
-
-    def output_layer(self, features: Tensor) -> Tensor:
-        if self.adaptive_softmax is not None:
-            return features  # the adaptive softmax (criterion / get_normalized_probs) projects
-        return self.output_projection(features)
-
-    def reorder_incremental_state(self, incremental_state, new_order: Tensor):
-        cache = self.get_incremental_state(incremental_state, self.STATE_KEY)
-        if cache is not None:
-            self.set_incremental_state(incremental_state, self.STATE_KEY, reorder_state(cache, new_order))
-
-    def max_positions(self):
-        return self.max_target_positions or UNBOUNDED_POSITIONS  # ALiBi: any length can be processed
 
 
 def extend_cache(cache: Optional[MemoryState], tokens: Tensor, states: BackboneStates, pad: int) -> MemoryState:

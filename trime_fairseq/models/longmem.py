@@ -47,7 +47,6 @@ from fairseq import checkpoint_utils
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import (
     ARCH_MODEL_REGISTRY,
-    FairseqIncrementalDecoder,
     FairseqLanguageModel,
     register_model,
     register_model_architecture,
@@ -60,9 +59,10 @@ from trime_fairseq.memory.keys import TRIME_FEATURE, TRIME_KEY
 from trime_fairseq.memory.mixing import fp32
 from trime_fairseq.memory.sources import MemoryBatch
 from trime_fairseq.models.alibi_lm import AlibiLanguageModel, AlibiLayer, AlibiLMDecoder, causal_visibility
-from trime_fairseq.models.recurrent_decoder import UNBOUNDED_POSITIONS, fill_defaults
-from trime_fairseq.models.recurrent_memory import MemoryState, RecurrentMemory, reorder_state
+from trime_fairseq.models.recurrent_decoder import fill_defaults
+from trime_fairseq.models.recurrent_memory import MemoryState, RecurrentMemory
 from trime_fairseq.models.relative_attention import masked_softmax
+from trime_fairseq.models.token_io import UNBOUNDED_POSITIONS, TokenLMDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def document_starts(tokens: Tensor, previous: Tensor, eos: int, heading: int, pa
 # -- the decoder ---------------------------------------------------------------------------------------
 
 
-class LongMemDecoder(FairseqIncrementalDecoder):
+class LongMemDecoder(TokenLMDecoder):
     provides_trime_keys = True
     STATE_KEY = "longmem"
 
@@ -282,13 +282,6 @@ class LongMemDecoder(FairseqIncrementalDecoder):
         bank.append(keys, values, valid)
 
     # -- fairseq interface ------------------------------------------------------------------------------
-    def forward(self, prev_output_tokens, src_lengths=None, incremental_state=None, features_only=False,
-                encoder_out=None, **kwargs):
-        x, extra = self.extract_features(prev_output_tokens, incremental_state=incremental_state)
-        if not features_only:
-            x = self.output_layer(x)
-        return x, extra
-
     def extract_features(self, prev_output_tokens: Tensor, encoder_out=None, incremental_state=None, **kwargs):
         if incremental_state is not None:
             features, key = self._extract_incremental(prev_output_tokens, incremental_state)
@@ -375,11 +368,6 @@ class LongMemDecoder(FairseqIncrementalDecoder):
         if bank is not None:
             kept.update(bank.state(BANK))
         return kept
-
-    def reorder_incremental_state(self, incremental_state, new_order: Tensor):
-        state = self.get_incremental_state(incremental_state, self.STATE_KEY)
-        if state is not None:
-            self.set_incremental_state(incremental_state, self.STATE_KEY, reorder_state(state, new_order))
 
     def max_positions(self):
         return UNBOUNDED_POSITIONS  # the bank holds what the local context cannot

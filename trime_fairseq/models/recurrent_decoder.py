@@ -20,18 +20,21 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Optional, Tuple
 
 import torch
-from fairseq.models import FairseqIncrementalDecoder, FairseqLanguageModel
+from fairseq.models import FairseqLanguageModel
 from fairseq.utils import safe_getattr
 from omegaconf import II
 from torch import Tensor, nn
 
 from trime_fairseq.memory.keys import TRIME_FEATURE, TRIME_KEY
-from trime_fairseq.models.recurrent_memory import MemoryState, RecurrentMemory, empty_state_like, reorder_state
+from trime_fairseq.models.recurrent_memory import MemoryState, RecurrentMemory, empty_state_like
 from trime_fairseq.models.relative_attention import causal_distances, sinusoid_embedding
-from trime_fairseq.models.token_io import TokenIOConfig, build_output_layer, build_token_embedding, check_token_io
-
-UNBOUNDED_POSITIONS = 1_000_000  # relative positions: any length can be processed
-
+from trime_fairseq.models.token_io import (
+    TokenIOConfig,
+    TokenLMDecoder,
+    build_output_layer,
+    build_token_embedding,
+    check_token_io,
+)
 
 @dataclass
 class RecurrentLMConfig(TokenIOConfig):
@@ -134,7 +137,7 @@ class FeedForwardBlock(nn.Module):
         return y, key
 
 
-class RecurrentLMDecoder(FairseqIncrementalDecoder):
+class RecurrentLMDecoder(TokenLMDecoder):
     """Base decoder: everything but the layer stack (see module docstring)."""
 
     provides_trime_keys = True
@@ -241,20 +244,6 @@ class RecurrentLMDecoder(FairseqIncrementalDecoder):
         return out
 
     # -- fairseq interface ------------------------------------------------------------------
-    def forward(
-        self,
-        prev_output_tokens: Tensor,
-        src_lengths=None,
-        incremental_state=None,
-        features_only: bool = False,
-        encoder_out=None,
-        **kwargs,
-    ):
-        x, extra = self.extract_features(prev_output_tokens, incremental_state=incremental_state)
-        if not features_only:
-            x = self.output_layer(x)
-        return x, extra
-
     def extract_features(self, prev_output_tokens: Tensor, encoder_out=None, incremental_state=None, **kwargs):
         tokens = prev_output_tokens
         bsz = tokens.size(0)
@@ -286,19 +275,6 @@ class RecurrentLMDecoder(FairseqIncrementalDecoder):
             self.recurrent_memory.write(new_state if self.mem_len > 0 else None, bsz, self.training)
         extra = {"attn": None, "inner_states": None, TRIME_KEY: key, TRIME_FEATURE: features}
         return features, extra
-
-    def output_layer(self, features: Tensor) -> Tensor:
-        if self.adaptive_softmax is not None:
-            return features  # the adaptive softmax (criterion / get_normalized_probs) projects
-        return self.output_projection(features)
-
-    def reorder_incremental_state(self, incremental_state, new_order: Tensor):
-        state = self.get_incremental_state(incremental_state, self.STATE_KEY)
-        if state is not None:
-            self.set_incremental_state(incremental_state, self.STATE_KEY, reorder_state(state, new_order))
-
-    def max_positions(self):
-        return self.max_target_positions or UNBOUNDED_POSITIONS
 
 
 class RecurrentLanguageModel(FairseqLanguageModel):

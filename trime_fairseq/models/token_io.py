@@ -1,8 +1,10 @@
-"""Token embedding and output layer of our own decoders (Transformer-XL, LaMemo, the ALiBi LM).
+"""Token embedding, output layer and fairseq interface of our own decoders (Transformer-XL, LaMemo,
+the ALiBi LM, LongMem).
 
-One config block (:class:`TokenIOConfig`), one check (:func:`check_token_io`) and two
-builders: the input embedding (plain, or fairseq's adaptive input) and the output layer
-(full softmax, tied to the embedding or not, or fairseq's adaptive softmax).
+One config block (:class:`TokenIOConfig`), one check (:func:`check_token_io`), two builders:
+the input embedding (plain, or fairseq's adaptive input) and the output layer (full softmax,
+tied to the embedding or not, or fairseq's adaptive softmax), and :class:`TokenLMDecoder`, the
+part of a decoder fairseq calls around ``extract_features``.
 """
 
 import logging
@@ -11,10 +13,15 @@ from typing import Optional, Tuple
 
 from fairseq import utils
 from fairseq.dataclass import FairseqDataclass
+from fairseq.models import FairseqIncrementalDecoder
 from fairseq.modules import AdaptiveInput, AdaptiveSoftmax
-from torch import nn
+from torch import Tensor, nn
+
+from trime_fairseq.models.recurrent_memory import reorder_state
 
 logger = logging.getLogger(__name__)
+
+UNBOUNDED_POSITIONS = 1_000_000  # relative positions / memories: any length can be processed
 
 
 @dataclass
@@ -93,3 +100,31 @@ def build_output_layer(
     else:
         nn.init.normal_(projection.weight, mean=0.0, std=dim**-0.5)
     return None, projection
+
+
+class TokenLMDecoder(FairseqIncrementalDecoder):
+    """``forward`` = ``extract_features`` (subclasses) + ``output_layer``; the generation state is one dict of
+    batch-first tensors under ``STATE_KEY`` in ``incremental_state``, reordered row-wise for beam search."""
+
+    STATE_KEY = "state"
+    max_target_positions = None  # subclasses set it
+
+    def forward(self, prev_output_tokens, src_lengths=None, incremental_state=None, features_only=False,
+                encoder_out=None, **kwargs):
+        x, extra = self.extract_features(prev_output_tokens, incremental_state=incremental_state)
+        if not features_only:
+            x = self.output_layer(x)
+        return x, extra
+
+    def output_layer(self, features: Tensor) -> Tensor:
+        if self.adaptive_softmax is not None:
+            return features  # the adaptive softmax (criterion / get_normalized_probs) projects
+        return self.output_projection(features)
+
+    def reorder_incremental_state(self, incremental_state, new_order: Tensor):
+        state = self.get_incremental_state(incremental_state, self.STATE_KEY)
+        if state is not None:
+            self.set_incremental_state(incremental_state, self.STATE_KEY, reorder_state(state, new_order))
+
+    def max_positions(self):
+        return self.max_target_positions or UNBOUNDED_POSITIONS
