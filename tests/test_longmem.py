@@ -410,6 +410,19 @@ def test_backbone_gets_no_gradient_and_stays_bit_identical_after_updates():
     assert model.decoder.backbone.dictionary_checksum.dtype == torch.uint8
 
 
+
+def test_half_precision_with_large_activations_stays_finite():
+    """fp16 model and bank: scores, softmax statistics and the gated mix run in float32."""
+    decoder = tiny_longmem()
+    with torch.no_grad():
+        for layer in list(decoder.layers) + list(decoder.backbone.layers):
+            layer.self_attn.q_proj.weight.mul_(100.0)
+            layer.self_attn.k_proj.weight.mul_(100.0)
+    decoder = decoder.half()
+    out = stream_features(decoder, words(2, 15))
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert decoder.recurrent_memory.state["bank.keys"].dtype == torch.float16
+
 # -- causality, rows, resets -------------------------------------------------------------------------------
 
 
