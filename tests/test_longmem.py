@@ -310,6 +310,26 @@ def test_backbone_incremental_decoding_equals_full_forward():
     torch.testing.assert_close(backbone(tokens[order, :4], incremental_state=state)[0], full[order, 3:4])
 
 
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_backbone_trains_with_trime_loss_and_adaptive_softmax(adaptive):
+    """The ALiBi LM is a model of this project: TRIME keys for trime_loss, full or adaptive softmax."""
+    from tiny_models import lm_sample, tiny_task, trime_criterion
+
+    from trime_fairseq.models.alibi_lm import AlibiLanguageModel
+
+    task = tiny_task()
+    torch.manual_seed(0)
+    model = AlibiLanguageModel(AlibiLMDecoder(alibi_config(adaptive_softmax_cutoff="10,16" if adaptive else None),
+                                              task.dictionary)).double()
+    sample = lm_sample(task, bsz=2, tsz=7, pad_last=2)
+    loss, size, log = trime_criterion(task)(model, sample)
+    loss.backward()
+    assert torch.isfinite(loss) and size == sample["ntokens"] and 0 < log["in_memory"] <= size
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    lprobs = model.get_normalized_probs(model(**sample["net_input"]), log_probs=True)
+    torch.testing.assert_close(lprobs.double().exp().sum(-1), torch.ones(2, 7, dtype=torch.float64))
+
 # -- the SideNet ------------------------------------------------------------------------------------------
 
 
