@@ -31,7 +31,7 @@ from fairseq.data import Dictionary
 
 import trime_fairseq  # noqa: F401  (registers the models)
 from bench_lamemo_vs_txl import peak_bytes, sync, zipf_tokens
-from trime_fairseq.memory.bank import BankConfig, ChunkMemoryBank
+from trime_fairseq.memory.bank import ChunkMemoryBank
 from trime_fairseq.models.alibi_lm import AlibiLMConfig, AlibiLMDecoder, alibi_lm_gpt2_medium
 from trime_fairseq.models.longmem import LongMemConfig, LongMemDecoder
 from trime_fairseq.models.relative_attention import masked_softmax
