@@ -3,7 +3,8 @@
 # learning rates, the better one on valid is kept), then valid/test perplexity of 256-token segments for
 #   the backbone alone; the backbone + continuous cache over the same M previous tokens (λ, θ tuned on valid
 #   with trime-tune at M = 4,096); LongMem with M = 0, 1k, 2k, 4k (one model, the bank size overridden),
-# and a plot. Every step is skipped when its output exists: rerun to resume.
+# the SideNet adapted the same way without a bank (control), and a plot. Every step is skipped when its
+# output exists: rerun to resume.
 #
 #   scripts/wikitext2_longmem.sh                  # OUT=runs/longmem_wt2
 #
@@ -64,6 +65,9 @@ for lr in $LRS; do
 done
 LONGMEM="$OUT/longmem_lr$best_lr/checkpoint_last.pt"
 echo "adaptation learning rate (valid, M=$TUNE_SIZE): $best_lr" >&2
+# control: the same adaptation without a bank, i.e. what training the SideNet alone gives
+train longmem_nomem wikitext2_small model.backbone_path="$BACKBONE" model.memory_size=0 optimization.lr="[$best_lr]" \
+  optimization.max_update="$ADAPT_UPDATES" checkpoint.save_interval_updates="$ADAPT_UPDATES"
 
 # the cache baseline: λ, θ on valid at M = 4,096, article resets as LongMem's bank
 tune="$OUT/tune_cache.txt"
@@ -83,6 +87,8 @@ cache_flags=$(sed -n 's/^best: \(.*\)  (.*/\1/p' "$tune")
   for m in $SIZES; do
     echo "| LongMem (lr $best_lr) | $m | $(longmem "lr$best_lr" "$LONGMEM" valid "$m") | $(longmem "lr$best_lr" "$LONGMEM" test "$m") |"
   done
+  nomem="$OUT/longmem_nomem/checkpoint_last.pt"
+  echo "| SideNet adapted without memory (lr $best_lr, M = 0 in training) | - | $(longmem nomem "$nomem" valid 0) | $(longmem nomem "$nomem" test 0) |"
 } > "$OUT/results.md"
 cat "$OUT/results.md"
 
@@ -95,16 +101,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 rows = [line.strip("|\n").split("|") for line in open(sys.argv[1]) if line.startswith("| ") and "model" not in line]
-series = {}
+series, references = {}, []
 for name, m, valid, test in ([c.strip() for c in row] for row in rows):
     label = name.split(" (")[0]
-    if m != "-":
+    if m == "-":  # a model without a memory size: a horizontal line
+        references.append((label, float(test)))
+    else:
         series.setdefault(label, []).append((int(m), float(test)))
-backbone = [float(r[3]) for r in rows if r[1].strip() == "-"][0]
-fig, ax = plt.subplots(figsize=(5, 3.5))
+fig, ax = plt.subplots(figsize=(6, 4))
 for label, points in series.items():
     ax.plot([m for m, _ in points], [p for _, p in points], marker="o", label=label)
-ax.axhline(backbone, color="gray", linestyle="--", label="backbone")
+for (label, value), style in zip(references, ["--", ":", "-."]):
+    ax.axhline(value, color="gray", linestyle=style, label=label)
 ax.set_xlabel("memory size M (tokens)")
 ax.set_ylabel("WikiText-2 test perplexity")
 ax.set_title("256-token segments")
