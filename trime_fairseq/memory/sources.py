@@ -22,7 +22,8 @@ from trime_fairseq.memory.mixing import fp32
 
 class MemoryBatch(NamedTuple):
     scores: Tensor  # (..., Q, M) float32, similarity already scaled / tempered
-    values: Tensor  # (..., Q or 1, M) long, next-token id of each entry
+    values: Tensor  # (..., Q or 1, M) long, next-token id of each entry; attention memories
+    #                 (LongMem's bank, memory/bank.py): (..., Q, M, D) value vectors
     mask: Tensor  # (..., Q, M) bool, entry visible to the query
 
     def rows(self, index: Tensor) -> "MemoryBatch":

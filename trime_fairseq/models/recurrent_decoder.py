@@ -15,32 +15,30 @@ memory); this class owns everything around it:
   the output layer receives), both (B, T, d).
 """
 
-import logging
 import math
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Optional, Tuple
 
 import torch
-from fairseq import utils
-from fairseq.dataclass import FairseqDataclass
-from fairseq.models import FairseqIncrementalDecoder, FairseqLanguageModel
-from fairseq.modules import AdaptiveInput, AdaptiveSoftmax
+from fairseq.models import FairseqLanguageModel
 from fairseq.utils import safe_getattr
 from omegaconf import II
 from torch import Tensor, nn
 
 from trime_fairseq.memory.keys import TRIME_FEATURE, TRIME_KEY
 from trime_fairseq.models.dropout import Dropout
-from trime_fairseq.models.recurrent_memory import MemoryState, RecurrentMemory, empty_state_like, reorder_state
+from trime_fairseq.models.recurrent_memory import MemoryState, RecurrentMemory, empty_state_like
 from trime_fairseq.models.relative_attention import causal_distances, sinusoid_embedding
-
-logger = logging.getLogger(__name__)
-
-UNBOUNDED_POSITIONS = 1_000_000  # relative positions: any length can be processed
-
+from trime_fairseq.models.token_io import (
+    TokenIOConfig,
+    TokenLMDecoder,
+    build_output_layer,
+    build_token_embedding,
+    check_token_io,
+)
 
 @dataclass
-class RecurrentLMConfig(FairseqDataclass):
+class RecurrentLMConfig(TokenIOConfig):
     decoder_layers: int = field(default=16, metadata={"help": "number of layers"})
     decoder_embed_dim: int = field(default=410, metadata={"help": "model dimension d"})
     decoder_attention_heads: int = field(default=10, metadata={"help": "attention heads H"})
@@ -63,16 +61,6 @@ class RecurrentLMConfig(FairseqDataclass):
         metadata={"help": "dictionary symbol (e.g. '</s>') whose input position starts a new document; "
         "attention and memory never cross into an earlier document (default: no documents)"},
     )
-    no_scale_embedding: bool = field(default=False, metadata={"help": "do not scale embeddings by √d"})
-    adaptive_input: bool = field(default=False, metadata={"help": "adaptive input embeddings"})
-    adaptive_input_factor: float = field(default=1, metadata={"help": "adaptive input dimension reduction factor"})
-    adaptive_input_cutoff: Optional[str] = field(default=None, metadata={"help": "comma-separated cutoffs"})
-    adaptive_softmax_cutoff: Optional[str] = field(default=None, metadata={"help": "comma-separated cutoffs"})
-    adaptive_softmax_dropout: float = field(default=0.0, metadata={"help": "dropout inside the adaptive softmax"})
-    adaptive_softmax_factor: float = field(default=1, metadata={"help": "adaptive softmax dimension reduction factor"})
-    tie_adaptive_weights: bool = field(default=False, metadata={"help": "tie adaptive input and softmax weights"})
-    tie_adaptive_proj: bool = field(default=False, metadata={"help": "tie adaptive input and softmax projections"})
-    share_decoder_input_output_embed: bool = field(default=False, metadata={"help": "tie input and output embeddings"})
     max_target_positions: Optional[int] = II("task.max_target_positions")
 
 
@@ -98,18 +86,6 @@ def tied_adaptive(cutoff: str, factor: float = 1) -> dict:
     return dict(adaptive_input=True, adaptive_input_factor=factor, adaptive_input_cutoff=cutoff,
                 adaptive_softmax_cutoff=cutoff, adaptive_softmax_factor=factor, adaptive_softmax_dropout=0.0,
                 tie_adaptive_weights=True, tie_adaptive_proj=True)
-
-
-def _cutoffs(value: Optional[str], vocab_size: int, what: str):
-    if value is None:
-        return None
-    cutoffs = utils.eval_str_list(value, type=int)
-    kept = [c for c in cutoffs if c < vocab_size]
-    if len(kept) < len(cutoffs):
-        logger.warning("%s cutoffs %s >= vocabulary size %d dropped: using %s", what, cutoffs, vocab_size, kept)
-    if not kept:
-        raise ValueError(f"no {what} cutoff is below the vocabulary size {vocab_size}: {cutoffs}")
-    return kept
 
 
 def head_dim_of(cfg) -> int:
@@ -146,40 +122,31 @@ def check_config(cfg) -> None:
         value = safe_getattr(cfg, name, 0.0)
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{name} must lie in [0, 1), got {value}")
-    if cfg.tie_adaptive_weights:
-        if not cfg.adaptive_input or cfg.adaptive_softmax_cutoff is None:
-            raise ValueError("tie_adaptive_weights needs adaptive_input and adaptive_softmax_cutoff")
-        if cfg.adaptive_input_cutoff != cfg.adaptive_softmax_cutoff:
-            raise ValueError(
-                f"tied adaptive weights need equal cutoffs: {cfg.adaptive_input_cutoff} != {cfg.adaptive_softmax_cutoff}"
-            )
-        if cfg.adaptive_input_factor != cfg.adaptive_softmax_factor:
-            raise ValueError("tied adaptive weights need adaptive_input_factor == adaptive_softmax_factor")
-    if cfg.share_decoder_input_output_embed and (cfg.adaptive_input or cfg.adaptive_softmax_cutoff):
-        raise ValueError("share_decoder_input_output_embed is for plain embeddings; use tie_adaptive_weights")
+    check_token_io(cfg)
 
 
 class FeedForwardBlock(nn.Module):
     """Position-wise FFN with residual and layer norm; returns (output, TRIME key = FFN input after its norm)."""
 
-    def __init__(self, dim: int, inner_dim: int, dropout: float, normalize_before: bool):
+    def __init__(self, dim: int, inner_dim: int, dropout: float, normalize_before: bool, activation=torch.relu):
         super().__init__()
         self.fc1 = nn.Linear(dim, inner_dim)
         self.fc2 = nn.Linear(inner_dim, dim)
         self.ffn_norm = nn.LayerNorm(dim)
         self.dropout = Dropout(dropout)
         self.normalize_before = normalize_before
+        self.activation = activation
 
     def forward(self, h: Tensor) -> Tuple[Tensor, Tensor]:
         key = self.ffn_norm(h) if self.normalize_before else h
-        y = self.fc2(self.dropout(torch.relu(self.fc1(key))))
+        y = self.fc2(self.dropout(self.activation(self.fc1(key))))
         y = h + self.dropout(y)
         if not self.normalize_before:
             y = self.ffn_norm(y)
         return y, key
 
 
-class RecurrentLMDecoder(FairseqIncrementalDecoder):
+class RecurrentLMDecoder(TokenLMDecoder):
     """Base decoder: everything but the layer stack (see module docstring)."""
 
     provides_trime_keys = True
@@ -222,37 +189,10 @@ class RecurrentLMDecoder(FairseqIncrementalDecoder):
         return index
 
     def _build_embedding(self, cfg, vocab: int) -> nn.Module:
-        if cfg.adaptive_input:
-            cutoff = _cutoffs(cfg.adaptive_input_cutoff, vocab, "adaptive input")
-            if cutoff is None:
-                raise ValueError("adaptive_input needs adaptive_input_cutoff")
-            return AdaptiveInput(
-                vocab, self.padding_idx, self.embed_dim, cfg.adaptive_input_factor, self.embed_dim, cutoff
-            )
-        embed = nn.Embedding(vocab, self.embed_dim, padding_idx=self.padding_idx)
-        nn.init.normal_(embed.weight, mean=0.0, std=self.embed_dim**-0.5)
-        nn.init.zeros_(embed.weight[self.padding_idx])
-        return embed
+        return build_token_embedding(cfg, vocab, self.embed_dim, self.padding_idx)
 
     def _build_output(self, cfg, vocab: int) -> None:
-        self.adaptive_softmax = None
-        self.output_projection = None
-        if cfg.adaptive_softmax_cutoff is not None:
-            self.adaptive_softmax = AdaptiveSoftmax(
-                vocab,
-                self.embed_dim,
-                _cutoffs(cfg.adaptive_softmax_cutoff, vocab, "adaptive softmax"),
-                dropout=cfg.adaptive_softmax_dropout,
-                adaptive_inputs=self.embed_tokens if cfg.tie_adaptive_weights else None,
-                factor=cfg.adaptive_softmax_factor,
-                tie_proj=cfg.tie_adaptive_proj,
-            )
-        else:
-            self.output_projection = nn.Linear(self.embed_dim, vocab, bias=False)
-            if cfg.share_decoder_input_output_embed:
-                self.output_projection.weight = self.embed_tokens.weight
-            else:
-                nn.init.normal_(self.output_projection.weight, mean=0.0, std=self.embed_dim**-0.5)
+        self.adaptive_softmax, self.output_projection = build_output_layer(cfg, vocab, self.embed_dim, self.embed_tokens)
 
     def build_layer(self, cfg, index: int) -> nn.Module:
         raise NotImplementedError
@@ -313,26 +253,6 @@ class RecurrentLMDecoder(FairseqIncrementalDecoder):
         return out
 
     # -- fairseq interface ------------------------------------------------------------------
-    def forward(
-        self,
-        prev_output_tokens: Tensor,
-        src_lengths=None,
-        incremental_state=None,
-        features_only: bool = False,
-        encoder_out=None,
-        **kwargs,
-    ):
-        x, extra = self.extract_features(prev_output_tokens, incremental_state=incremental_state)
-        x = self.output_features(x, extra, prev_output_tokens, incremental_state, **kwargs)
-        if not features_only:
-            x = self.output_layer(x)
-        return x, extra
-
-    def output_features(self, features: Tensor, extra: dict, tokens: Tensor, incremental_state=None, **inputs):
-        """What the output layer receives, from the last layer's features (B, T, d); the other
-        ``net_input`` fields arrive as ``inputs``. The identity here; SPALM fuses its neighbours."""
-        return features
-
     def extract_features(self, prev_output_tokens: Tensor, encoder_out=None, incremental_state=None, **kwargs):
         tokens = prev_output_tokens
         bsz = tokens.size(0)
@@ -364,19 +284,6 @@ class RecurrentLMDecoder(FairseqIncrementalDecoder):
             self.recurrent_memory.write(new_state if self.mem_len > 0 else None, bsz, self.training)
         extra = {"attn": None, "inner_states": None, TRIME_KEY: key, TRIME_FEATURE: features}
         return features, extra
-
-    def output_layer(self, features: Tensor) -> Tensor:
-        if self.adaptive_softmax is not None:
-            return features  # the adaptive softmax (criterion / get_normalized_probs) projects
-        return self.output_projection(features)
-
-    def reorder_incremental_state(self, incremental_state, new_order: Tensor):
-        state = self.get_incremental_state(incremental_state, self.STATE_KEY)
-        if state is not None:
-            self.set_incremental_state(incremental_state, self.STATE_KEY, reorder_state(state, new_order))
-
-    def max_positions(self):
-        return self.max_target_positions or UNBOUNDED_POSITIONS
 
 
 class RecurrentLanguageModel(FairseqLanguageModel):
