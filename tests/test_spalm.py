@@ -440,6 +440,26 @@ def test_spalm_configs_build_their_architecture_with_the_papers_sizes(name):
         assert abs(count - params) / params < 0.02, f"{arch}: {count / 1e6:.1f}M parameters, the paper {params / 1e6:g}M"
 
 
+@pytest.mark.parametrize("name", sorted(SPALM_CONFIGS))
+def test_spalm_configs_take_the_options_the_pipeline_overrides(name):
+    """``fairseq-hydra-train`` refuses to override a model key its file lacks (the yaml's model section
+    is a plain struct dict): scripts/wikitext2_spalm.sh sets ``model.spalm_scale_values=true``."""
+    from pathlib import Path
+
+    from fairseq.dataclass.initialize import hydra_init
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    hydra_init(name)
+    config_dir = Path(__file__).resolve().parents[1] / "configs" / "spalm"
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.1"):
+        cfg = compose(config_name=name, overrides=["task.data=/nonexistent", "task.neighbours=/nonexistent",
+                                                   "model.spalm_scale_values=true", "model.spalm_k=2"])
+    GlobalHydra.instance().clear()
+    assert cfg.model.spalm_scale_values is True and cfg.model.spalm_k == 2
+
+
 def test_rows_without_scored_positions_with_a_tied_adaptive_softmax():
     """An ended stream's padding row (no scored position) under the evaluation memory: the model's
     own distribution, no error from the tied adaptive head on an empty selection."""
