@@ -54,6 +54,7 @@ from fairseq.models import (
 from omegaconf import II
 from torch import Tensor, nn
 
+from trime_fairseq.data.documents import HEADING, DocumentBoundaries
 from trime_fairseq.memory.bank import SEARCHES, BankConfig, ChunkMemoryBank
 from trime_fairseq.memory.keys import TRIME_FEATURE, TRIME_KEY
 from trime_fairseq.memory.mixing import fp32
@@ -66,7 +67,6 @@ from trime_fairseq.models.token_io import UNBOUNDED_POSITIONS, TokenLMDecoder
 
 logger = logging.getLogger(__name__)
 
-HEADING = "="  # WikiText's article heading marker
 BANK = "bank."  # prefix of the bank's tensors in a memory state
 Retriever = Callable[[Tensor, float], MemoryBatch]  # (queries (B, T, H, D), scale) -> memory batch
 
@@ -129,12 +129,13 @@ class MemoryAugmentedLayer(AlibiLayer):
 # -- documents ---------------------------------------------------------------------------------------
 
 
-def document_starts(tokens: Tensor, previous: Tensor, eos: int, heading: int, pad: int) -> Tensor:
-    """(B, T) bool: position s starts a WikiText article iff x_{s−2} = eos, x_{s−1} = "=", x_s ≠ "=".
-
-    Inputs only (x_{≤s}); ``previous`` (B, 2) are the row's two inputs before ``tokens``."""
+def document_starts(tokens: Tensor, previous: Tensor, boundaries: DocumentBoundaries, pad: int) -> Tensor:
+    """(B, T) bool: input position s starts a WikiText article iff entry s − 1 starts one by
+    ``data/documents.py``'s rule (x_{s−2} = eos, x_{s−1} = "=", x_s ≠ "="): the entry that reads the heading's
+    "=" is the article's first, and a query may use it from the next input on -- inputs only (x_{≤s}).
+    ``previous`` (B, 2) are the row's two inputs before ``tokens``."""
     x = torch.cat([previous, tokens], dim=1)
-    return (x[:, :-2] == eos) & (x[:, 1:-1] == heading) & (x[:, 2:] != heading) & (x[:, 2:] != pad)
+    return boundaries.starts(x[:, :-2], x[:, 1:-1], x[:, 2:]) & (x[:, 2:] != pad)
 
 
 # -- the decoder ---------------------------------------------------------------------------------------
@@ -168,10 +169,10 @@ class LongMemDecoder(TokenLMDecoder):
             if cfg.memory_size > 0 else None
         )
         self.bank_reset = str(cfg.bank_reset)
-        self.heading_idx = None
+        self.boundaries = None
         if self.bank_reset == "document":
-            self.heading_idx = dictionary.index(HEADING)
-            if self.heading_idx == dictionary.unk():
+            self.boundaries = DocumentBoundaries.from_dictionary(dictionary, required=False)
+            if self.boundaries is None:
                 raise ValueError(f"--bank-reset document finds WikiText articles by '{HEADING}' headings, "
                                  "but the dictionary has no such symbol")
         if cfg.tokens_per_sample is not None and cfg.tokens_per_sample < 1:
@@ -235,10 +236,10 @@ class LongMemDecoder(TokenLMDecoder):
 
     def _documents(self, tokens: Tensor, previous: Tensor) -> Tuple[Tensor, Tensor]:
         """(starts (B, T), previous inputs for the next call (B, 2)) -- no starts without --bank-reset document."""
-        if self.heading_idx is None:
+        if self.boundaries is None:
             starts = torch.zeros_like(tokens, dtype=torch.bool)
         else:
-            starts = document_starts(tokens, previous, self.dictionary.eos(), self.heading_idx, self.padding_idx)
+            starts = document_starts(tokens, previous, self.boundaries, self.padding_idx)
         return starts, torch.cat([previous, tokens], dim=1)[:, -2:]
 
     def run_layers(
@@ -275,7 +276,7 @@ class LongMemDecoder(TokenLMDecoder):
         if bank is None:
             return
         begun = starts.long().cumsum(dim=1)
-        if self.heading_idx is not None:
+        if self.boundaries is not None:
             bank.reset(starts.any(dim=1))
             valid = valid & (begun == begun[:, -1:])
         keys, values = key_values[self.backbone_memory_layer - 1]
