@@ -131,7 +131,7 @@ def bench_batches(args):
 
 
 def bench_search(args):
-    from trime_fairseq.data.documents import DocumentBoundaries
+    from trime_fairseq.memory.documents import DocumentBoundaries
     from trime_fairseq.data.neighbours import document_labels
     from trime_fairseq.memory.datastore import Datastore, Exclusion
 

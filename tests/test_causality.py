@@ -14,7 +14,7 @@ import torch
 from test_trime_long import eval_samples, heading_dictionary, make_task, random_lines
 from tiny_models import tiny_lm
 
-from trime_fairseq.data.documents import DocumentBoundaries
+from trime_fairseq.memory.documents import DocumentBoundaries
 
 
 def stream_distributions(model, samples, pad, softmax_batch=None):

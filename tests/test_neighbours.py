@@ -11,7 +11,7 @@ import pytest
 from conftest import PYTHON, ROOT, perplexity, run_cli
 from test_datastore import _build, _data
 from trime_fairseq.cli import build_datastore, neighbours
-from trime_fairseq.data.documents import DocumentBoundaries
+from trime_fairseq.memory.documents import DocumentBoundaries
 from trime_fairseq.data.neighbours import NeighbourError, NeighbourFile, NeighbourWriter, document_labels
 from trime_fairseq.memory.datastore import Datastore, Exclusion
 

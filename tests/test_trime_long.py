@@ -18,7 +18,7 @@ from tiny_models import lm_sample, row_gradient, tiny_lm, trime_criterion
 
 from trime_fairseq.criterions.trime_long_loss import TrimeLongLoss
 from trime_fairseq.data.consecutive import batches_for_epoch, segment_dataset
-from trime_fairseq.data.documents import DocumentBoundaries
+from trime_fairseq.memory.documents import DocumentBoundaries
 from trime_fairseq.data.segments import plan_runs
 from trime_fairseq.memory.blockwise import causal_target_memory
 from trime_fairseq.memory.eval_memory import EvalMemory, MemoryOptions

@@ -14,7 +14,7 @@ On the datastore's own split a position never retrieves its own entry, and by
 default no entry of its own document (``--neighbour-exclude document``; ``self``:
 only its own entry, so entries of the same document -- also its *later* positions,
 whose next tokens are the position's own future -- may be retrieved). Documents are
-WikiText's `` = Title = `` articles by :mod:`trime_fairseq.data.documents`' rule; a
+WikiText's `` = Title = `` articles by :mod:`trime_fairseq.memory.documents`' rule; a
 position's own document is decided from the document starts strictly before it
 (:func:`~trime_fairseq.data.neighbours.document_labels`), never from its target. Exclusion is
 explicit: the index is asked for more entries than K and the excluded ids are
@@ -37,7 +37,7 @@ import torch
 from trime_fairseq.checksums import dictionary_checksum, loaded_model_checksum
 from trime_fairseq.cli import setup_logging
 from trime_fairseq.cli.build_datastore import default_max_tokens, is_translation, load_model, scored_batches, scored_keys
-from trime_fairseq.data.documents import DocumentBoundaries
+from trime_fairseq.memory.documents import DocumentBoundaries
 from trime_fairseq.data.neighbours import EXCLUSIONS, NeighbourError, NeighbourWriter, document_labels
 from trime_fairseq.memory.datastore import Datastore, Exclusion, read_metadata
 

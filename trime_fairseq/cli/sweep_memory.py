@@ -35,7 +35,7 @@ import torch
 
 from trime_fairseq.atomic import atomic_path, atomic_write_text
 from trime_fairseq.cli.loading import eval_batches, eval_lm_config, load_eval_models
-from trime_fairseq.data.documents import DocumentBoundaries
+from trime_fairseq.memory.documents import DocumentBoundaries
 from trime_fairseq.memory.eval_memory import EvalMemory, local_key_names
 from trime_fairseq.memory.options import MemoryOptions
 

@@ -7,7 +7,7 @@ of its segment plus all tokens of the run's earlier segments as memory
 (``trime_long_loss``).
 
 * Documents: found in the split's token stream by WikiText's `` = Title = ``
-  heading rule (:mod:`trime_fairseq.data.documents`, through the dictionary's
+  heading rule (:mod:`trime_fairseq.memory.documents`, through the dictionary's
   ``=``). Segments never cross a document end; a document's last segment may be
   shorter than L and its last run is completed with empty filler segments (no loss,
   no memory). ``--cross-documents`` treats the split as one stream instead (blocks
@@ -44,7 +44,7 @@ import numpy as np
 from fairseq.data import iterators
 
 from trime_fairseq.data import register_batching
-from trime_fairseq.data.documents import DocumentBoundaries
+from trime_fairseq.memory.documents import DocumentBoundaries
 from trime_fairseq.data.segments import SegmentDataset, TokenStream, plan_runs
 
 logger = logging.getLogger(__name__)

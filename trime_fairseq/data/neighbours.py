@@ -65,7 +65,7 @@ class NeighbourError(ValueError):
 def document_labels(tokens: np.ndarray, boundaries) -> Tuple[np.ndarray, np.ndarray]:
     """(query documents (N,), entry documents (N,)) int64 of the positions of a token stream.
 
-    The document rule is :class:`~trime_fairseq.data.documents.DocumentBoundaries`': entry b
+    The document rule is :class:`~trime_fairseq.memory.documents.DocumentBoundaries`': entry b
     (input x_b, target x_{b+1}) starts a document iff x_{b-1} = eos, x_b = "=", x_{b+1} != "="
     -- entry b, which reads the heading's opening "=", is the new document's first *entry*.
     Whether b starts a document depends on its target, so as a *query* a position only uses

@@ -324,7 +324,7 @@ class EvalMemory:
 
     def __init__(self, options: MemoryOptions, pad: int, documents=None, stream_keys=None,
                  external: Optional[ExternalMemory] = None, local: bool = True):
-        """``documents``: a :class:`~trime_fairseq.data.documents.DocumentBoundaries`
+        """``documents``: a :class:`~trime_fairseq.memory.documents.DocumentBoundaries`
         (needed for ``memory_reset="document"``); ``stream_keys``: the key kinds the
         stream memory keeps (default: those of ``options``; name both TRIME_KEY and
         TRIME_FEATURE to score trime and cache options on one stream). The stream

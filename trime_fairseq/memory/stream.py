@@ -19,7 +19,7 @@ position is s and which starts with c context tokens (``--long-memory-size N``):
   N <= c adds nothing to a row with c context tokens.
 
 With ``--memory-reset document`` a position sees only entries of its own
-document, local memory included. The rule (:mod:`trime_fairseq.data.documents`)
+document, local memory included. The rule (:mod:`trime_fairseq.memory.documents`)
 reads inputs only: whether entry b starts a document depends on x_{b+1}, so the
 query at b is bounded by the latest start *before* it, and b's own start applies
 from b + 1 on. Entry values (next tokens) are read from the inputs too; the

@@ -54,7 +54,7 @@ from fairseq.models import (
 from omegaconf import II
 from torch import Tensor, nn
 
-from trime_fairseq.data.documents import HEADING, DocumentBoundaries
+from trime_fairseq.memory.documents import HEADING, DocumentBoundaries
 from trime_fairseq.memory.bank import SEARCHES, BankConfig, ChunkMemoryBank
 from trime_fairseq.memory.keys import TRIME_FEATURE, TRIME_KEY
 from trime_fairseq.memory.mixing import fp32
@@ -131,7 +131,7 @@ class MemoryAugmentedLayer(AlibiLayer):
 
 def document_starts(tokens: Tensor, previous: Tensor, boundaries: DocumentBoundaries, pad: int) -> Tensor:
     """(B, T) bool: input position s starts a WikiText article iff entry s − 1 starts one by
-    ``data/documents.py``'s rule (x_{s−2} = eos, x_{s−1} = "=", x_s ≠ "="): the entry that reads the heading's
+    ``memory/documents.py``'s rule (x_{s−2} = eos, x_{s−1} = "=", x_s ≠ "="): the entry that reads the heading's
     "=" is the article's first, and a query may use it from the next input on -- inputs only (x_{≤s}).
     ``previous`` (B, 2) are the row's two inputs before ``tokens``."""
     x = torch.cat([previous, tokens], dim=1)

@@ -30,7 +30,7 @@ from omegaconf import II
 from trime_fairseq.data import batch_iterator, batching_names
 from trime_fairseq.data.bm25_batching import validate_options as validate_bm25_options
 from trime_fairseq.data.consecutive import validate_options as validate_consecutive_options
-from trime_fairseq.data.documents import DocumentBoundaries
+from trime_fairseq.memory.documents import DocumentBoundaries
 from trime_fairseq.data.eval_order import StreamOrderDataset
 from trime_fairseq.data.neighbours import (
     NeighbourContextWindowDataset,
