@@ -83,10 +83,14 @@ tune() {  # name checkpoint data mode datastore grid... -> best flags
   [ -s "$out.flags" ] || { say "tuning $1 failed: see $out.err"; return 1; }
   cat "$out.flags"
 }
-knn_flags=$(tune knn "$transformer" "$DATA" knn "$OUT/dstore_transformer" --knn-temperatures 1,10,100 \
-  --knn-lambdas 0.1,0.3,0.5)
-trime_flags=$(tune trime_ext "$trime" "$DATA" trime_ext "$OUT/dstore_trime_mt" --temperatures 1 \
-  --interpolation-temperatures 1,10 --interpolation-lambdas 0.1,0.3,0.5)
+# the two grids run side by side (one core each); each writes $OUT/tune_<name>.flags
+tune knn "$transformer" "$DATA" knn "$OUT/dstore_transformer" --knn-temperatures 1,10,100 \
+  --knn-lambdas 0.1,0.3,0.5 > /dev/null & p1=$!
+tune trime_ext "$trime" "$DATA" trime_ext "$OUT/dstore_trime_mt" --temperatures 1 \
+  --interpolation-temperatures 1,10 --interpolation-lambdas 0.1,0.3,0.5 > /dev/null & p2=$!
+wait $p1; wait $p2
+knn_flags=$(cat "$OUT/tune_knn.flags")
+trime_flags=$(cat "$OUT/tune_trime_ext.flags")
 say "tuned: kNN-MT $knn_flags; TRIME-MT $trime_flags"
 
 # 5. test2016

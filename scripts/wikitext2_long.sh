@@ -8,13 +8,15 @@
 #
 # Environment: UPDATES (300), OUT (runs/trime_long_wt2), DATA (data-bin/wikitext-2; binarized when missing, as
 # scripts/prepare_wikitext.sh wikitext-2 data-bin/wikitext-2 ../shared/data/wikitext-2), SIZES
-# (0,1024,4096,16384), EVAL_ARGS (256-token rows, 128 scored with 128 tokens of context, batch 8).
+# (0,1024,4096,16384), EVAL_ARGS (256-token rows, 128 scored with 128 tokens of context, batch 8), RESETS (the
+# --memory-reset settings swept, "never document"; RESETS=document reruns only the reset-at-articles sweeps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 UPDATES=${UPDATES:-300}
 OUT=${OUT:-runs/trime_long_wt2}
 DATA=${DATA:-data-bin/wikitext-2}
 SIZES=${SIZES:-0,1024,4096,16384}
+RESETS=${RESETS:-never document}
 EVAL_ARGS=${EVAL_ARGS:---tokens-per-sample 256 --context-window 128 --batch-size 8}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
@@ -61,7 +63,7 @@ sweep() {  # split out-name path tau [baseline args...]
 }
 
 for split in valid test; do
-  for reset in never document; do  # memory across article ends or not (docs/results_long.md: both)
+  for reset in $RESETS; do  # memory across article ends or not (docs/results_long.md: both)
     tag=$([ $reset = never ] && echo "" || echo "reset_")
     sweep $split sweep_$tag$split "$OUT/trime_long/checkpoint_last.pt" "$tau_long" --memory-reset $reset \
       --baseline-path "$OUT/vanilla/checkpoint_last.pt" --baseline-lambda "$lam" --baseline-theta "$theta"
@@ -85,6 +87,7 @@ eval_ppl() {  # checkpoint split extra-args... -> perplexity (fairseq-eval-lm)
   echo "| TRIMELM_long | none | $(eval_ppl "$OUT/trime_long/checkpoint_last.pt" valid) | $(eval_ppl "$OUT/trime_long/checkpoint_last.pt" test) |"
   for split in valid test; do
     for tag in "" reset_; do
+      [ -s "$OUT/sweep_$tag$split/sweep.md" ] || continue  # a setting left out of RESETS
       echo
       echo "$split, long-term memory sweep$([ -n "$tag" ] && echo ", memory reset at article ends"):"
       cat "$OUT/sweep_$tag$split/sweep.md" | tail -n +3
