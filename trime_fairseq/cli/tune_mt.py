@@ -67,7 +67,12 @@ def describe(opt) -> str:
 
 
 def bleu(cfg, task, model, samples, generator) -> float:
-    """Corpus BLEU (sacrebleu, 13a) of the hypotheses of ``samples`` against their references."""
+    """Corpus BLEU (sacrebleu, 13a) of the hypotheses of ``samples`` against their references.
+
+    Scored on the dictionary's text after ``--post-process`` (e.g. ``--remove-bpe``), i.e. still
+    Moses-tokenised when the data was, as ``fairseq-generate --scoring sacrebleu`` without
+    ``--tokenizer`` scores it: a tuning criterion, not the detokenised figure to report
+    (scripts/sacrebleu_from_generate.py gives that one)."""
     import sacrebleu
 
     tgt_dict = task.target_dictionary
