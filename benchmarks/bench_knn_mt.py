@@ -5,7 +5,7 @@ Builds two datastores of the checkpoint's decoder keys over ``--datastore-split`
 sentences of ``--split`` with beam search (``fairseq-generate``'s SequenceGenerator, incremental
 decoding, the per-step search of the live hypotheses) under each setting, alternating the
 settings batch by batch, and prints sentences/s and the ratio to plain decoding. Our target was
-kNN-MT >= 0.5x plain with IVF-PQ; measured 0.34x (docs/results_mt.md): with a 5M-parameter model on one
+kNN-MT >= 0.5x plain with IVF-PQ; measured 0.34x (docs/results_mt.md): with a 2.6M-parameter model on one
 CPU thread a plain decoding step is so cheap that the search of every step dominates (the kNN-MT paper
 reports a slowdown of about two orders of magnitude with its exact search).
 
