@@ -55,6 +55,22 @@ def _run(target, rank, world_size, port, *args):
         sys.exit(1)
     finally:
         torch.distributed.destroy_process_group()
+        release_fairseq_group()
+
+
+def release_fairseq_group():
+    """Drop fairseq's cached handle of the destroyed global group (``get_global_group._global_group``).
+
+    Left in place, the group's C++ object is only freed during interpreter finalization, where gloo's
+    threads then sometimes abort the process (SIGABRT, "terminate called without an active exception")
+    after all of its work was done."""
+    import gc
+
+    from fairseq.distributed import utils as distributed_utils
+
+    if hasattr(distributed_utils.get_global_group, "_global_group"):
+        del distributed_utils.get_global_group._global_group
+    gc.collect()
 
 
 # -- the memory across workers: loss, gradients, perturbation, dummy batch, incomplete runs ---------
