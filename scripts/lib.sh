@@ -21,5 +21,5 @@ watch_training() {  # updates log... : while trainings write their logs, report 
 }
 
 tune_progress() {  # label : pass trime-tune's stderr through, showing its progress lines with the label
-  tee -a "$1.err" | grep --line-buffered -E "round [0-9]+:" | sed -u "s/^.*| trime_fairseq.tune | /  $(basename "$1"): /" >&2
+  tee -a "$1.err" | grep --line-buffered -E "round [0-9]+:" | sed -u "s/^.*| trime_fairseq\.[a-z_]* | /  $(basename "$1"): /" >&2
 }

@@ -24,7 +24,8 @@ grid points that use it, and the datastore is searched once per batch).
 of its grid, the axis is extended past that edge (temperatures and θ by a factor
 2, λ towards 0 or 1) and the split is scored again, at most R more times, so
 that the reported best is an interior point of the grid or lies at a bound of
-the option itself (λ = 0 or 1), which the output says.
+the option itself (λ = 0 or 1), which the output says
+(:mod:`trime_fairseq.cli.grid_search`, shared with ``trime-tune-mt``).
 """
 
 import json
@@ -32,12 +33,13 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict, replace
-from typing import Dict, List, Sequence, Tuple
+from dataclasses import asdict
+from typing import Dict, List
 
 import torch
 
 from trime_fairseq.atomic import atomic_write_text
+from trime_fairseq.cli.grid_search import edge_note, search
 from trime_fairseq.cli.loading import eval_batches, eval_lm_config, load_eval_models
 from trime_fairseq.memory.eval_memory import EvalMemory, local_key_names
 from trime_fairseq.memory.options import MemoryOptions
@@ -53,7 +55,6 @@ AXES = {
     "trime_ext": (("memory_temperature", "temperatures"), ("interpolation_temperature", "interpolation_temperatures"),
                   ("interpolation_lambda", "interpolation_lambdas")),
 }
-LAMBDAS = {"cache_lambda", "knn_lambda", "interpolation_lambda"}
 
 
 def _floats(text: str) -> List[float]:
@@ -83,49 +84,6 @@ def axes_of(base: MemoryOptions, args) -> Dict[str, List[float]]:
     if base.mode not in AXES:
         raise ValueError(f"trime-tune needs --eval-memory {', '.join(AXES)}")
     return {name: _floats(getattr(args, option)) for name, option in AXES[base.mode]}
-
-
-def grid(base: MemoryOptions, axes: Dict[str, Sequence[float]]) -> List[MemoryOptions]:
-    """The plain model, then every combination of the axes' values on top of ``base``."""
-    points = [base]
-    for name, values in axes.items():
-        points = [replace(p, **{name: v}) for p in points for v in values]
-    return [MemoryOptions("none")] + points
-
-
-def widen(axes: Dict[str, List[float]], best: MemoryOptions) -> Tuple[Dict[str, List[float]], List[str]]:
-    """The axes extended past the edge their best value lies on (temperatures and θ by a factor
-    2, λ by the grid's last step towards 1, or halved towards 0), and the axes whose best value
-    is the option's own bound (λ = 0 or 1: nothing further to try)."""
-    new, at_bound = {}, []
-    for name, values in axes.items():
-        value, values = getattr(best, name), list(values)
-        if value == values[-1]:
-            if name not in LAMBDAS:
-                values.append(value * 2)
-            elif value >= 1.0:
-                at_bound.append(name)
-            else:
-                values.append(min(1.0, value + (value - values[-2] if len(values) > 1 else 0.1)))
-        if value == values[0]:
-            if name not in LAMBDAS:
-                values.insert(0, value / 2)
-            elif value <= 0.0:
-                at_bound.append(name)
-            else:
-                values.insert(0, value / 2 if value > 0.01 else 0.0)
-        new[name] = values
-    return new, at_bound
-
-
-def on_edge(axes: Dict[str, List[float]], best: MemoryOptions) -> List[str]:
-    """Names of the axes whose best value is the first or last of its grid."""
-    edges = []
-    for name, values in axes.items():
-        value = getattr(best, name)
-        if len(values) == 1 or value in (values[0], values[-1]):
-            edges.append(name)
-    return edges
 
 
 def describe(opt: MemoryOptions) -> str:
@@ -181,25 +139,13 @@ def score_grid(cfg, points: List[MemoryOptions], loaded=None, label: str = "") -
 
 def tune(cfg, base: MemoryOptions, axes: Dict[str, List[float]], rounds: int):
     """Score the grid; widen edges up to ``rounds`` times. Returns (ppl of every point, best, history)."""
-    loaded = load_eval_models(cfg)
-    ppl: Dict[MemoryOptions, float] = {}
-    history = []
-    for r in range(rounds + 1):
-        points = [p for p in grid(base, axes) if p not in ppl]
-        logger.info(f"round {r + 1}: {len(points)} new grid points over {cfg.dataset.gen_subset} "
-                    f"({', '.join(f'{k}={v}' for k, v in axes.items())})")
-        ppl.update(score_grid(cfg, points, loaded, label=f"round {r + 1}: "))
-        best = min((p for p in ppl if p.mode != "none"), key=ppl.get)
-        edges = on_edge(axes, best)
-        history.append(dict(round=r + 1, axes={k: list(v) for k, v in axes.items()}, best=describe(best),
-                            perplexity=ppl[best], on_edge=edges))
-        if not edges or r == rounds:
-            break
-        axes, at_bound = widen(axes, best)
-        if set(edges) <= set(at_bound):
-            history[-1]["at_bound"] = at_bound
-            break
-    return ppl, best, history
+    loaded = []  # the model, loaded by the first round (after search has checked its arguments)
+
+    def score(points, r):
+        loaded or loaded.append(load_eval_models(cfg))
+        return score_grid(cfg, points, loaded[0], label=f"round {r}: ")
+
+    return search(base, axes, score, rounds, metric="perplexity", higher_is_better=False, describe=describe)
 
 
 def main(argv=None):
@@ -208,8 +154,6 @@ def main(argv=None):
 
     base = memory_options(cfg.task)
     axes = axes_of(base, args)
-    if args.widen_edges < 0:
-        raise ValueError(f"--widen-edges must be >= 0, got {args.widen_edges}")
     ppl, best, history = tune(cfg, base, axes, args.widen_edges)
     plain = next(p for p in ppl if p.mode == "none")
     subset = cfg.dataset.gen_subset
@@ -218,8 +162,7 @@ def main(argv=None):
         print(f"{value:12.2f}  {describe(opt)}")
     edges = history[-1]["on_edge"]
     if edges:
-        note = history[-1].get("at_bound") and "at the option's bound" or "on the edge of the widened grid"
-        print(f"note: the best value of {', '.join(edges)} lies {note}")
+        print(edge_note(history))
     print(f"best: {describe(best)}  ({subset} perplexity {ppl[best]:.2f}; without memory {ppl[plain]:.2f})")
     if args.results_json:
         atomic_write_text(args.results_json, json.dumps(dict(

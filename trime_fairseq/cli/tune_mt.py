@@ -15,8 +15,13 @@ tokenised text, as ``fairseq-generate --scoring sacrebleu``)::
 | knn | K (``--ks``, paper: 1, 2, ..., 64 after Zheng et al. 2021) x T x λ |
 | trime_ext | K x τ (``--temperatures``) x τ' x λ |
 
-The datastore is searched once per decoding step at the largest K; smaller K keep that
-search's best-first hits (the same as searching for K).
+The datastore is searched once per decoding step at the largest K of the round; smaller K
+keep that search's best-first hits (the same as searching for K).
+
+``--widen-edges R`` (default 2), as ``trime-tune``'s: while the best value of an axis lies on
+an edge of its grid, that axis is extended past the edge (K and temperatures doubled or
+halved, λ towards 0 or 1; :mod:`trime_fairseq.cli.grid_search`) and the new points are
+decoded, at most R more times; the output says when a best value is still on an edge.
 """
 
 import json
@@ -24,12 +29,11 @@ import logging
 import sys
 import time
 from dataclasses import asdict
-from typing import Dict, List
 
 import torch
 
 from trime_fairseq.atomic import atomic_write_text
-from trime_fairseq.cli.tune import grid
+from trime_fairseq.cli.grid_search import edge_note, search
 
 logger = logging.getLogger("trime_fairseq.tune_mt")
 
@@ -52,6 +56,8 @@ def add_args(parser):
     group.add_argument("--interpolation-lambdas", default="0.2,0.4,0.6", help="λ values of Eq. 8 (trime_ext)")
     group.add_argument("--max-sentences-for-tuning", type=int, default=None,
                        help="decode only the first N sentences of the split (by sentence id)")
+    group.add_argument("--widen-edges", type=int, default=2,
+                       help="rounds of extending an axis whose best value lies on its grid's edge (0: never)")
     group.add_argument("--results-json", default=None, help="write every grid point and the best to this file")
 
 
@@ -106,7 +112,8 @@ def main(argv=None):
         raise ValueError("trime-tune-mt needs --task trime_translation --eval-memory knn or trime_ext (and --datastore)")
     axes = {name: sorted({cast(x) for x in getattr(args, option).split(",") if x.strip()})
             for name, option, cast in AXES[base.mode]}
-    # one search per step at the largest K serves every K of the grid
+    # the task opens the datastore (and checks the largest K against its size); each round searches
+    # once per step at its largest K, which serves every K of the round
     cfg.task.knn_k = max(axes["knn_k"])
     task = tasks.setup_task(cfg.task)
     models, _ = checkpoint_utils.load_model_ensemble([cfg.common_eval.path], task=task,
@@ -134,27 +141,38 @@ def main(argv=None):
     if not samples:
         raise ValueError(f"no sentences to decode in '{cfg.dataset.gen_subset}'")
     generator = task.build_generator([model], cfg.generation)
-    points = grid(base, axes)[1:]
-    results: Dict = {}
-    for n, opt in enumerate(points):
-        route_normalized_probs(model, EvalMemory(opt, task.target_dictionary.pad(), external=memory.external,
-                                                 local=False))
-        start = time.time()
-        results[opt] = bleu(cfg, task, model, samples, generator)
-        logger.info(f"{n + 1}/{len(points)}: BLEU {results[opt]:.2f}  {describe(opt)} ({time.time() - start:.0f}s)")
-    del model.get_normalized_probs  # the model's own distribution (the class's method)
-    plain = bleu(cfg, task, model, samples, generator)
-    best = max(results, key=results.get)
+    pad = task.target_dictionary.pad()
+
+    def score(points, r):
+        external = memory.external.with_k(max((p.knn_k for p in points if p.mode != "none"), default=1))
+        results = {}
+        for n, opt in enumerate(points):
+            start = time.time()
+            if opt.mode == "none":
+                model.__dict__.pop("get_normalized_probs", None)  # the model's own distribution
+            else:
+                route_normalized_probs(model, EvalMemory(opt, pad, external=external, local=False))
+            results[opt] = bleu(cfg, task, model, samples, generator)
+            logger.info(f"round {r}: {n + 1}/{len(points)}: BLEU {results[opt]:.2f}  {describe(opt)} "
+                        f"({time.time() - start:.0f}s)")
+        return results
+
+    results, best, history = search(base, axes, score, args.widen_edges, metric="bleu", higher_is_better=True,
+                                    describe=describe)
+    plain = results.pop(next(p for p in results if p.mode == "none"))
     sentences = sum(len(s["id"]) for s in samples)
     print(f"{'BLEU':>8}  options ({cfg.dataset.gen_subset}, {sentences} sentences)")
     for opt, value in sorted(results.items(), key=lambda kv: -kv[1]):
         print(f"{value:8.2f}  {describe(opt)}")
+    if history[-1]["on_edge"]:
+        print(edge_note(history))
     print(f"best: {describe(best)}  ({cfg.dataset.gen_subset} BLEU {results[best]:.2f}; without memory {plain:.2f})")
     if args.results_json:
         atomic_write_text(args.results_json, json.dumps(dict(
             split=cfg.dataset.gen_subset, sentences=sentences, best=describe(best), best_bleu=results[best],
-            plain_bleu=plain, points=[dict(flags=describe(p), bleu=v, options=asdict(p))
-                                      for p, v in sorted(results.items(), key=lambda kv: -kv[1])],
+            plain_bleu=plain, on_edge=history[-1]["on_edge"], rounds=history,
+            points=[dict(flags=describe(p), bleu=v, options=asdict(p))
+                    for p, v in sorted(results.items(), key=lambda kv: -kv[1])],
         ), indent=2) + "\n")
     return best, results
 

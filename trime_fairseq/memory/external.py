@@ -14,6 +14,7 @@ another model or have another dimension.
 :mod:`trime_fairseq.memory.mixing`, like every other memory.
 """
 
+import copy
 import types
 from typing import Optional
 
@@ -41,6 +42,14 @@ class ExternalMemory:
         self.model = None  # the model whose keys query the datastore (see bind)
         self.model_sha256: Optional[str] = None  # of the checkpoint state loaded into it
         self._checked = False
+
+    def with_k(self, k: int) -> "ExternalMemory":
+        """This datastore, bound to the same model, searched for ``k`` entries per query (a grid over K)."""
+        if not 1 <= k <= self.store.size:
+            raise ValueError(f"--knn-k must be between 1 and the datastore's {self.store.size} entries, got {k}")
+        other = copy.copy(self)
+        other.k = k
+        return other
 
     @property
     def key_type(self) -> str:

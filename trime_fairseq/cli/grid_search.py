@@ -1,0 +1,113 @@
+"""The grid search of ``trime-tune`` (perplexity, lower is better) and ``trime-tune-mt`` (BLEU, higher).
+
+A grid is a product of axes, each a :class:`~trime_fairseq.memory.options.MemoryOptions`
+field and its sorted values, on top of the command line's options. :func:`search` scores
+it, and while the best value of an axis lies on an edge of its grid it extends that axis
+past the edge and scores the new points, at most ``rounds`` more times, so that the
+reported best is an interior point or lies at a bound of the option itself:
+
+| axis | past the upper edge | past the lower edge | bound |
+|---|---|---|---|
+| λ (``cache_lambda``, ``knn_lambda``, ``interpolation_lambda``) | + the grid's last step, at most 1 | halved (0 below 0.01) | 0, 1 |
+| K (``knn_k``) | doubled | halved | 1 |
+| temperatures, θ | doubled | halved | none |
+"""
+
+import logging
+from dataclasses import replace
+from typing import Callable, Dict, List, Sequence, Tuple
+
+from trime_fairseq.memory.options import MemoryOptions
+
+logger = logging.getLogger("trime_fairseq.grid_search")
+
+LAMBDAS = frozenset({"cache_lambda", "knn_lambda", "interpolation_lambda"})
+COUNTS = frozenset({"knn_k"})
+
+#: scores of a list of grid points, given the number of the round (1, 2, ...)
+Score = Callable[[List[MemoryOptions], int], Dict[MemoryOptions, float]]
+
+
+def grid(base: MemoryOptions, axes: Dict[str, Sequence[float]]) -> List[MemoryOptions]:
+    """The plain model, then every combination of the axes' values on top of ``base``."""
+    points = [base]
+    for name, values in axes.items():
+        points = [replace(p, **{name: v}) for p in points for v in values]
+    return [MemoryOptions("none")] + points
+
+
+def widen(axes: Dict[str, List[float]], best: MemoryOptions) -> Tuple[Dict[str, List[float]], List[str]]:
+    """The axes extended past the edge their best value lies on (the module's table), and the axes
+    whose best value is the option's own bound (nothing further to try)."""
+    new, at_bound = {}, []
+    for name, values in axes.items():
+        value, values = getattr(best, name), list(values)
+        if value == values[-1]:
+            if name not in LAMBDAS:
+                values.append(value * 2)
+            elif value >= 1.0:
+                at_bound.append(name)
+            else:
+                values.append(min(1.0, value + (value - values[-2] if len(values) > 1 else 0.1)))
+        if value == values[0]:
+            if name in COUNTS:
+                if value <= 1:
+                    at_bound.append(name)
+                else:
+                    values.insert(0, value // 2)
+            elif name not in LAMBDAS:
+                values.insert(0, value / 2)
+            elif value <= 0.0:
+                at_bound.append(name)
+            else:
+                values.insert(0, value / 2 if value > 0.01 else 0.0)
+        new[name] = values
+    return new, at_bound
+
+
+def on_edge(axes: Dict[str, List[float]], best: MemoryOptions) -> List[str]:
+    """Names of the axes whose best value is the first or last of its grid."""
+    edges = []
+    for name, values in axes.items():
+        value = getattr(best, name)
+        if len(values) == 1 or value in (values[0], values[-1]):
+            edges.append(name)
+    return edges
+
+
+def search(base: MemoryOptions, axes: Dict[str, List[float]], score: Score, rounds: int, metric: str,
+           higher_is_better: bool, describe: Callable[[MemoryOptions], str] = str):
+    """Score the grid (the plain model's point included), widening edges up to ``rounds`` times.
+
+    ``score(points, round)`` answers for the points not scored yet. Returns (the score of every
+    point, the best point with memory, one record per round: axes, best, its ``metric``, axes on
+    an edge)."""
+    if rounds < 0:
+        raise ValueError(f"--widen-edges must be >= 0, got {rounds}")
+    scores: Dict[MemoryOptions, float] = {}
+    history = []
+    pick = max if higher_is_better else min
+    for r in range(1, rounds + 2):
+        points = [p for p in grid(base, axes) if p not in scores]
+        logger.info(f"round {r}: {len(points)} new grid points ({', '.join(f'{k}={v}' for k, v in axes.items())})")
+        scores.update(score(points, r))
+        best = pick((p for p in scores if p.mode != "none"), key=scores.get)
+        edges = on_edge(axes, best)
+        history.append(dict(round=r, axes={k: list(v) for k, v in axes.items()}, best=describe(best),
+                            **{metric: scores[best]}, on_edge=edges))
+        if not edges or r == rounds + 1:
+            break
+        axes, at_bound = widen(axes, best)
+        if set(edges) <= set(at_bound):
+            history[-1]["at_bound"] = at_bound
+            break
+    return scores, best, history
+
+
+def edge_note(history) -> str:
+    """The line saying where a best value that is still on an edge lies ('' when none is)."""
+    edges = history[-1]["on_edge"]
+    if not edges:
+        return ""
+    where = "at the option's bound" if history[-1].get("at_bound") else "on the edge of the widened grid"
+    return f"note: the best value of {', '.join(edges)} lies {where}"
