@@ -326,6 +326,51 @@ def test_cli_train_datastore_generate_on_multi30k(multi30k_bin, tmp_path):
     assert re.search(r"Generate test with beam=3: BLEU = [0-9.]+", out), out[-2000:]
     scored = run_cli(generate + ["--score-reference"], env={"OMP_NUM_THREADS": "1"})
     assert "Generate test with beam=3" in scored
+    # trime-tune-mt on valid: K on the edge of {4, 8}, the single T and λ, widened once; the best point's
+    # BLEU is what fairseq-generate reports for its flags
+    from trime_fairseq.cli import tune_mt
+
+    tuned = tmp_path / "tune_mt.json"
+    tune_args = [str(data), "--user-dir", str(ROOT / "trime_fairseq"), "--task", "trime_translation", "--path",
+                 str(ckpt), "--gen-subset", "valid", "--cpu", "--beam", "3", "--max-tokens", "4000", "--remove-bpe",
+                 "--eval-memory", "knn", "--datastore", str(dstore), "--ks", "4,8", "--knn-temperatures", "10",
+                 "--knn-lambdas", "0.5", "--widen-edges", "1", "--results-json", str(tuned)]
+    best, results = tune_mt.main(tune_args)
+    report = json.loads(tuned.read_text())
+    assert [r["axes"] for r in report["rounds"]][0] == {"knn_k": [4, 8], "knn_temperature": [10.0],
+                                                         "knn_lambda": [0.5]}
+    widened = report["rounds"][1]["axes"]
+    assert widened["knn_k"] in ([2, 4, 8], [4, 8, 16]) and widened["knn_temperature"] == [5.0, 10.0, 20.0]
+    assert widened["knn_lambda"] == pytest.approx([0.25, 0.5, 0.6])
+    assert len(report["points"]) == len(results) == 2 + 25 and report["best"] == tune_mt.describe(best)
+    valid = run_cli([*generate[:generate.index("--gen-subset") + 1], "valid",
+                     *generate[generate.index("--gen-subset") + 2:generate.index("--eval-memory")],
+                     *report["best"].split(), "--datastore", dstore], env={"OMP_NUM_THREADS": "1"})
+    reported = float(re.search(r"Generate valid with beam=3: BLEU = ([0-9.]+)", valid).group(1))
+    assert report["best_bleu"] == pytest.approx(reported, abs=0.01), valid[-2000:]
+
+
+def test_every_sentence_of_an_evaluation_split_is_batched():
+    """fairseq 0.12 drops a last batch that is not a multiple of --required-batch-size-multiple (8):
+    fairseq-generate would leave the longest sentences of a test set untranslated. Evaluation splits
+    keep every sentence; the training split keeps the option as given (fairseq's own batches)."""
+    task = mt_task()
+    data = pairs(task, n=21)  # 21 = 2 x 8 + 5
+    task.datasets["test"] = data
+
+    def batches(dataset):
+        itr = task.get_batch_iterator(dataset, max_sentences=8, required_batch_size_multiple=8, seed=1)
+        return [list(b) for b in itr.frozen_batches]
+
+    assert sorted(i for b in batches(data) for i in b) == list(range(21))
+    from fairseq.tasks.translation import TranslationTask
+
+    train = pairs(task, n=21)
+    task.cfg.train_subset = "train"  # fairseq's --train-subset (dataset.train_subset)
+    task.datasets["train"] = train
+    fairseq_own = TranslationTask.get_batch_iterator(task, train, max_sentences=8, required_batch_size_multiple=8,
+                                                     seed=1)
+    assert batches(train) == [list(b) for b in fairseq_own.frozen_batches]
 
 
 def test_bm25_order_of_other_data_is_a_clear_error(tmp_path):

@@ -9,12 +9,15 @@ package, imported below.
 """
 
 import inspect
+import logging
 from typing import Callable, Dict
 
 from fairseq.data import iterators
 from fairseq.tasks import FairseqTask
 
 from trime_fairseq.memory.gathered import DUMMY_BATCH
+
+logger = logging.getLogger(__name__)
 
 BATCHINGS: Dict[str, Callable] = {}
 
@@ -39,16 +42,34 @@ _SIGNATURE = inspect.signature(FairseqTask.get_batch_iterator)
 def batch_iterator(task, name: str, dataset, task_iterator: Callable, args, kwargs):
     """``task.get_batch_iterator(dataset, *args, **kwargs)`` for ``--batching name``;
     ``task_iterator`` is the task's own (fairseq's) method, used for ``shuffled``."""
-    batching = BATCHINGS.get(name)
-    if batching is None:
-        return _with_dummy_marked(task, task_iterator(dataset, *args, **kwargs))
     # fairseq passes its options positionally or by name: hand them over by name, with fairseq's
     # defaults, so a batching declares only the ones it reads (and **_ for the rest)
     call = _SIGNATURE.bind(task, dataset, *args, **kwargs)
     call.apply_defaults()
     options = {k: v for k, v in call.arguments.items() if k not in ("self", "dataset")}
+    options = _every_item_of_evaluation_splits(task, dataset, options)
+    batching = BATCHINGS.get(name)
+    if batching is None:
+        return _with_dummy_marked(task, task_iterator(dataset, **options))
     itr = batching(task, dataset, fallback=lambda: task_iterator(dataset, **options), **options)
     return _with_dummy_marked(task, itr)
+
+
+def _every_item_of_evaluation_splits(task, dataset, options: dict) -> dict:
+    """fairseq 0.12's ``batch_by_size`` drops a last batch whose size is not a multiple of
+    ``--required-batch-size-multiple`` (8 by default; fairseq#5036): ``fairseq-generate`` silently
+    leaves up to 7 sentences of a test set untranslated (the longest: batches are sorted by length)
+    and validation skips items. Every split but the task's training split (``train_subset``) is
+    therefore batched with a multiple of 1; the training split keeps the option as given."""
+    if options["required_batch_size_multiple"] <= 1:
+        return options
+    train = task.datasets.get(getattr(task.cfg, "train_subset", "train"))
+    if dataset is train:
+        return options
+    logger.info(f"this split is batched without --required-batch-size-multiple "
+                f"{options['required_batch_size_multiple']} so that every one of its {len(dataset)} items is "
+                "evaluated (fairseq 0.12 would drop a last batch that is not a multiple of it)")
+    return dict(options, required_batch_size_multiple=1)
 
 
 _MARKING_CLASSES = {}

@@ -87,6 +87,8 @@ class TrimeLMConfig(LanguageModelingConfig, LocalMemoryConfig, RetrievalMemoryCo
     )
     # read by --batching bm25 (one update = update_freq x world size consecutive batches); not an option
     update_freq: List[int] = II("optimization.update_freq")
+    # the training split (the only one batched with --required-batch-size-multiple); not an option
+    train_subset: str = II("dataset.train_subset")
 
 
 def _withhold_neighbours(model) -> None:
