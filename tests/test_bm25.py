@@ -309,6 +309,10 @@ def test_bm25_batching_epochs_workers_accumulation_and_resume(wikitext2_bin, wt2
     # validation keeps fairseq's iterator; batch size from --max-tokens
     valid = task.get_batch_iterator(task.dataset("valid"), max_sentences=4)
     assert type(valid).__name__ == "EpochBatchIterator"
+    # every validation item, whatever --required-batch-size-multiple (fairseq 0.12 drops a last batch of 4 < 8)
+    valid = task.get_batch_iterator(task.dataset("valid"), max_sentences=4, required_batch_size_multiple=8,
+                                    disable_iterator_cache=True)
+    assert sorted(i for b in _epoch(valid, False) for i in b) == list(range(len(task.dataset("valid"))))
     by_tokens = task.get_batch_iterator(dataset, max_tokens=64 * 5, seed=5, disable_iterator_cache=True)
     assert max(len(b) for b in _epoch(by_tokens)) == 5
 

@@ -366,7 +366,7 @@ def test_every_sentence_of_an_evaluation_split_is_batched():
     from fairseq.tasks.translation import TranslationTask
 
     train = pairs(task, n=21)
-    task.cfg.train_subset = "train"  # fairseq's --train-subset (dataset.train_subset)
+    task.args.train_subset = "train"  # fairseq's --train-subset (dataset.train_subset)
     task.datasets["train"] = train
     fairseq_own = TranslationTask.get_batch_iterator(task, train, max_sentences=8, required_batch_size_multiple=8,
                                                      seed=1)

@@ -63,7 +63,7 @@ def _every_item_of_evaluation_splits(task, dataset, options: dict) -> dict:
     therefore batched with a multiple of 1; the training split keeps the option as given."""
     if options["required_batch_size_multiple"] <= 1:
         return options
-    train = task.datasets.get(getattr(task.cfg, "train_subset", "train"))
+    train = task.datasets.get(getattr(task.args, "train_subset", "train"))  # both tasks' config is task.args
     if dataset is train:
         return options
     logger.info(f"this split is batched without --required-batch-size-multiple "
