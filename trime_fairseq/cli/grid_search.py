@@ -75,6 +75,12 @@ def on_edge(axes: Dict[str, List[float]], best: MemoryOptions) -> List[str]:
     return edges
 
 
+def check_rounds(rounds: int) -> None:
+    """``--widen-edges``: the tuners call it before loading anything, :func:`search` again."""
+    if rounds < 0:
+        raise ValueError(f"--widen-edges must be >= 0, got {rounds}")
+
+
 def search(base: MemoryOptions, axes: Dict[str, List[float]], score: Score, rounds: int, metric: str,
            higher_is_better: bool, describe: Callable[[MemoryOptions], str] = str):
     """Score the grid (the plain model's point included), widening edges up to ``rounds`` times.
@@ -82,8 +88,7 @@ def search(base: MemoryOptions, axes: Dict[str, List[float]], score: Score, roun
     ``score(points, round)`` answers for the points not scored yet. Returns (the score of every
     point, the best point with memory, one record per round: axes, best, its ``metric``, axes on
     an edge)."""
-    if rounds < 0:
-        raise ValueError(f"--widen-edges must be >= 0, got {rounds}")
+    check_rounds(rounds)
     scores: Dict[MemoryOptions, float] = {}
     history = []
     pick = max if higher_is_better else min

@@ -39,7 +39,7 @@ from typing import Dict, List
 import torch
 
 from trime_fairseq.atomic import atomic_write_text
-from trime_fairseq.cli.grid_search import edge_note, search
+from trime_fairseq.cli.grid_search import check_rounds, edge_note, search
 from trime_fairseq.cli.loading import eval_batches, eval_lm_config, load_eval_models
 from trime_fairseq.memory.eval_memory import EvalMemory, local_key_names
 from trime_fairseq.memory.options import MemoryOptions
@@ -139,11 +139,11 @@ def score_grid(cfg, points: List[MemoryOptions], loaded=None, label: str = "") -
 
 def tune(cfg, base: MemoryOptions, axes: Dict[str, List[float]], rounds: int):
     """Score the grid; widen edges up to ``rounds`` times. Returns (ppl of every point, best, history)."""
-    loaded = []  # the model, loaded by the first round (after search has checked its arguments)
+    check_rounds(rounds)
+    loaded = load_eval_models(cfg)
 
     def score(points, r):
-        loaded or loaded.append(load_eval_models(cfg))
-        return score_grid(cfg, points, loaded[0], label=f"round {r}: ")
+        return score_grid(cfg, points, loaded, label=f"round {r}: ")
 
     return search(base, axes, score, rounds, metric="perplexity", higher_is_better=False, describe=describe)
 

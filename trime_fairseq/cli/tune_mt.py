@@ -33,7 +33,7 @@ from dataclasses import asdict
 import torch
 
 from trime_fairseq.atomic import atomic_write_text
-from trime_fairseq.cli.grid_search import edge_note, search
+from trime_fairseq.cli.grid_search import check_rounds, edge_note, search
 
 logger = logging.getLogger("trime_fairseq.tune_mt")
 
@@ -107,6 +107,7 @@ def main(argv=None):
     utils.import_user_module(cfg.common)
     from trime_fairseq.tasks.memory_config import RETRIEVAL_FLAGS, memory_options
 
+    check_rounds(args.widen_edges)
     base = memory_options(cfg.task, RETRIEVAL_FLAGS)
     if base.mode not in AXES:
         raise ValueError("trime-tune-mt needs --task trime_translation --eval-memory knn or trime_ext (and --datastore)")
@@ -148,10 +149,7 @@ def main(argv=None):
         results = {}
         for n, opt in enumerate(points):
             start = time.time()
-            if opt.mode == "none":
-                model.__dict__.pop("get_normalized_probs", None)  # the model's own distribution
-            else:
-                route_normalized_probs(model, EvalMemory(opt, pad, external=external, local=False))
+            route_normalized_probs(model, EvalMemory(opt, pad, external=external, local=False))  # none: plain
             results[opt] = bleu(cfg, task, model, samples, generator)
             logger.info(f"round {r}: {n + 1}/{len(points)}: BLEU {results[opt]:.2f}  {describe(opt)} "
                         f"({time.time() - start:.0f}s)")

@@ -33,22 +33,25 @@ class ExternalMemory:
                  use_gpu: bool = False, dictionary=None):
         if k < 1:
             raise ValueError(f"--knn-k must be >= 1, got {k}")
-        self.k = k
         self.store = Datastore.load(path, expect_dictionary=dictionary, nprobe=nprobe, rescore=rescore,
                                     use_gpu=use_gpu)
-        if k > self.store.size:
-            raise DatastoreError(f"--knn-k {k} asks for more neighbours than the datastore holds "
-                                 f"({self.store.size} entries)")
+        self.k = self._fitting(k)
         self.model = None  # the model whose keys query the datastore (see bind)
         self.model_sha256: Optional[str] = None  # of the checkpoint state loaded into it
         self._checked = False
 
+    def _fitting(self, k: int) -> int:
+        """``k`` if the datastore holds that many entries (k >= 1 is checked before it is opened)."""
+        if k > self.store.size:
+            raise DatastoreError(f"--knn-k {k} asks for more neighbours than the datastore holds "
+                                 f"({self.store.size} entries)")
+        return k
+
     def with_k(self, k: int) -> "ExternalMemory":
-        """This datastore, bound to the same model, searched for ``k`` entries per query (a grid over K)."""
-        if not 1 <= k <= self.store.size:
-            raise ValueError(f"--knn-k must be between 1 and the datastore's {self.store.size} entries, got {k}")
+        """This datastore, bound to the same (already loaded) model, searched for ``k`` entries per
+        query (a tuner's grid over K, whose values MemoryOptions has checked to be >= 1)."""
         other = copy.copy(self)
-        other.k = k
+        other.k = self._fitting(k)
         return other
 
     @property
