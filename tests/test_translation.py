@@ -204,8 +204,9 @@ def mt_criterion(task, **overrides):
     return TrimeMTLoss(task, **options)
 
 
-def naive_mt_losses(logits, g, target, pad, tau):
-    """Eq. 5 with memory = the target positions of the other sentences: explicit loops."""
+def naive_mt_losses(logits, g, target, pad, tau, topk=0):
+    """Eq. 5 with memory = the target positions of the other sentences (only the ``topk`` most
+    similar of them per position when ``topk`` > 0): explicit loops."""
     bsz, tsz, _ = logits.shape
     d = g.size(-1)
     out = torch.zeros(bsz, tsz, dtype=torch.float64)
@@ -214,33 +215,42 @@ def naive_mt_losses(logits, g, target, pad, tau):
             w = int(target[b, t])
             if w == pad:
                 continue
-            num = torch.exp(logits[b, t, w])
-            den = torch.exp(logits[b, t]).sum()
+            entries = []  # (similarity, next token) of every other sentence's real position
             for b2 in range(bsz):
                 if b2 == b:
                     continue  # no entry of the sentence itself
                 for t2 in range(tsz):
                     if int(target[b2, t2]) == pad:
                         continue
-                    e = torch.exp(torch.dot(g[b, t], g[b2, t2]) / (math.sqrt(d) * tau))
-                    den = den + e
-                    if int(target[b2, t2]) == w:
-                        num = num + e
+                    entries.append((torch.dot(g[b, t], g[b2, t2]) / (math.sqrt(d) * tau), int(target[b2, t2])))
+            if topk:
+                entries = sorted(entries, key=lambda e: e[0].item(), reverse=True)[:topk]
+            num = torch.exp(logits[b, t, w])
+            den = torch.exp(logits[b, t]).sum()
+            for sim, value in entries:
+                den = den + torch.exp(sim)
+                if value == w:
+                    num = num + torch.exp(sim)
             out[b, t] = -torch.log(num / den)
     return out
 
 
-@pytest.mark.parametrize("block", [0, 7])
-def test_trime_mt_loss_and_gradient_equal_naive_loops(block):
+@pytest.mark.parametrize("block,topk", [(0, 0), (7, 0), (0, 3), (7, 5)])
+def test_trime_mt_loss_and_gradient_equal_naive_loops(block, topk):
+    """Value and gradients of trime_mt_loss equal a float64 loop over vocabulary ∪ the other
+    sentences' positions, with every entry or the top-K (--train-memory-topk, which always scores
+    the dense memory, whatever --memory-block-size)."""
     task = mt_task()
     model = tiny_mt(task).train()
     sample = batch(pairs(task, n=4, seed=2))
-    crit = mt_criterion(task, memory_block_size=block)
+    crit = mt_criterion(task, memory_block_size=block, train_memory_topk=topk)
     trime, ce, in_memory, valid = crit.token_losses(model, sample)
     out = model(**sample["net_input"])
     g = get_keys(out, TRIME_KEY)
     pad = task.target_dictionary.pad()
-    reference = naive_mt_losses(out[0].double(), g.double(), sample["target"], pad, 0.8).view(-1)
+    reference = naive_mt_losses(out[0].double(), g.double(), sample["target"], pad, 0.8, topk).view(-1)
+    if topk:  # in_memory: the target among the kept entries only
+        assert in_memory[valid].float().mean() < 1
     torch.testing.assert_close(trime[valid], reference[valid])
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(trime[valid].sum(), params, allow_unused=True)

@@ -12,6 +12,16 @@ are lexically close (BM25). The math is
 :func:`~trime_fairseq.memory.cross_segment.cross_segment_memory` with no row keeping
 its own entries (the same source as ``trime_ext_loss``'s).
 
+Two options bound the memory's share of Eq. 5's numerator, as TRIME's released MT code
+does (its README trains IWSLT'14 with ``--temp 10.0 --topk-mem 8``; the paper's text gives
+neither): ``--train-memory-temperature`` τ_train divides the similarities, and
+``--train-memory-topk K`` keeps, per target position, only the K highest-scoring entries of
+the other sentences (the rest leave both numerator and normaliser; gradients reach the kept
+entries). With every entry at τ_train = 1 (the defaults: Eq. 5 as the paper writes it) the
+~B·T entries of lexically similar sentences carry most targets' probability, so the target's
+token logit receives almost no gradient (it is scaled by the token head's share of the
+numerator) and the token distribution starves: docs/results_mt.md, "Why TRIME-MT collapsed".
+
 Cross-entropy warm-up and logging as ``trime_loss`` (``in_memory``: share of target
 tokens found among the other sentences' targets). ``--memory-across-workers``: the
 other sentences of every data-parallel worker's batch of the step join the memory
@@ -25,14 +35,20 @@ from fairseq.criterions import register_criterion
 
 from trime_fairseq.criterions.trime_loss import TrimeLoss, TrimeLossConfig, is_dummy_batch
 from trime_fairseq.memory.cross_segment import cross_segment_memory
-from trime_fairseq.memory.sources import MemoryBatch, dot_scale
+from trime_fairseq.memory.sources import MemoryBatch, dot_scale, top_entries
 
 
 @dataclass
 class TrimeMTLossConfig(TrimeLossConfig):
     train_memory_temperature: float = field(
         default=1.0, metadata={"help": "τ_train: similarities g·g'/(√d·τ_train) in the training softmax (the "
-                               "task's --memory-temperature is the evaluation's τ)"}
+                               "task's --memory-temperature is the evaluation's τ; TRIME's released MT code: 10)"}
+    )
+    train_memory_topk: int = field(
+        default=0,
+        metadata={"help": "K > 0: each target position's memory is only the K highest-scoring entries of the other "
+                  "sentences (TRIME's released MT code: --topk-mem 8); 0: every entry (Eq. 5 as the paper writes "
+                  "it). Scores the dense memory, whatever --memory-block-size"},
     )
     memory_block_size: int = field(
         default=4096,
@@ -46,20 +62,26 @@ class TrimeMTLoss(TrimeLoss):
     SEES_OTHER_WORKERS = True  # the other workers' sentences of the step
 
     def __init__(self, task, ce_warmup_ratio, ce_warmup_updates, max_update, sentence_avg,
-                 train_memory_temperature=1.0, memory_block_size=4096, memory_across_workers=False):
+                 train_memory_temperature=1.0, memory_block_size=4096, memory_across_workers=False,
+                 train_memory_topk=0):
         super().__init__(task, ce_warmup_ratio, ce_warmup_updates, max_update, sentence_avg, memory_across_workers)
         if not train_memory_temperature > 0:
             raise ValueError(f"--train-memory-temperature must be > 0, got {train_memory_temperature}")
         if memory_block_size < 0:
             raise ValueError(f"--memory-block-size must be >= 0, got {memory_block_size}")
+        if train_memory_topk < 0:
+            raise ValueError(f"--train-memory-topk must be >= 0 (0: every entry), got {train_memory_topk}")
         self.memory_temperature = float(train_memory_temperature)
         self.memory_block_size = memory_block_size
+        self.memory_topk = int(train_memory_topk)
 
     def training_memory(self, keys, target, valid, sample) -> MemoryBatch:
         """keys (B, T, d) decoder g; target, valid (B, T): one stream of N = B·T target positions,
         each seeing the valid positions of the other sentences only."""
         bsz, _, dim = keys.shape
         own_rows = torch.zeros(bsz, dtype=torch.bool, device=keys.device)  # no entry of the sentence itself
-        return cross_segment_memory(keys, target, valid, own_rows, dot_scale(dim, self.memory_temperature),
-                                    self.memory_block_size, layout=self.worker_layout(keys),
-                                    withdrawn=is_dummy_batch(sample))
+        # the top-K needs every score: dense (1, N, M) memory (cross_segment_memory refuses sizes beyond its bound)
+        block_size = 0 if self.memory_topk else self.memory_block_size
+        memory = cross_segment_memory(keys, target, valid, own_rows, dot_scale(dim, self.memory_temperature),
+                                      block_size, layout=self.worker_layout(keys), withdrawn=is_dummy_batch(sample))
+        return top_entries(memory, self.memory_topk) if self.memory_topk else memory  # (1, N, min(K, M))

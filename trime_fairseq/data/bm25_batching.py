@@ -33,6 +33,9 @@ from trime_fairseq.checksums import dictionary_checksum
 
 logger = logging.getLogger(__name__)
 
+#: how a batch of sentences counts its tokens against --max-tokens (chain_token_batches)
+BM25_FILLS = ("padded", "real")
+
 
 def _rotate(chain: np.ndarray, rng, shuffle: bool) -> np.ndarray:
     chain = np.asarray(chain, dtype=np.int64)
@@ -66,26 +69,31 @@ def chain_batches(chain: np.ndarray, batch_size: int, group: int, seed: int, epo
 
 def chain_token_batches(chain: np.ndarray, num_tokens: np.ndarray, max_tokens: Optional[int],
                         max_sentences: Optional[int], group: int, seed: int, epoch: int,
-                        shuffle: bool = True) -> List[np.ndarray]:
+                        shuffle: bool = True, fill: str = "padded") -> List[np.ndarray]:
     """The epoch's batches of sentences: the (rotated) chain cut into consecutive pieces that hold
-    at most ``max_sentences`` items and ``max_tokens`` tokens with padding (items x the longest
-    item's ``num_tokens``), in groups of ``group`` batches whose order is shuffled."""
+    at most ``max_sentences`` items and ``max_tokens`` tokens, in groups of ``group`` batches whose
+    order is shuffled. ``fill``: ``padded`` counts a batch as items x the longest item's
+    ``num_tokens`` (fairseq's rule); ``real`` counts the sum of its items' ``num_tokens``, so that
+    a chain of sentences of mixed lengths carries as many real tokens per batch as fairseq's
+    length-sorted batches (which hold little padding) at the same ``max_tokens``."""
+    if fill not in BM25_FILLS:
+        raise ValueError(f"--bm25-fill must be one of {BM25_FILLS}, got {fill!r}")
     if not max_tokens and not max_sentences:
         raise ValueError("--batching bm25 needs --max-tokens or --batch-size")
     rng = np.random.default_rng([seed, epoch])
     chain = _rotate(chain, rng, shuffle)
-    batches, current, longest = [], [], 0
+    batches, current, longest, total = [], [], 0, 0
     for item in chain.tolist():
         n = int(num_tokens[item])
         if max_tokens and n > max_tokens:
             raise ValueError(f"item {item} has {n} tokens, more than --max-tokens {max_tokens}")
         wider = max(longest, n)
-        if current and ((max_tokens and (len(current) + 1) * wider > max_tokens)
-                        or (max_sentences and len(current) >= max_sentences)):
+        size = (len(current) + 1) * wider if fill == "padded" else total + n  # the batch's tokens with the item
+        if current and ((max_tokens and size > max_tokens) or (max_sentences and len(current) >= max_sentences)):
             batches.append(np.asarray(current, dtype=np.int64))
-            current, wider = [], n
+            current, wider, total = [], n, 0
         current.append(item)
-        longest = wider
+        longest, total = wider, total + n
     if current:
         batches.append(np.asarray(current, dtype=np.int64))
     return _shuffle_groups(batches, group, rng, shuffle)
@@ -120,6 +128,8 @@ def validate_options(cfg) -> None:
         raise ValueError("--batching bm25 needs --bm25-order FILE (made by trime-bm25-batches)")
     if order and batching != "bm25":
         raise ValueError("--bm25-order needs --batching bm25")
+    if str(getattr(cfg, "bm25_fill", "padded")) != "padded" and batching != "bm25":
+        raise ValueError("--bm25-fill applies to --batching bm25 only")
 
 
 def _update_freq(task) -> List[int]:
@@ -226,10 +236,12 @@ def bm25_batch_iterator(task, dataset, fallback, **options):
 
     if is_language_pair(dataset):  # sentences: batches filled up to --max-tokens along the chain
         num_tokens = np.maximum(np.asarray(dataset.src_sizes), np.asarray(dataset.tgt_sizes))
-        per_batch = f"up to {max_tokens} tokens / {max_sentences} sentences"
+        fill = str(getattr(task.args, "bm25_fill", "padded"))
+        per_batch = f"up to {max_tokens} tokens ({fill}) / {max_sentences} sentences"
 
         def make_batches(e: int, shuffle: bool):
-            return chain_token_batches(chain, num_tokens, max_tokens, max_sentences, group_size(e), seed, e, shuffle)
+            return chain_token_batches(chain, num_tokens, max_tokens, max_sentences, group_size(e), seed, e, shuffle,
+                                       fill=fill)
     else:  # fixed-length segments
         batch_size = _batch_size(dataset, max_tokens, max_sentences, options["required_batch_size_multiple"])
         per_batch = f"{batch_size}"

@@ -66,6 +66,25 @@ def concat_memory(parts: Iterable[MemoryBatch]) -> MemoryBatch:
     )
 
 
+def top_entries(memory: MemoryBatch, k: int) -> MemoryBatch:
+    """The ``k`` highest-scoring visible entries of every query of a dense (..., Q, M) batch.
+
+    Returns a (..., Q, min(k, M)) batch (values gathered per query); a query with fewer than
+    ``k`` visible entries keeps them all and the rest of its slots stay invisible. Scores are
+    gathered, so gradients reach exactly the kept entries (TRIME-MT's released training memory:
+    the top-K of the in-batch entries, ``--train-memory-topk``).
+    """
+    if k < 1:
+        raise ValueError(f"top-k memory needs k >= 1, got {k}")
+    m = memory.mask.size(-1)
+    if k >= m:
+        return memory
+    ranked = memory.scores.detach().masked_fill(~memory.mask, float("-inf"))  # (..., Q, M)
+    index = ranked.topk(k, dim=-1).indices  # (..., Q, k)
+    values = memory.values.expand_as(memory.mask)
+    return MemoryBatch(memory.scores.gather(-1, index), values.gather(-1, index), memory.mask.gather(-1, index))
+
+
 def scaled_dot(queries: Tensor, keys: Tensor, scale: float) -> Tensor:
     """(..., Q, d) x (..., M, d) -> (..., Q, M) float32 scores ``scale * q·k``."""
     if queries.size(-1) != keys.size(-1):

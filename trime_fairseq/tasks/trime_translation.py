@@ -31,7 +31,7 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from omegaconf import II
 
 from trime_fairseq.data import batch_iterator
-from trime_fairseq.data.bm25_batching import validate_options as validate_bm25_options
+from trime_fairseq.data.bm25_batching import BM25_FILLS, validate_options as validate_bm25_options
 from trime_fairseq.memory.eval_memory import attach_eval_memory, build_eval_memory
 from trime_fairseq.memory.keys import ensure_key_capture, require_keys
 from trime_fairseq.tasks.memory_config import RETRIEVAL_FLAGS, RetrievalMemoryConfig, memory_options
@@ -57,6 +57,12 @@ class TrimeTranslationConfig(TranslationConfig, RetrievalMemoryConfig):
         default=None,
         metadata={"help": "--batching bm25: chain of the training target sentences written by trime-bm25-batches "
                   "--source-lang S --target-lang T"},
+    )
+    bm25_fill: ChoiceEnum(list(BM25_FILLS)) = field(
+        default="padded",
+        metadata={"help": "--batching bm25: how a batch counts its tokens against --max-tokens: padded (items x the "
+                  "longest, fairseq's rule: a BM25 chain mixes lengths, so about half of it is padding) or real (the "
+                  "sum of the items' sizes: as many real tokens per update as fairseq's length-sorted batches)"},
     )
     # read by --batching bm25 (one update = update_freq x world size consecutive batches); not an option
     update_freq: List[int] = II("optimization.update_freq")
