@@ -34,6 +34,7 @@ from typing import Dict, List
 import torch
 
 from trime_fairseq.atomic import atomic_path, atomic_write_text
+from trime_fairseq.cli import setup_logging
 from trime_fairseq.cli.loading import eval_batches, eval_lm_config, load_eval_models
 from trime_fairseq.memory.documents import DocumentBoundaries
 from trime_fairseq.memory.eval_memory import EvalMemory, local_key_names
@@ -169,7 +170,7 @@ def main(argv=None):
 
 
 def cli_main():
-    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO)
+    setup_logging()
     main()
 
 

@@ -39,6 +39,7 @@ from typing import Dict, List
 import torch
 
 from trime_fairseq.atomic import atomic_write_text
+from trime_fairseq.cli import setup_logging
 from trime_fairseq.cli.grid_search import check_rounds, edge_note, search
 from trime_fairseq.cli.loading import eval_batches, eval_lm_config, load_eval_models
 from trime_fairseq.memory.eval_memory import EvalMemory, local_key_names
@@ -175,7 +176,7 @@ def main(argv=None):
 
 
 def cli_main():
-    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO)
+    setup_logging()
     main()
 
 

@@ -33,6 +33,7 @@ from dataclasses import asdict
 import torch
 
 from trime_fairseq.atomic import atomic_write_text
+from trime_fairseq.cli import setup_logging
 from trime_fairseq.cli.grid_search import check_rounds, edge_note, search
 
 logger = logging.getLogger("trime_fairseq.tune_mt")
@@ -176,6 +177,7 @@ def main(argv=None):
 
 
 def cli_main():
+    setup_logging()
     main()
 
 

@@ -27,7 +27,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 from omegaconf import II
 
-from trime_fairseq.data import batch_iterator, batching_names
+from trime_fairseq.data.batching import batch_iterator, batching_names
 from trime_fairseq.data.bm25_batching import validate_options as validate_bm25_options
 from trime_fairseq.data.consecutive import validate_options as validate_consecutive_options
 from trime_fairseq.memory.documents import DocumentBoundaries

@@ -30,7 +30,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from omegaconf import II
 
-from trime_fairseq.data import batch_iterator
+from trime_fairseq.data.batching import batch_iterator
 from trime_fairseq.data.bm25_batching import validate_options as validate_bm25_options
 from trime_fairseq.memory.eval_memory import attach_eval_memory, build_eval_memory
 from trime_fairseq.memory.keys import ensure_key_capture, require_keys
