@@ -150,8 +150,9 @@ def main(argv=None):
     if getattr(cfg.task, "long_memory_size", None) is not None:
         raise ValueError("trime-sweep-memory sets the long-term memory size itself: give --sizes, not --long-memory-size")
     base = memory_options(cfg.task)
-    if base.mode == "none":
-        raise ValueError("trime-sweep-memory needs --eval-memory trime (or cache) for the --path model")
+    if "long_memory_size" not in base.record.options:
+        raise ValueError("trime-sweep-memory needs an --eval-memory with a long-term memory (trime or cache) for the "
+                         "--path model")
     sizes = _sizes(args.sizes)
     results = {args.label: sweep_model(cfg, base, sizes)}
     if args.baseline_path:
