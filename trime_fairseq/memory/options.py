@@ -1,19 +1,20 @@
 """The evaluation-memory options: one field per quantity, validated in one place.
 
-``--eval-memory MODE`` picks how the token distribution is combined with memory
-(see :mod:`trime_fairseq.memory.compose` for what each mode computes). Every
+``--eval-memory MODE`` picks how the token distribution is combined with memory:
+the mode's record (:mod:`trime_fairseq.memory.modes`) holds its composition, and
+which of the fields below it reads follows from it (``Mode.options``). Every
 other option is a field of :class:`MemoryOptions` with exactly one meaning:
 
-| field | symbol | used by |
-|---|---|---|
-| ``memory_temperature`` | τ of Eq. 6: sim = g·g_j / (√d·τ) | trime, trime_ext |
-| ``cache_lambda``, ``cache_theta`` | λ_c, θ of the continuous cache: p_cache ∝ Σ exp(θ·f·f_j) | cache, knn (+ cache) |
-| ``cache_size`` | the cache keeps the last N positions of the row | cache, knn (+ cache) |
-| ``long_memory_size`` | N earlier stream entries in memory (TRIMELM_long) | trime, cache, trime_ext, knn + cache |
-| ``memory_reset`` | "document": memory from the position's own document only | as long_memory_size |
-| ``datastore``, ``knn_k``, ``knn_nprobe``, ``knn_rescore``, ``knn_gpu`` | the external memory and its search (K hits) | knn, trime_ext |
-| ``knn_temperature``, ``knn_lambda`` | T, λ of kNN-LM: p_kNN ∝ Σ exp(score/T) | knn, neighbour_knn |
-| ``interpolation_temperature``, ``interpolation_lambda`` | τ′, λ of Eq. 7-8 | trime_ext |
+| field | symbol |
+|---|---|
+| ``memory_temperature`` | τ of Eq. 6: sim = g·g_j / (√d·τ) |
+| ``cache_lambda``, ``cache_theta`` | λ_c, θ of the continuous cache: p_cache ∝ Σ exp(θ·f·f_j) |
+| ``cache_size`` | the cache keeps the last N positions of the row |
+| ``long_memory_size`` | N earlier stream entries in memory (TRIMELM_long) |
+| ``memory_reset`` | "document": memory from the position's own document only |
+| ``datastore``, ``knn_k``, ``knn_nprobe``, ``knn_rescore``, ``knn_gpu`` | the external memory and its search (K hits) |
+| ``knn_temperature``, ``knn_lambda`` | T, λ of kNN-LM: p_kNN ∝ Σ exp(score/T) |
+| ``interpolation_temperature``, ``interpolation_lambda`` | τ′, λ of Eq. 7-8 |
 
 :meth:`MemoryOptions.from_flags` is how a task builds the options from its
 command line: a flag the mode does not use is an error (never silently ignored),
@@ -163,14 +164,14 @@ def _reads_datastore(mode) -> bool:
 
 
 def _with_local_memory() -> str:
-    """The modes that can have a local memory part (for the error of a long-term memory without one)."""
+    """The modes that can have a local memory part: those with one always, and those with an optional
+    step of local terms, named with its weight (for the error of a long-term memory without one)."""
     names = []
     for name, mode in REGISTRY.items():
-        steps = [(s.terms, s.weight if s.optional else None) for s in mode.steps] + [(mode.joint, None)]
-        always = [w is None for terms, w in steps if any(t.part in LOCAL for t in terms)]
-        if any(always):
+        steps = [(mode.joint, None)] + [(step.terms, step.weight if step.optional else None) for step in mode.steps]
+        local = [weight for terms, weight in steps if any(t.part in LOCAL for t in terms)]
+        if None in local:
             names.append(name)
-        elif always:
-            weights = sorted({w for terms, w in steps if w is not None and any(t.part in LOCAL for t in terms)})
-            names.append(f"{name} with {' / '.join(flag(w) for w in weights)} > 0")
+        elif local:
+            names.append(f"{name} with {' / '.join(sorted({flag(w) for w in local}))} > 0")
     return ", ".join(names)
