@@ -14,22 +14,7 @@ The names below are the package's API.
 """
 
 from trime_fairseq.memory.datastore.format import (  # noqa: F401
-    FORMAT,
-    INDEX,
-    KEY_DTYPES,
-    KEY_FILES,
-    KEY_TYPES,
-    META,
-    PART,
-    PARTIAL,
-    PROGRESS,
-    TRAINED,
-    VALUE_DTYPE,
-    VALUES,
-    VERSION,
-    DatastoreError,
-    DatastoreSpec,
-    settings_differences,
+    KEY_DTYPES, KEY_TYPES, PART, DatastoreError, DatastoreSpec, settings_differences,
 )
 from trime_fairseq.memory.datastore.reading import ModelRef, open_entries, read_metadata  # noqa: F401
 from trime_fairseq.memory.datastore.search import Datastore, Exclusion  # noqa: F401
