@@ -58,7 +58,7 @@ from torch import Tensor
 from trime_fairseq.memory.composition import DATASTORE, LOCAL, NEIGHBOURS
 from trime_fairseq.memory.compose import Composition, composition, full_log_probs, target_log_prob
 from trime_fairseq.memory.datastore import DatastoreError
-from trime_fairseq.memory.eval_parts import ForwardState, next_tokens  # noqa: F401  (next_tokens re-exported)
+from trime_fairseq.memory.eval_parts import ForwardState
 from trime_fairseq.memory.external import ExternalMemory
 from trime_fairseq.memory.keys import TRIME_FEATURE, TRIME_KEY, get_keys
 from trime_fairseq.memory.mixing import fp32
