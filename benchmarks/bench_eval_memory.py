@@ -31,7 +31,8 @@ from fairseq import options, tasks  # noqa: E402
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
 from fairseq.sequence_scorer import SequenceScorer  # noqa: E402
 from trime_fairseq.checksums import dictionary_checksum, loaded_model_checksum  # noqa: E402
-from trime_fairseq.cli.tune import AXES, grid  # noqa: E402
+from trime_fairseq.cli.grid_search import grid  # noqa: E402
+from trime_fairseq.cli.tune import axes_of  # noqa: E402
 from trime_fairseq.memory.datastore import DatastoreSpec, DatastoreWriter  # noqa: E402
 from trime_fairseq.memory.keys import get_keys  # noqa: E402
 
@@ -144,7 +145,7 @@ def main():
         memory = evaluated.trime_eval_memory
         tune_args = argparse.Namespace(temperatures="0.5,1,2", interpolation_temperatures="1,2,5,10",
                                        interpolation_lambdas="0.1,0.25,0.4")
-        axes = {name: [float(x) for x in getattr(tune_args, option).split(",")] for name, option in AXES["trime_ext"]}
+        axes = axes_of(memory.options, tune_args)  # the trime_ext record's axes
         points = grid(memory.options, axes)
         samples = batches(t, "valid", 128, 8, args.tune_batches)
         scorer = SequenceScorer(t.target_dictionary)

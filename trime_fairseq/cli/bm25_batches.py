@@ -25,11 +25,11 @@ and ``fairseq-train --task trime_translation --batching bm25 --bm25-order FILE``
 import argparse
 import logging
 import os
-import sys
 import time
 
 import numpy as np
 
+from trime_fairseq.cli import setup_logging
 from trime_fairseq.data.bm25 import (
     LUCENE_STOP_WORDS,
     VARIANTS,
@@ -209,8 +209,7 @@ def main(args) -> dict:
 
 
 def cli_main(argv=None):
-    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
-                        stream=sys.stdout)
+    setup_logging(stdout=True)
     main(get_parser().parse_args(argv))
 
 

@@ -41,13 +41,13 @@ import argparse
 import ast
 import logging
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from trime_fairseq.cli import setup_logging
 from trime_fairseq.checksums import dictionary_checksum, loaded_model_checksum
 from trime_fairseq.data.eval_order import StreamOrderDataset
 from trime_fairseq.memory import faiss_index as fi
@@ -341,8 +341,7 @@ def merge_main(args) -> dict:
 
 
 def cli_main(argv=None):
-    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
-                        stream=sys.stdout)
+    setup_logging(stdout=True)
     main(get_parser().parse_args(argv))
 
 

@@ -11,18 +11,66 @@ reported best is an interior point or lies at a bound of the option itself:
 | λ (``cache_lambda``, ``knn_lambda``, ``interpolation_lambda``) | + the grid's last step, at most 1 | halved (0 below 0.01) | 0, 1 |
 | K (``knn_k``) | doubled | halved | 1 |
 | temperatures, θ | doubled | halved | none |
+
+Which options a mode grids over is its record's (:mod:`trime_fairseq.memory.modes`): ``axes``
+for ``trime-tune``, ``decoding_axes`` for ``trime-tune-mt``. :data:`GRIDS` names the
+command-line option that lists an axis' values; :func:`add_grid_args` adds one per option that
+some registered mode tunes, :func:`grid_axes` reads those of the mode asked for.
 """
 
 import logging
 from dataclasses import replace
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Sequence, Tuple
 
+from trime_fairseq.memory.modes import REGISTRY, modes_where
 from trime_fairseq.memory.options import MemoryOptions
 
 logger = logging.getLogger("trime_fairseq.grid_search")
 
 LAMBDAS = frozenset({"cache_lambda", "knn_lambda", "interpolation_lambda"})
 COUNTS = frozenset({"knn_k"})
+
+#: tunable option -> (the grid option listing its values, what the values are)
+GRIDS: Dict[str, Tuple[str, str]] = {
+    "memory_temperature": ("temperatures", "τ values of Eq. 6"),
+    "cache_lambda": ("cache_lambdas", "λ values"),
+    "cache_theta": ("cache_thetas", "θ values"),
+    "knn_temperature": ("knn_temperatures", "T values"),
+    "knn_lambda": ("knn_lambdas", "λ values"),
+    "interpolation_temperature": ("interpolation_temperatures", "τ' values of Eq. 7"),
+    "interpolation_lambda": ("interpolation_lambdas", "λ values of Eq. 8"),
+    "knn_k": ("ks", "K values (neighbours retrieved per step)"),
+}
+
+
+def add_grid_args(group, kind: str, defaults: Mapping[str, str]) -> None:
+    """One grid option per option that a registered mode tunes (``kind``: ``axes`` or ``decoding_axes``
+    of the records), with this tool's ``defaults``."""
+    tuned = [name for name in GRIDS if any(name in getattr(mode, kind) for mode in REGISTRY.values())]
+    for name in tuned:
+        option, what = GRIDS[name]
+        modes = modes_where(lambda mode: name in getattr(mode, kind))
+        group.add_argument("--" + option.replace("_", "-"), default=defaults[name],
+                           help=f"{what} ({', '.join(modes)})")
+
+
+def grid_values(name: str, text: str) -> List[float]:
+    """The sorted values of a grid option (whole numbers for counts)."""
+    cast = int if name in COUNTS else float
+    values = sorted({cast(x) for x in text.split(",") if x.strip()})
+    if not values:
+        raise ValueError(f"empty grid '{text}'")
+    return values
+
+
+def grid_axes(base: MemoryOptions, args, kind: str, needs: str, after: str = "") -> Dict[str, List[float]]:
+    """The axes of ``base``'s mode (its record's ``kind``) with the values of ``args``' grid options;
+    for a mode without any, the error ``needs`` + the modes that have some + ``after``."""
+    names = getattr(base.record, kind)
+    if not names:
+        raise ValueError(f"{needs} {' or '.join(modes_where(lambda mode: getattr(mode, kind)))}{after}")
+    return {name: grid_values(name, getattr(args, GRIDS[name][0])) for name in names}
+
 
 #: scores of a list of grid points, given the number of the round (1, 2, ...)
 Score = Callable[[List[MemoryOptions], int], Dict[MemoryOptions, float]]
@@ -33,7 +81,7 @@ def grid(base: MemoryOptions, axes: Dict[str, Sequence[float]]) -> List[MemoryOp
     points = [base]
     for name, values in axes.items():
         points = [replace(p, **{name: v}) for p in points for v in values]
-    return [MemoryOptions("none")] + points
+    return [MemoryOptions()] + points  # the default options: no memory
 
 
 def widen(axes: Dict[str, List[float]], best: MemoryOptions) -> Tuple[Dict[str, List[float]], List[str]]:
@@ -96,7 +144,7 @@ def search(base: MemoryOptions, axes: Dict[str, List[float]], score: Score, roun
         points = [p for p in grid(base, axes) if p not in scores]
         logger.info(f"round {r}: {len(points)} new grid points ({', '.join(f'{k}={v}' for k, v in axes.items())})")
         scores.update(score(points, r))
-        best = pick((p for p in scores if p.mode != "none"), key=scores.get)
+        best = pick((p for p in scores if not p.plain), key=scores.get)
         edges = on_edge(axes, best)
         history.append(dict(round=r, axes={k: list(v) for k, v in axes.items()}, best=describe(best),
                             **{metric: scores[best]}, on_edge=edges))

@@ -34,6 +34,7 @@ from typing import Dict, List
 import torch
 
 from trime_fairseq.atomic import atomic_path, atomic_write_text
+from trime_fairseq.cli import setup_logging
 from trime_fairseq.cli.loading import eval_batches, eval_lm_config, load_eval_models
 from trime_fairseq.memory.documents import DocumentBoundaries
 from trime_fairseq.memory.eval_memory import EvalMemory, local_key_names
@@ -149,8 +150,9 @@ def main(argv=None):
     if getattr(cfg.task, "long_memory_size", None) is not None:
         raise ValueError("trime-sweep-memory sets the long-term memory size itself: give --sizes, not --long-memory-size")
     base = memory_options(cfg.task)
-    if base.mode == "none":
-        raise ValueError("trime-sweep-memory needs --eval-memory trime (or cache) for the --path model")
+    if "long_memory_size" not in base.record.options:
+        raise ValueError("trime-sweep-memory needs an --eval-memory with a long-term memory (trime or cache) for the "
+                         "--path model")
     sizes = _sizes(args.sizes)
     results = {args.label: sweep_model(cfg, base, sizes)}
     if args.baseline_path:
@@ -169,7 +171,7 @@ def main(argv=None):
 
 
 def cli_main():
-    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO)
+    setup_logging()
     main()
 
 

@@ -12,6 +12,8 @@ grid points that use it, and the datastore is searched once per batch).
         --path checkpoints/trime/checkpoint_best.pt --gen-subset valid \\
         --eval-memory trime --temperatures 0.5,1,2 --results-json tune.json
 
+Each mode grids over its record's ``axes`` (:mod:`trime_fairseq.memory.modes`):
+
 | mode | grid |
 |---|---|
 | trime | τ (``--temperatures``) |
@@ -39,69 +41,41 @@ from typing import Dict, List
 import torch
 
 from trime_fairseq.atomic import atomic_write_text
-from trime_fairseq.cli.grid_search import check_rounds, edge_note, search
+from trime_fairseq.cli import setup_logging
+from trime_fairseq.cli.grid_search import add_grid_args, check_rounds, edge_note, grid_axes, search
 from trime_fairseq.cli.loading import eval_batches, eval_lm_config, load_eval_models
 from trime_fairseq.memory.eval_memory import EvalMemory, local_key_names
 from trime_fairseq.memory.options import MemoryOptions
 
 logger = logging.getLogger("trime_fairseq.tune")
 
-#: the axes of each mode: (MemoryOptions field, grid option)
-AXES = {
-    "trime": (("memory_temperature", "temperatures"),),
-    "cache": (("cache_lambda", "cache_lambdas"), ("cache_theta", "cache_thetas")),
-    "knn": (("knn_temperature", "knn_temperatures"), ("knn_lambda", "knn_lambdas")),
-    "neighbour_knn": (("knn_temperature", "knn_temperatures"), ("knn_lambda", "knn_lambdas")),
-    "trime_ext": (("memory_temperature", "temperatures"), ("interpolation_temperature", "interpolation_temperatures"),
-                  ("interpolation_lambda", "interpolation_lambdas")),
+#: the values each grid option lists unless given (the options a mode grids over are its record's ``axes``)
+DEFAULT_GRIDS = {
+    "memory_temperature": "0.25,0.5,1,2,4",
+    "cache_lambda": "0.02,0.05,0.1,0.2,0.3",
+    "cache_theta": "0.05,0.1,0.3,0.5,1.0",
+    "knn_temperature": "0.5,1,2,5,10,20",
+    "knn_lambda": "0.05,0.1,0.25,0.4,0.6",
+    "interpolation_temperature": "0.5,1,2,5,10",
+    "interpolation_lambda": "0.05,0.1,0.25,0.4,0.6",
 }
-
-
-def _floats(text: str) -> List[float]:
-    values = sorted({float(x) for x in text.split(",") if x.strip()})
-    if not values:
-        raise ValueError(f"empty grid '{text}'")
-    return values
 
 
 def add_args(parser):
     group = parser.add_argument_group("trime-tune grids")
-    group.add_argument("--temperatures", default="0.25,0.5,1,2,4", help="τ values of Eq. 6 (trime, trime_ext)")
-    group.add_argument("--cache-lambdas", default="0.02,0.05,0.1,0.2,0.3", help="λ values (cache)")
-    group.add_argument("--cache-thetas", default="0.05,0.1,0.3,0.5,1.0", help="θ values (cache)")
-    group.add_argument("--knn-temperatures", default="0.5,1,2,5,10,20", help="T values (knn, neighbour_knn)")
-    group.add_argument("--knn-lambdas", default="0.05,0.1,0.25,0.4,0.6", help="λ values (knn, neighbour_knn)")
-    group.add_argument("--interpolation-temperatures", default="0.5,1,2,5,10",
-                       help="τ' values of Eq. 7 (trime_ext)")
-    group.add_argument("--interpolation-lambdas", default="0.05,0.1,0.25,0.4,0.6",
-                       help="λ values of Eq. 8 (trime_ext)")
+    add_grid_args(group, "axes", DEFAULT_GRIDS)
     group.add_argument("--widen-edges", type=int, default=2,
                        help="rounds of extending an axis whose best value lies on its grid's edge (0: never)")
     group.add_argument("--results-json", default=None, help="write every grid point and the best to this file")
 
 
 def axes_of(base: MemoryOptions, args) -> Dict[str, List[float]]:
-    if base.mode not in AXES:
-        raise ValueError(f"trime-tune needs --eval-memory {', '.join(AXES)}")
-    return {name: _floats(getattr(args, option)) for name, option in AXES[base.mode]}
+    return grid_axes(base, args, "axes", "trime-tune needs --eval-memory")
 
 
 def describe(opt: MemoryOptions) -> str:
     """The fairseq-eval-lm flags that select ``opt`` (grid values; the fixed options are the command line's)."""
-    if opt.mode == "trime":
-        return f"--eval-memory trime --memory-temperature {opt.memory_temperature:g}"
-    if opt.mode == "cache":
-        return f"--eval-memory cache --cache-lambda {opt.cache_weight:g} --cache-theta {opt.cache_theta:g}"
-    if opt.mode == "knn":
-        cache = f" --cache-lambda {opt.cache_weight:g} --cache-theta {opt.cache_theta:g}" if opt.uses_cache else ""
-        return f"--eval-memory knn --knn-temperature {opt.knn_temperature:g} --knn-lambda {opt.knn_lambda:g}{cache}"
-    if opt.mode == "neighbour_knn":
-        return f"--eval-memory neighbour_knn --knn-temperature {opt.knn_temperature:g} --knn-lambda {opt.knn_lambda:g}"
-    if opt.mode == "trime_ext":
-        return (f"--eval-memory trime_ext --memory-temperature {opt.memory_temperature:g} "
-                f"--interpolation-temperature {opt.interpolation_temperature:g} "
-                f"--interpolation-lambda {opt.interpolation_lambda:g}")
-    return "--eval-memory none"
+    return opt.record.flags(opt, opt.record.axes)
 
 
 @torch.no_grad()
@@ -155,7 +129,7 @@ def main(argv=None):
     base = memory_options(cfg.task)
     axes = axes_of(base, args)
     ppl, best, history = tune(cfg, base, axes, args.widen_edges)
-    plain = next(p for p in ppl if p.mode == "none")
+    plain = next(p for p in ppl if p.plain)
     subset = cfg.dataset.gen_subset
     print(f"{'perplexity':>12}  options ({subset})")
     for opt, value in sorted(ppl.items(), key=lambda kv: kv[1]):
@@ -175,7 +149,7 @@ def main(argv=None):
 
 
 def cli_main():
-    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO)
+    setup_logging()
     main()
 
 

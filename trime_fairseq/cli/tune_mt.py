@@ -10,6 +10,8 @@ tokenised text, as ``fairseq-generate --scoring sacrebleu``)::
         --path checkpoints/mt/checkpoint_best.pt --gen-subset valid --beam 5 --remove-bpe \\
         --eval-memory knn --datastore dstore/multi30k-train --max-sentences-for-tuning 300
 
+Each mode grids over its record's ``decoding_axes`` (:mod:`trime_fairseq.memory.modes`):
+
 | mode | grid |
 |---|---|
 | knn | K (``--ks``, paper: 1, 2, ..., 64 after Zheng et al. 2021) x T x λ |
@@ -33,27 +35,26 @@ from dataclasses import asdict
 import torch
 
 from trime_fairseq.atomic import atomic_write_text
-from trime_fairseq.cli.grid_search import check_rounds, edge_note, search
+from trime_fairseq.cli import setup_logging
+from trime_fairseq.cli.grid_search import add_grid_args, check_rounds, edge_note, grid_axes, search
 
 logger = logging.getLogger("trime_fairseq.tune_mt")
 
-AXES = {
-    "knn": (("knn_k", "ks", int), ("knn_temperature", "knn_temperatures", float),
-            ("knn_lambda", "knn_lambdas", float)),
-    "trime_ext": (("knn_k", "ks", int), ("memory_temperature", "temperatures", float),
-                  ("interpolation_temperature", "interpolation_temperatures", float),
-                  ("interpolation_lambda", "interpolation_lambdas", float)),
+#: the values each grid option lists unless given (the options a mode grids over are its record's
+#: ``decoding_axes``)
+DEFAULT_GRIDS = {
+    "knn_k": "1,2,4,8,16,32,64",
+    "knn_temperature": "10,100",
+    "knn_lambda": "0.2,0.4,0.6",
+    "memory_temperature": "1",
+    "interpolation_temperature": "1,10",
+    "interpolation_lambda": "0.2,0.4,0.6",
 }
 
 
 def add_args(parser):
     group = parser.add_argument_group("trime-tune-mt grids")
-    group.add_argument("--ks", default="1,2,4,8,16,32,64", help="K values (neighbours retrieved per step)")
-    group.add_argument("--knn-temperatures", default="10,100", help="T values (knn)")
-    group.add_argument("--knn-lambdas", default="0.2,0.4,0.6", help="λ values (knn)")
-    group.add_argument("--temperatures", default="1", help="τ values of Eq. 6 (trime_ext)")
-    group.add_argument("--interpolation-temperatures", default="1,10", help="τ' values of Eq. 7 (trime_ext)")
-    group.add_argument("--interpolation-lambdas", default="0.2,0.4,0.6", help="λ values of Eq. 8 (trime_ext)")
+    add_grid_args(group, "decoding_axes", DEFAULT_GRIDS)
     group.add_argument("--max-sentences-for-tuning", type=int, default=None,
                        help="decode only the first N sentences of the split (by sentence id)")
     group.add_argument("--widen-edges", type=int, default=2,
@@ -62,14 +63,8 @@ def add_args(parser):
 
 
 def describe(opt) -> str:
-    if opt.mode == "knn":
-        return (f"--eval-memory knn --knn-k {opt.knn_k} --knn-temperature {opt.knn_temperature:g} "
-                f"--knn-lambda {opt.knn_lambda:g}")
-    if opt.mode == "trime_ext":
-        return (f"--eval-memory trime_ext --knn-k {opt.knn_k} --memory-temperature {opt.memory_temperature:g} "
-                f"--interpolation-temperature {opt.interpolation_temperature:g} "
-                f"--interpolation-lambda {opt.interpolation_lambda:g}")
-    return "--eval-memory none"
+    """The fairseq-generate flags that select ``opt`` (grid values; the fixed options are the command line's)."""
+    return opt.record.flags(opt, opt.record.decoding_axes)
 
 
 def bleu(cfg, task, model, samples, generator) -> float:
@@ -109,10 +104,8 @@ def main(argv=None):
 
     check_rounds(args.widen_edges)
     base = memory_options(cfg.task, RETRIEVAL_FLAGS)
-    if base.mode not in AXES:
-        raise ValueError("trime-tune-mt needs --task trime_translation --eval-memory knn or trime_ext (and --datastore)")
-    axes = {name: sorted({cast(x) for x in getattr(args, option).split(",") if x.strip()})
-            for name, option, cast in AXES[base.mode]}
+    axes = grid_axes(base, args, "decoding_axes", "trime-tune-mt needs --task trime_translation --eval-memory",
+                     " (and --datastore)")
     # the task opens the datastore (and checks the largest K against its size); each round searches
     # once per step at its largest K, which serves every K of the round
     cfg.task.knn_k = max(axes["knn_k"])
@@ -145,7 +138,7 @@ def main(argv=None):
     pad = task.target_dictionary.pad()
 
     def score(points, r):
-        external = memory.external.with_k(max((p.knn_k for p in points if p.mode != "none"), default=1))
+        external = memory.external.with_k(max((p.knn_k for p in points if not p.plain), default=1))
         results = {}
         for n, opt in enumerate(points):
             start = time.time()
@@ -157,7 +150,7 @@ def main(argv=None):
 
     results, best, history = search(base, axes, score, args.widen_edges, metric="bleu", higher_is_better=True,
                                     describe=describe)
-    plain = results.pop(next(p for p in results if p.mode == "none"))
+    plain = results.pop(next(p for p in results if p.plain))
     sentences = sum(len(s["id"]) for s in samples)
     print(f"{'BLEU':>8}  options ({cfg.dataset.gen_subset}, {sentences} sentences)")
     for opt, value in sorted(results.items(), key=lambda kv: -kv[1]):
@@ -176,6 +169,7 @@ def main(argv=None):
 
 
 def cli_main():
+    setup_logging()
     main()
 
 

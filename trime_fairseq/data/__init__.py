@@ -1,103 +1,12 @@
-"""Batch orders for ``trime_lm`` and ``trime_translation`` (``--batching NAME``).
+"""Data of ``trime_lm`` and ``trime_translation``: batch orders (``--batching NAME``), segments, streams,
+BM25 chains, SPALM's neighbour files.
 
-A batching is a function ``(task, dataset, **options) -> EpochBatchIterator`` registered with
-:func:`register_batching`; :func:`batch_iterator` passes every argument of fairseq's
-``get_batch_iterator`` by name (with fairseq's defaults) plus ``fallback()``, the task's own
-iterator for those arguments, so a batching names the ones it reads and takes ``**_`` for the
-rest; ``shuffled`` (fairseq's own order) needs none. Each order lives in its own module of this
-package, imported below.
+* :mod:`.registry` -- :func:`register_batching` (re-exported here) and the registered names;
+* :mod:`.batching` -- :func:`~trime_fairseq.data.batching.batch_iterator`, a task's iterator for
+  ``--batching NAME``; it imports every order: :mod:`.consecutive`, :mod:`.stream`, :mod:`.bm25_batching`.
+
+This package module imports nothing of its own modules but the registry, so an order's module
+importing ``register_batching`` from here closes no circle.
 """
 
-import inspect
-import logging
-from typing import Callable, Dict
-
-from fairseq.data import iterators
-from fairseq.tasks import FairseqTask
-
-from trime_fairseq.memory.gathered import DUMMY_BATCH
-
-logger = logging.getLogger(__name__)
-
-BATCHINGS: Dict[str, Callable] = {}
-
-
-def register_batching(name: str):
-    def wrap(fn):
-        if name in BATCHINGS:
-            raise ValueError(f"batching '{name}' registered twice")
-        BATCHINGS[name] = fn
-        return fn
-
-    return wrap
-
-
-def batching_names():
-    return ("shuffled",) + tuple(sorted(BATCHINGS))
-
-
-_SIGNATURE = inspect.signature(FairseqTask.get_batch_iterator)
-
-
-def batch_iterator(task, name: str, dataset, task_iterator: Callable, args, kwargs):
-    """``task.get_batch_iterator(dataset, *args, **kwargs)`` for ``--batching name``;
-    ``task_iterator`` is the task's own (fairseq's) method, used for ``shuffled``."""
-    # fairseq passes its options positionally or by name: hand them over by name, with fairseq's
-    # defaults, so a batching declares only the ones it reads (and **_ for the rest)
-    call = _SIGNATURE.bind(task, dataset, *args, **kwargs)
-    call.apply_defaults()
-    options = {k: v for k, v in call.arguments.items() if k not in ("self", "dataset")}
-    options = _every_item_of_evaluation_splits(task, dataset, options)
-    batching = BATCHINGS.get(name)
-    if batching is None:
-        return _with_dummy_marked(task, task_iterator(dataset, **options))
-    itr = batching(task, dataset, fallback=lambda: task_iterator(dataset, **options), **options)
-    return _with_dummy_marked(task, itr)
-
-
-def _every_item_of_evaluation_splits(task, dataset, options: dict) -> dict:
-    """fairseq 0.12's ``batch_by_size`` drops a last batch whose size is not a multiple of
-    ``--required-batch-size-multiple`` (8 by default; fairseq#5036): ``fairseq-generate`` silently
-    leaves up to 7 sentences of a test set untranslated (the longest: batches are sorted by length)
-    and validation skips items. Every split but the task's training split (``train_subset``) is
-    therefore batched with a multiple of 1; the training split keeps the option as given."""
-    if options["required_batch_size_multiple"] <= 1:
-        return options
-    train = task.datasets.get(getattr(task.args, "train_subset", "train"))  # both tasks' config is task.args
-    if dataset is train:
-        return options
-    logger.info(f"this split is batched without --required-batch-size-multiple "
-                f"{options['required_batch_size_multiple']} so that every one of its {len(dataset)} items is "
-                "evaluated (fairseq 0.12 would drop a last batch that is not a multiple of it)")
-    return dict(options, required_batch_size_multiple=1)
-
-
-_MARKING_CLASSES = {}
-
-
-def _with_dummy_marked(task, itr):
-    """With the criterion's --memory-across-workers: ``itr`` with its ``first_batch`` marked
-    :data:`~trime_fairseq.memory.gathered.DUMMY_BATCH`.
-
-    fairseq's trainer runs ``first_batch`` on a worker whose shard of an epoch (or of a validation
-    split) has run out, so that every worker takes part in every step's collectives; the memory
-    across workers must then leave that batch's entries out. ``first_batch`` is read for nothing else
-    (``trainer.reset_dummy_batch``). The iterator's class becomes a subclass that only overrides it."""
-    base = type(itr)
-    if (not getattr(task, "memory_across_workers", False) or not isinstance(itr, iterators.EpochBatchIterator)
-            or base in _MARKING_CLASSES.values()):
-        return itr
-    if base not in _MARKING_CLASSES:
-
-        def first_batch(self):
-            batch = super(marking, self).first_batch
-            return {**batch, DUMMY_BATCH: True} if isinstance(batch, dict) and batch else batch
-
-        marking = type(f"DummyMarking{base.__name__}", (base,), {"first_batch": property(first_batch)})
-        _MARKING_CLASSES[base] = marking
-    itr.__class__ = _MARKING_CLASSES[base]
-    return itr
-
-from trime_fairseq.data import consecutive  # noqa: E402,F401  (registers --batching consecutive)
-from trime_fairseq.data import stream  # noqa: E402,F401  (registers --batching stream)
-from trime_fairseq.data import bm25_batching  # noqa: E402,F401  (registers --batching bm25)
+from trime_fairseq.data.registry import BATCHINGS, batching_names, register_batching  # noqa: F401

@@ -43,7 +43,7 @@ from typing import List, Optional
 import numpy as np
 from fairseq.data import iterators
 
-from trime_fairseq.data import register_batching
+from trime_fairseq.data.registry import register_batching
 from trime_fairseq.memory.documents import DocumentBoundaries
 from trime_fairseq.data.segments import SegmentDataset, TokenStream, plan_runs
 

@@ -26,7 +26,7 @@ import torch
 from fairseq.data import FairseqDataset, iterators
 from fairseq.data.lm_context_window_dataset import LMContextWindowDataset
 
-from trime_fairseq.data import register_batching
+from trime_fairseq.data.registry import register_batching
 from trime_fairseq.models.recurrent_memory import RecurrentMemory
 
 logger = logging.getLogger(__name__)

@@ -1,19 +1,20 @@
 """The evaluation-memory options: one field per quantity, validated in one place.
 
-``--eval-memory MODE`` picks how the token distribution is combined with memory
-(see :mod:`trime_fairseq.memory.compose` for what each mode computes). Every
+``--eval-memory MODE`` picks how the token distribution is combined with memory:
+the mode's record (:mod:`trime_fairseq.memory.modes`) holds its composition, and
+which of the fields below it reads follows from it (``Mode.options``). Every
 other option is a field of :class:`MemoryOptions` with exactly one meaning:
 
-| field | symbol | used by |
-|---|---|---|
-| ``memory_temperature`` | τ of Eq. 6: sim = g·g_j / (√d·τ) | trime, trime_ext |
-| ``cache_lambda``, ``cache_theta`` | λ_c, θ of the continuous cache: p_cache ∝ Σ exp(θ·f·f_j) | cache, knn (+ cache) |
-| ``cache_size`` | the cache keeps the last N positions of the row | cache, knn (+ cache) |
-| ``long_memory_size`` | N earlier stream entries in memory (TRIMELM_long) | trime, cache, trime_ext, knn + cache |
-| ``memory_reset`` | "document": memory from the position's own document only | as long_memory_size |
-| ``datastore``, ``knn_k``, ``knn_nprobe``, ``knn_rescore``, ``knn_gpu`` | the external memory and its search (K hits) | knn, trime_ext |
-| ``knn_temperature``, ``knn_lambda`` | T, λ of kNN-LM: p_kNN ∝ Σ exp(score/T) | knn, neighbour_knn |
-| ``interpolation_temperature``, ``interpolation_lambda`` | τ′, λ of Eq. 7-8 | trime_ext |
+| field | symbol |
+|---|---|
+| ``memory_temperature`` | τ of Eq. 6: sim = g·g_j / (√d·τ) |
+| ``cache_lambda``, ``cache_theta`` | λ_c, θ of the continuous cache: p_cache ∝ Σ exp(θ·f·f_j) |
+| ``cache_size`` | the cache keeps the last N positions of the row |
+| ``long_memory_size`` | N earlier stream entries in memory (TRIMELM_long) |
+| ``memory_reset`` | "document": memory from the position's own document only |
+| ``datastore``, ``knn_k``, ``knn_nprobe``, ``knn_rescore``, ``knn_gpu`` | the external memory and its search (K hits) |
+| ``knn_temperature``, ``knn_lambda`` | T, λ of kNN-LM: p_kNN ∝ Σ exp(score/T) |
+| ``interpolation_temperature``, ``interpolation_lambda`` | τ′, λ of Eq. 7-8 |
 
 :meth:`MemoryOptions.from_flags` is how a task builds the options from its
 command line: a flag the mode does not use is an error (never silently ignored),
@@ -21,28 +22,21 @@ a flag not given takes its default. ``__post_init__`` checks every value.
 """
 
 from dataclasses import dataclass, fields
-from typing import Dict, FrozenSet, Mapping, Optional
+from typing import FrozenSet, Mapping, Optional
 
-MODES = ("none", "trime", "cache", "knn", "trime_ext", "neighbour_knn")
+from trime_fairseq.memory.composition import DATASTORE, LOCAL, LOCAL_F, NEIGHBOURS
+from trime_fairseq.memory.modes import REGISTRY, flag, mode_names, mode_of, modes_where
+
+#: the modes registered when this module was imported (``--eval-memory``'s choices)
+MODES = mode_names()
 RESETS = ("never", "document")
 
-_LONG = frozenset({"long_memory_size", "memory_reset"})
-_CACHE = frozenset({"cache_lambda", "cache_theta", "cache_size"})
-_SEARCH = frozenset({"datastore", "knn_k", "knn_nprobe", "knn_rescore", "knn_gpu"})
-
-#: the options each mode reads (the mode itself excluded)
-OPTIONS_OF_MODE: Dict[str, FrozenSet[str]] = {
-    "none": frozenset(),
-    "trime": frozenset({"memory_temperature"}) | _LONG,
-    "cache": _CACHE | _LONG,
-    "knn": _SEARCH | {"knn_temperature", "knn_lambda"} | _CACHE | _LONG,
-    "trime_ext": _SEARCH | {"memory_temperature", "interpolation_temperature", "interpolation_lambda"} | _LONG,
-    "neighbour_knn": frozenset({"knn_temperature", "knn_lambda"}),  # the batch's neighbours (--neighbours)
-}
+__all__ = ["MODES", "RESETS", "MemoryOptions", "flag", "options_of_mode"]
 
 
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def options_of_mode(mode: str) -> FrozenSet[str]:
+    """The options ``mode`` reads (the mode itself excluded): its record's."""
+    return mode_of(mode).options
 
 
 @dataclass(frozen=True)
@@ -70,18 +64,15 @@ class MemoryOptions:
         """Options of ``mode`` from the flags a user gave (``given``: name -> value, only the
         flags actually set). A flag the mode does not read -- or, with ``available``, one
         that this call path cannot apply -- is an error."""
-        if mode not in MODES:
-            raise ValueError(f"unknown --eval-memory '{mode}', choose one of {MODES}")
+        record = mode_of(mode)  # refuses an unknown mode
         known = {f.name for f in fields(cls)} - {"mode"}
         unknown = sorted(set(given) - known)
         if unknown:
             raise ValueError(f"unknown memory options {unknown}")
-        unused = sorted(set(given) - OPTIONS_OF_MODE[mode])
+        unused = sorted(set(given) - record.options)
         if unused:
             raise ValueError(f"{', '.join(flag(n) for n in unused)} has no effect with --eval-memory {mode}")
-        if mode == "knn" and not given.get("cache_lambda") and given.keys() & {"cache_theta", "cache_size"}:
-            raise ValueError("--cache-theta / --cache-size need --cache-lambda > 0 with --eval-memory knn "
-                             "(kNN-LM + cache); without it there is no cache")
+        record.check_flags(given)
         if available is not None:
             missing = sorted(set(given) - available)
             if missing:
@@ -89,8 +80,8 @@ class MemoryOptions:
         return cls(mode=mode, **given)
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"unknown eval memory '{self.mode}', choose one of {MODES}")
+        if self.mode not in REGISTRY:
+            raise ValueError(f"unknown eval memory '{self.mode}', choose one of {mode_names()}")
         for name in ("memory_temperature", "cache_theta", "knn_temperature", "interpolation_temperature"):
             if not getattr(self, name) > 0:  # also refuses NaN
                 raise ValueError(f"{flag(name)} must be > 0, got {getattr(self, name)}")
@@ -109,10 +100,8 @@ class MemoryOptions:
         if self.knn_nprobe is not None and self.knn_nprobe < 1:
             raise ValueError(f"--knn-nprobe must be >= 1, got {self.knn_nprobe}")
         if not self.uses_local and (self.long_memory_size > 0 or self.memory_reset != "never"):
-            raise ValueError(
-                "a long-term memory / memory reset extends the local memory: it needs --eval-memory trime, cache, "
-                "trime_ext or knn with a cache (--cache-lambda)"
-            )
+            raise ValueError("a long-term memory / memory reset extends the local memory: it needs --eval-memory "
+                             f"{_with_local_memory()}")
         if self.uses_cache and self.cache_size is not None and self.long_memory_size > 0:
             raise ValueError(
                 "--cache-size limits the cache to the input row; with --long-memory-size the cache is the row "
@@ -121,35 +110,44 @@ class MemoryOptions:
         if self.uses_datastore != (self.datastore is not None):
             raise ValueError(
                 f"--eval-memory {self.mode} needs --datastore" if self.uses_datastore
-                else f"--datastore is used by --eval-memory knn / trime_ext, not {self.mode}"
+                else f"--datastore is used by --eval-memory {' / '.join(modes_where(_reads_datastore))}, not {self.mode}"
             )
 
     @property
+    def record(self):
+        """The registered record of this mode (:mod:`trime_fairseq.memory.modes`)."""
+        return mode_of(self.mode)
+
+    @property
+    def plain(self) -> bool:
+        """Whether this mode's record composes nothing: the model's own distribution (``none``)."""
+        return not self.record.joint and not self.record.steps
+
+    @property
     def cache_weight(self) -> float:
-        """λ_c of the continuous cache: 0.1 by default for ``cache``, 0 (no cache) for ``knn``."""
-        if self.mode == "cache":
-            return 0.1 if self.cache_lambda is None else self.cache_lambda
-        if self.mode == "knn":
-            return 0.0 if self.cache_lambda is None else self.cache_lambda
-        return 0.0
+        """λ_c of the continuous cache: the mode's default when not given (0.1 for ``cache``, 0 -- no
+        cache -- for ``knn``); 0 for a mode without a cache."""
+        if "cache_lambda" not in self.record.options:
+            return 0.0
+        return self.record.value(self, "cache_lambda") or 0.0
 
     @property
     def uses_cache(self) -> bool:
-        return self.cache_weight > 0
+        return LOCAL_F in self.record.parts(self)
 
     @property
     def uses_local(self) -> bool:
         """Whether the local memory (the scored row, plus the stream) takes part."""
-        return self.mode in ("trime", "trime_ext") or self.uses_cache
+        return bool(self.record.parts(self) & LOCAL)
 
     @property
     def uses_datastore(self) -> bool:
-        return self.mode in ("knn", "trime_ext")
+        return DATASTORE in self.record.parts(self)
 
     @property
     def uses_neighbours(self) -> bool:
         """Whether the precomputed neighbours carried in the batch (SPALM's ``--neighbours``) take part."""
-        return self.mode == "neighbour_knn"
+        return NEIGHBOURS in self.record.parts(self)
 
     @property
     def uses_stream(self) -> bool:
@@ -159,3 +157,21 @@ class MemoryOptions:
     def window(self) -> Optional[int]:
         """How many of the most recent row positions the local memory keeps (None: all)."""
         return self.cache_size if self.uses_cache else None
+
+
+def _reads_datastore(mode) -> bool:
+    return "datastore" in mode.options
+
+
+def _with_local_memory() -> str:
+    """The modes that can have a local memory part: those with one always, and those with an optional
+    step of local terms, named with its weight (for the error of a long-term memory without one)."""
+    names = []
+    for name, mode in REGISTRY.items():
+        steps = [(mode.joint, None)] + [(step.terms, step.weight if step.optional else None) for step in mode.steps]
+        local = [weight for terms, weight in steps if any(t.part in LOCAL for t in terms)]
+        if None in local:
+            names.append(name)
+        elif local:
+            names.append(f"{name} with {' / '.join(sorted({flag(w) for w in local}))} > 0")
+    return ", ".join(names)

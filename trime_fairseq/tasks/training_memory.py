@@ -3,7 +3,7 @@
 * The update number: fairseq tells the task, the task tells the criterion (cross-entropy warm-up).
 * ``--memory-across-workers`` (a criterion option): ``build_criterion`` records it on the task, so that
   the batchings deal each step across the workers (``--batching consecutive``: runs span workers) and
-  :func:`~trime_fairseq.data.batch_iterator` marks fairseq's dummy batch (``first_batch``; also
+  :func:`~trime_fairseq.data.batching.batch_iterator` marks fairseq's dummy batch (``first_batch``; also
   ``train_step``'s ``ignore_grad``) with :data:`~trime_fairseq.memory.gathered.DUMMY_BATCH`: a worker
   whose shard has run out still joins the step's all-gather, with entries no one sees.
 """

@@ -27,7 +27,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 from omegaconf import II
 
-from trime_fairseq.data import batch_iterator, batching_names
+from trime_fairseq.data.batching import batch_iterator, batching_names
 from trime_fairseq.data.bm25_batching import validate_options as validate_bm25_options
 from trime_fairseq.data.consecutive import validate_options as validate_consecutive_options
 from trime_fairseq.memory.documents import DocumentBoundaries
@@ -42,6 +42,7 @@ from trime_fairseq.data.neighbours import (
 from trime_fairseq.data.stream import enable_stream_memory, reset_stream_memory
 from trime_fairseq.memory.eval_memory import attach_eval_memory, build_eval_memory
 from trime_fairseq.memory.keys import NEIGHBOUR_SCORES, NEIGHBOUR_TOKENS, ensure_key_capture, require_keys
+from trime_fairseq.memory.modes import mode_help
 from trime_fairseq.memory.options import MODES
 from trime_fairseq.tasks.memory_config import LocalMemoryConfig, RetrievalMemoryConfig, memory_options  # noqa: F401
 from trime_fairseq.tasks.training_memory import TrainingMemoryTask
@@ -57,13 +58,7 @@ class TrimeLMConfig(LanguageModelingConfig, LocalMemoryConfig, RetrievalMemoryCo
     )
     eval_memory: ChoiceEnum(list(MODES)) = field(
         default="none",
-        metadata={
-            "help": "evaluation memory: none (plain LM), trime (Eq. 6 joint softmax over "
-            "vocabulary and memory), cache (continuous cache interpolation), knn (kNN-LM over --datastore, "
-            "plus a cache with --cache-lambda), trime_ext (TRIMELM_ext: datastore entries join Eq. 6, then "
-            "Eq. 7-8 interpolation), neighbour_knn (kNN-LM over the precomputed --neighbours of each position: "
-            "SPALM + kNN, or kNN-LM over SPALM's neighbours with another model)"
-        },
+        metadata={"help": "evaluation memory: " + mode_help(MODES)},
     )
     consecutive_segments: int = field(
         default=1,
@@ -174,7 +169,7 @@ class TrimeLMTask(TrainingMemoryTask, LanguageModelingTask):
         ensure_key_capture(model)  # g where the decoder has one, f always
         # recurrent-memory models carry memory across batches only in stream order
         enable_stream_memory(model, self.args.batching == "stream")
-        if self.trime_memory_options.mode != "none":
+        if not self.trime_memory_options.plain:
             options, dictionary = self.trime_memory_options, self.target_dictionary
             documents = DocumentBoundaries.from_dictionary(dictionary) if options.memory_reset == "document" else None
             memory = build_eval_memory(options, dictionary, documents=documents)

@@ -30,14 +30,16 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from omegaconf import II
 
-from trime_fairseq.data import batch_iterator
+from trime_fairseq.data.batching import batch_iterator
 from trime_fairseq.data.bm25_batching import BM25_FILLS, validate_options as validate_bm25_options
 from trime_fairseq.memory.eval_memory import attach_eval_memory, build_eval_memory
 from trime_fairseq.memory.keys import ensure_key_capture, require_keys
+from trime_fairseq.memory.modes import mode_help, modes_where
 from trime_fairseq.tasks.memory_config import RETRIEVAL_FLAGS, RetrievalMemoryConfig, memory_options
 from trime_fairseq.tasks.training_memory import TrainingMemoryTask
 
-MT_MODES = ("none", "knn", "trime_ext")
+#: the modes whose record works without a local memory (none, knn, trime_ext)
+MT_MODES = modes_where(lambda mode: mode.without_local)
 MT_BATCHINGS = ("shuffled", "bm25")
 
 
@@ -45,8 +47,7 @@ MT_BATCHINGS = ("shuffled", "bm25")
 class TrimeTranslationConfig(TranslationConfig, RetrievalMemoryConfig):
     eval_memory: ChoiceEnum(list(MT_MODES)) = field(
         default="none",
-        metadata={"help": "evaluation memory: none, knn (kNN-MT over --datastore), trime_ext (TRIME-MT: the "
-                  "retrieved entries join Eq. 6, then Eq. 7-8 interpolation)"},
+        metadata={"help": "evaluation memory: " + mode_help(MT_MODES)},
     )
     batching: ChoiceEnum(list(MT_BATCHINGS)) = field(
         default="shuffled",
@@ -85,7 +86,7 @@ class TrimeTranslationTask(TrainingMemoryTask, TranslationTask):
         model = super().build_model(cfg, from_checkpoint)
         ensure_key_capture(model)  # the decoder's g (input of its last feed-forward block) and f
         options = self.trime_memory_options
-        if options.mode != "none":
+        if not options.plain:
             memory = build_eval_memory(options, self.target_dictionary, local=False)
             require_keys(model, memory.key_names(), f"--eval-memory {options.mode}")
             attach_eval_memory(model, memory)
