@@ -27,7 +27,7 @@ from typing import Callable, List, Optional
 import numpy as np
 from fairseq.data import iterators
 
-from trime_fairseq.data import register_batching
+from trime_fairseq.data.registry import register_batching
 from trime_fairseq.data.bm25 import read_order_file
 from trime_fairseq.checksums import dictionary_checksum
 
