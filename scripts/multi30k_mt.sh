@@ -14,13 +14,22 @@
 #
 #   scripts/multi30k_mt.sh                 # UPDATES=1000
 #
-# Environment: UPDATES (1000), OUT (runs/multi30k-mt-$UPDATES), DATA (data-bin/multi30k), BEAM (5), TUNE_SENTENCES (300),
+#   CONFIG=multi30k_d256 UPDATES=2200 SEED=2 TRIME="task.bm25_fill=real dataset.max_tokens=3880 \
+#     criterion.train_memory_topk=8 criterion.train_memory_temperature=10" scripts/multi30k_mt.sh   # one seed of item 4
+#
+# Environment: UPDATES (1000), CONFIG (configs/trime_mt/CONFIG.yaml: multi30k_small), SEED (1), TRIME (extra hydra
+# overrides of the TRIME-MT run), OUT (runs/multi30k-mt-$UPDATES for multi30k_small seed 1, else
+# runs/multi30k-mt-$CONFIG-$UPDATES-seed$SEED), DATA (data-bin/multi30k), BEAM (5), TUNE_SENTENCES (300),
 # IWSLT (../shared/data/iwslt14.tokenized.de-en; skipped when absent), IWSLT_TEST (1000), TED_TUNE_SENTENCES (1000), KS (K grid,
 # 1,2,4,8,16,32,64 as the paper after Zheng et al. 2021), INDEX (FAISS factory of the datastores, IVF256,Flat).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 UPDATES=${UPDATES:-1000}
-OUT=${OUT:-runs/multi30k-mt-$UPDATES}
+CONFIG=${CONFIG:-multi30k_small}
+SEED=${SEED:-1}
+TRIME=${TRIME:-}
+if [ "$CONFIG" = multi30k_small ] && [ "$SEED" = 1 ]; then OUT=${OUT:-runs/multi30k-mt-$UPDATES}
+else OUT=${OUT:-runs/multi30k-mt-$CONFIG-$UPDATES-seed$SEED}; fi
 DATA=${DATA:-data-bin/multi30k}
 BEAM=${BEAM:-5}
 TUNE_SENTENCES=${TUNE_SENTENCES:-300}
@@ -44,14 +53,16 @@ train() {  # name overrides...
   local log="$OUT/train_$1.log"
   if [ ! -f "$OUT/$1/checkpoint_last.pt" ] || ! grep -q "done training" "$log" 2>/dev/null; then
     say "training $1 ($UPDATES updates) -> $log"
-    fairseq-hydra-train --config-dir configs/trime_mt --config-name multi30k_small task.data="$DATA" \
+    fairseq-hydra-train --config-dir configs/trime_mt --config-name "$CONFIG" task.data="$DATA" common.seed="$SEED" \
       optimization.max_update="$UPDATES" checkpoint.save_dir="$OUT/$1" hydra.run.dir="$OUT/hydra_$1" "${@:2}" \
       > "$log" 2>&1
   fi
 }
-train transformer criterion._name=cross_entropy '~criterion.ce_warmup_ratio' '~criterion.memory_block_size' task.batching=shuffled \
+train transformer criterion._name=cross_entropy '~criterion.ce_warmup_ratio' '~criterion.memory_block_size' \
+  '~criterion.train_memory_temperature' '~criterion.train_memory_topk' task.batching=shuffled \
   task.bm25_order=null & p1=$!
-train trime_mt task.bm25_order="$order" & p2=$!
+# shellcheck disable=SC2086
+train trime_mt task.bm25_order="$order" $TRIME & p2=$!
 watch_training "$UPDATES" "$OUT/train_transformer.log" "$OUT/train_trime_mt.log" & watch_pid=$!
 wait $p1; wait $p2
 kill $watch_pid 2>/dev/null || true
@@ -148,7 +159,7 @@ fi
 
 score() { sed -n 's/^BLEU = \([0-9.]*\) .*/\1/p' "$OUT/gen_$1.bleu"; }
 {
-  echo "Multi30k de->en, configs/trime_mt/multi30k_small.yaml, $UPDATES updates x 4,096 tokens; beam $BEAM;"
+  echo "Multi30k de->en, configs/trime_mt/$CONFIG.yaml, seed $SEED, $UPDATES updates; TRIME-MT overrides: ${TRIME:-none}; beam $BEAM;"
   echo "detokenised sacreBLEU: $(sed -n 's/.* | \(nrefs[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*\) | .*/\1/p' "$OUT/gen_transformer.bleu")"
   echo
   echo "| model | evaluation memory (tuned on valid) | test2016 BLEU |$([ -n "$domain" ] && echo " IWSLT'14 test BLEU (memory: IWSLT'14 valid) |")"
