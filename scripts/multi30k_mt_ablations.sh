@@ -43,12 +43,13 @@ overrides() {  # run name -> its hydra overrides
   local bm25="task.bm25_order=$order task.bm25_fill=real dataset.max_tokens=3880"
   local shuffled="task.batching=shuffled task.bm25_order=null"
   local top8="criterion.train_memory_topk=8 criterion.train_memory_temperature=10"
+  local eq5="criterion.train_memory_topk=0 criterion.train_memory_temperature=1"
   case $1 in
     transformer) echo "criterion._name=cross_entropy ~criterion.ce_warmup_ratio ~criterion.memory_block_size" \
                       "~criterion.train_memory_temperature ~criterion.train_memory_topk $shuffled" ;;
-    eq5_bm25) echo "$bm25" ;;
-    eq5_shuffled) echo "$shuffled" ;;
-    eq5_bm25_warm30) echo "$bm25 criterion.ce_warmup_ratio=0.3" ;;
+    eq5_bm25) echo "$bm25 $eq5" ;;
+    eq5_shuffled) echo "$shuffled $eq5" ;;
+    eq5_bm25_warm30) echo "$bm25 $eq5 criterion.ce_warmup_ratio=0.3" ;;
     top8_bm25) echo "$bm25 $top8" ;;
     top8_shuffled) echo "$shuffled $top8" ;;
     *) echo "unknown run $1" >&2; return 1 ;;
