@@ -31,7 +31,8 @@ from fairseq import options, tasks  # noqa: E402
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
 from fairseq.sequence_scorer import SequenceScorer  # noqa: E402
 from trime_fairseq.checksums import dictionary_checksum, loaded_model_checksum  # noqa: E402
-from trime_fairseq.cli.tune import AXES, grid  # noqa: E402
+from trime_fairseq.cli.grid_search import grid  # noqa: E402
+from trime_fairseq.cli.tune import AXES  # noqa: E402
 from trime_fairseq.memory.datastore import DatastoreSpec, DatastoreWriter  # noqa: E402
 from trime_fairseq.memory.keys import get_keys  # noqa: E402
 
@@ -103,7 +104,7 @@ def build_datastore(folder, model, task, tokens, factory):
     return len(values)
 
 
-def main():
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("data")
     p.add_argument("--batches", type=int, default=6, help="rows of the paper's shape (part 1)")
@@ -111,7 +112,11 @@ def main():
     p.add_argument("--datastore-tokens", type=int, default=200_000)
     p.add_argument("--index", default="IVF256,PQ16")
     p.add_argument("--knn-k", type=int, default=1024)
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = get_parser().parse_args()
     torch.manual_seed(1)
 
     # 1. the paper's evaluation shape: trime / cache vs plain

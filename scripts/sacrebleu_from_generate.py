@@ -33,12 +33,16 @@ def read(path):
     return hyps, refs
 
 
-def main(argv=None):
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("generate_output")
     p.add_argument("--refs", default=None, help="raw reference file, one sentence per line (by sentence id)")
     p.add_argument("--lang", default="en")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
     hyps, refs = read(args.generate_output)
     if not hyps:
         sys.exit(f"no H- lines in {args.generate_output} (run fairseq-generate with --remove-bpe)")

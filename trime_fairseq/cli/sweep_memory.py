@@ -142,8 +142,18 @@ def write_outputs(out_dir: Path, results: Dict[str, List[Dict]], subset: str) ->
     plt.close(fig)
 
 
-def main(argv=None):
-    cfg, args = eval_lm_config(sys.argv[1:] if argv is None else argv, add_args)
+def get_parser():
+    """trime-sweep-memory's parser: fairseq-eval-lm's plus the sweep's options (parse it with
+    ``options.parse_args_and_arch``)."""
+    from fairseq import options
+
+    parser = options.get_eval_lm_parser()
+    add_args(parser)
+    return parser
+
+
+def checked(cfg, args):
+    """(base options, sizes) of a parsed command line, after every check that needs no model and no data."""
     from trime_fairseq.tasks.memory_config import memory_options
 
     if getattr(cfg.task, "long_memory_size", None) is not None:
@@ -151,7 +161,12 @@ def main(argv=None):
     base = memory_options(cfg.task)
     if base.mode == "none":
         raise ValueError("trime-sweep-memory needs --eval-memory trime (or cache) for the --path model")
-    sizes = _sizes(args.sizes)
+    return base, _sizes(args.sizes)
+
+
+def main(argv=None):
+    cfg, args = eval_lm_config(sys.argv[1:] if argv is None else argv, add_args)
+    base, sizes = checked(cfg, args)
     results = {args.label: sweep_model(cfg, base, sizes)}
     if args.baseline_path:
         baseline_cfg = copy.deepcopy(cfg)

@@ -61,6 +61,28 @@ def add_args(parser):
     group.add_argument("--results-json", default=None, help="write every grid point and the best to this file")
 
 
+def get_parser():
+    """trime-tune-mt's parser: fairseq-generate's plus the grids (parse it with ``options.parse_args_and_arch``)."""
+    from fairseq import options
+
+    parser = options.get_generation_parser()
+    add_args(parser)
+    return parser
+
+
+def checked(cfg, args):
+    """(base options, grid axes) of a parsed command line, after every check that needs no model and no data."""
+    from trime_fairseq.tasks.memory_config import RETRIEVAL_FLAGS, memory_options
+
+    check_rounds(args.widen_edges)
+    base = memory_options(cfg.task, RETRIEVAL_FLAGS)
+    if base.mode not in AXES:
+        raise ValueError("trime-tune-mt needs --task trime_translation --eval-memory knn or trime_ext (and --datastore)")
+    axes = {name: sorted({cast(x) for x in getattr(args, option).split(",") if x.strip()})
+            for name, option, cast in AXES[base.mode]}
+    return base, axes
+
+
 def describe(opt) -> str:
     if opt.mode == "knn":
         return (f"--eval-memory knn --knn-k {opt.knn_k} --knn-temperature {opt.knn_temperature:g} "
@@ -100,19 +122,10 @@ def main(argv=None):
 
     from trime_fairseq.memory.eval_memory import EvalMemory, route_normalized_probs
 
-    parser = options.get_generation_parser()
-    add_args(parser)
-    args = options.parse_args_and_arch(parser, input_args=sys.argv[1:] if argv is None else argv)
+    args = options.parse_args_and_arch(get_parser(), input_args=sys.argv[1:] if argv is None else argv)
     cfg = convert_namespace_to_omegaconf(args)
     utils.import_user_module(cfg.common)
-    from trime_fairseq.tasks.memory_config import RETRIEVAL_FLAGS, memory_options
-
-    check_rounds(args.widen_edges)
-    base = memory_options(cfg.task, RETRIEVAL_FLAGS)
-    if base.mode not in AXES:
-        raise ValueError("trime-tune-mt needs --task trime_translation --eval-memory knn or trime_ext (and --datastore)")
-    axes = {name: sorted({cast(x) for x in getattr(args, option).split(",") if x.strip()})
-            for name, option, cast in AXES[base.mode]}
+    base, axes = checked(cfg, args)
     # the task opens the datastore (and checks the largest K against its size); each round searches
     # once per step at its largest K, which serves every K of the round
     cfg.task.knn_k = max(axes["knn_k"])
