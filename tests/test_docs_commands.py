@@ -681,3 +681,24 @@ def test_the_checker_rejects_a_wrong_table_row(in_root, tmp_path):
     right = _extract(tmp_path, "`--eval-memory trime_ext --memory-temperature 2 --interpolation-temperature 10 "
                                "--interpolation-lambda 0.1`\n")
     assert failure(right[0]) is None
+
+
+def test_the_small_wikitext2_model_has_the_size_the_docs_state():
+    """docs/results*.md give trime_lm_wikitext2_small (configs/trime/wikitext2_small.yaml and its trime_long /
+    trime_ext copies) as 1.51M parameters: the model built over WikiText-2's 33,280-entry dictionary."""
+    import torch
+    from fairseq.data import Dictionary
+    from fairseq.models.transformer_lm import TransformerLanguageModel
+    from test_configs import composed
+
+    dictionary = Dictionary()
+    for i in range(33_280 - dictionary.nspecial):
+        dictionary.add_symbol(f"w{i}")
+    task = type("Task", (), {"source_dictionary": dictionary, "target_dictionary": dictionary})()
+    for config in ("trime", "trime_long", "trime_ext"):
+        cfg = composed(ROOT / "configs" / config / "wikitext2_small.yaml")
+        with torch.device("meta"):
+            model = TransformerLanguageModel.build_model(cfg.model, task)
+        assert sum(p.numel() for p in model.parameters()) == 1_513_344, config
+    for name in ("results.md", "results_long.md", "results_models.md", "results_spalm.md"):
+        assert "1.51M" in (ROOT / "docs" / name).read_text(encoding="utf-8"), name
