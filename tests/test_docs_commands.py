@@ -700,5 +700,6 @@ def test_the_small_wikitext2_model_has_the_size_the_docs_state():
         with torch.device("meta"):
             model = TransformerLanguageModel.build_model(cfg.model, task)
         assert sum(p.numel() for p in model.parameters()) == 1_513_344, config
-    for name in ("results.md", "results_long.md", "results_models.md", "results_spalm.md"):
-        assert "1.51M" in (ROOT / "docs" / name).read_text(encoding="utf-8"), name
+    for path in (ROOT / "README.md", *(ROOT / "docs" / n for n in ("results.md", "results_long.md",
+                                                                  "results_models.md", "results_spalm.md"))):
+        assert "1.51M" in path.read_text(encoding="utf-8"), path.name
