@@ -4,14 +4,17 @@ Extraction (:func:`doc_commands`), in document order per file:
 
 * code blocks -- fenced (```bash, ```sh or bare ```) and indented by 4 spaces -- line by line: a line ending
   in ``\\`` continues; ``NAME=value`` / ``NAME="..."`` / ``export NAME=value`` lines define shell variables
-  for the rest of the file, and so do inline spans that are only an assignment (```R=runs/x```) and the
+  for the rest of the file, and so do inline spans that are only an assignment (``R=runs/x``) and the
   ``NAME=value`` prefixes of a command; ``$NAME`` / ``${NAME}`` are expanded (a variable the docs use
   without defining it must be in :data:`LOOP_DEFAULTS`, else the command fails); ``for X in a b; do``
   sets X to its first value; ``&&`` / ``;`` separate commands; a trailing ``&``, ``/usr/bin/time -v`` and
   ``nice -n N`` are dropped; ``# comments`` are dropped, except ``#   = PROGRAM ...`` lines (an equivalent
   command line, checked as a fragment);
 * inline code spans (prose and table cells, joined across line breaks, ``\\|`` = ``|``) that start with a
-  program below and hold at least one argument;
+  program below and hold at least one argument. Such a span may only refer to a command: it is checked with
+  dummies for the required options it omits (argparse CLIs; a last option named without its value gets one),
+  and a fairseq-style span without its data argument is checked as a fragment (below); the CLIs' own extra
+  checks (``checked``, ``check_args``) and the criterion need a full command;
 * inline spans of evaluation-memory flags (``--eval-memory MODE ...``, e.g. the tables' "evaluation
   memory" column): checked on top of :data:`FLAG_BASE` (per file), with ``--datastore`` / ``--neighbours``
   added when the mode needs one and the span has none (the docs give it next to the table).
@@ -518,11 +521,12 @@ def _check_plugin_cli(cmd: DocCommand):
         return
     module = importlib.import_module("trime_fairseq.cli." + CONSOLE[program])
     parser = module.get_parser()
+    full = argv
     if cmd.fragment or cmd.inline:  # a reference to the CLI in prose or a table may omit its required options
         argv = _fill_required(parser, argv)
     with _argparse_errors():
         args = parser.parse_args(argv)
-    if hasattr(module, "check_args") and not (cmd.fragment or cmd.inline or "--help" in argv):
+    if hasattr(module, "check_args") and not cmd.fragment and argv == full and "--help" not in argv:
         module.check_args(args)
 
 
