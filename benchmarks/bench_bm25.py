@@ -159,12 +159,16 @@ def rank_bm25_table(seg, ignore, length, sizes, target_n):
     return "\n".join(lines)
 
 
-def main():
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="binarized WikiText-2 (scripts/prepare_wikitext.sh)")
     p.add_argument("--quick", action="store_true", help="small sizes only (a smoke run)")
     p.add_argument("--k", type=int, default=20)
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = get_parser().parse_args()
     print(f"# bench_bm25 ({time.strftime('%Y-%m-%d %H:%M')}, load average {os.getloadavg()[0]:.1f}, "
           f"{os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})\n")
     whole = load_segments(args.data, "train", 10 ** 9)

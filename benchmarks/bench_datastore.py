@@ -64,7 +64,7 @@ def recall(approx, exact):
     return float(np.mean([len(set(a[a >= 0]) & set(e)) / len(e) for a, e in zip(approx, exact)]))
 
 
-def main():
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=200_000)
     p.add_argument("--dim", type=int, default=128)
@@ -76,7 +76,11 @@ def main():
     p.add_argument("--nprobes", default="8,32,128")
     p.add_argument("--ntrain", type=int, default=1_000_000)
     p.add_argument("--dir", default=None, help="work folder (default: a temporary one, removed)")
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = get_parser().parse_args()
     import faiss
 
     print(f"# bench_datastore ({time.strftime('%Y-%m-%d %H:%M')}, load average {os.getloadavg()[0]:.1f}, "

@@ -155,7 +155,7 @@ def measure_search(keys: Keys, pq_train_n: int, n: int, nlist: int, nprobes, que
     return index.ntotal / nlist, rows, coarse_qps
 
 
-def main():
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dim", type=int, default=DIM)
     p.add_argument("--write-keys", type=int, default=1 << 20, help="keys written through DatastoreWriter")
@@ -166,7 +166,11 @@ def main():
     p.add_argument("--queries", type=int, default=64)
     p.add_argument("--k", type=int, default=1024)
     p.add_argument("--dir", default=None, help="work folder (default: a temporary one, removed)")
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = get_parser().parse_args()
     import faiss
 
     work = args.dir or tempfile.mkdtemp(prefix="bench_scale_")

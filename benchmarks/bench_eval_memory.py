@@ -104,7 +104,7 @@ def build_datastore(folder, model, task, tokens, factory):
     return len(values)
 
 
-def main():
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("data")
     p.add_argument("--batches", type=int, default=6, help="rows of the paper's shape (part 1)")
@@ -112,7 +112,11 @@ def main():
     p.add_argument("--datastore-tokens", type=int, default=200_000)
     p.add_argument("--index", default="IVF256,PQ16")
     p.add_argument("--knn-k", type=int, default=1024)
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = get_parser().parse_args()
     torch.manual_seed(1)
 
     # 1. the paper's evaluation shape: trime / cache vs plain

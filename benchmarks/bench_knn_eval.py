@@ -31,7 +31,7 @@ MODE_ARGS = {
 }
 
 
-def main():
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("data")
     p.add_argument("--path", required=True)
@@ -42,7 +42,11 @@ def main():
     p.add_argument("--split", default="valid")
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--eval-args", default="--tokens-per-sample 256 --context-window 128 --batch-size 8")
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = get_parser().parse_args()
     from fairseq.sequence_scorer import SequenceScorer
 
     modes = args.modes.split(",")

@@ -40,7 +40,7 @@ def load(data, path, extra=()):
     return task, models[0].eval(), task.build_generator(models, cfg.generation)
 
 
-def main():
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("data")
     p.add_argument("--path", required=True, help="a translation checkpoint")
@@ -51,7 +51,11 @@ def main():
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--ivf", default="IVF256,PQ32", help="the approximate index")
     p.add_argument("--nprobe", type=int, default=8)
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = get_parser().parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         stores = {}
         for name, factory in (("flat", "Flat"), ("ivfpq", args.ivf)):

@@ -224,7 +224,7 @@ def table(results, args):
     return "\n".join(lines)
 
 
-def main():
+def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="wikitext2_small")
     parser.add_argument("--tgt", type=int, default=64, help="segment length (tokens per sample)")
@@ -236,7 +236,11 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--flops", action="store_true", help="also count matmul FLOPs per token")
     parser.add_argument("--flops-only", action="store_true", help="only count FLOPs (e.g. --size wt103_base)")
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = get_parser().parse_args()
     print(table(measure_flops(args) if args.flops_only else measure(args), args))
 
 

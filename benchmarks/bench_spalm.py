@@ -164,7 +164,7 @@ def bench_search(args):
     print()
 
 
-def main():
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="wikitext2_small", choices=sorted(SIZES))
     p.add_argument("--tgt", type=int, default=64)
@@ -182,7 +182,11 @@ def main():
     p.add_argument("--datastore", default=None, help="a trime-build-datastore folder: also time the search")
     p.add_argument("--queries", type=int, default=16384)
     p.add_argument("--nprobe", type=int, default=None)
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = get_parser().parse_args()
     if not args.skip_train:
         bench_train(args, torch.device(args.device))
     if args.data and args.neighbours:

@@ -140,7 +140,7 @@ def eval_table(task, model, args):
         print(f"| {n} | {t:.3f} | {tokens / t:.0f} | {t / base:.2f} |")
 
 
-def main():
+def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="trime_lm_wikitext2_small")
     parser.add_argument("--vocab", type=int, default=33278)
@@ -153,7 +153,11 @@ def main():
     parser.add_argument("--full-softmax", action="store_true", help="drop the adaptive softmax / input")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-eval", action="store_true")
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = get_parser().parse_args()
     torch.manual_seed(0)
     task, model, adaptive = build(args.arch, args.vocab, max(args.tokens, args.context + args.tokens), args.full_softmax)
     if not args.skip_train:

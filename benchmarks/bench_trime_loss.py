@@ -49,14 +49,18 @@ def step_time(model, criterion, sample):
     return time.perf_counter() - start
 
 
-def main():
+def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="trime_lm_wiki103_7m")
     parser.add_argument("--vocab", type=int, default=33278)
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--runs", type=int, default=7)
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = get_parser().parse_args()
 
     torch.manual_seed(0)
     task, model, adaptive = build(args.arch, args.vocab, args.tokens)

@@ -277,12 +277,16 @@ def markdown(results) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main():
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/gpu_check")
     p.add_argument("--steps", type=int, default=10, help="timed fp16 steps per criterion (GPU)")
     p.add_argument("--faiss-keys", type=int, default=1 << 20, help="synthetic keys of the faiss-gpu build")
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = get_parser().parse_args()
     os.makedirs(args.out, exist_ok=True)
     gpu = torch.cuda.is_available()
     import faiss

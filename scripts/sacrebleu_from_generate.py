@@ -55,14 +55,18 @@ def check_complete(hyps, refs, path, num_lines=None, expected=None):
     return ids
 
 
-def main(argv=None):
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("generate_output")
     p.add_argument("--refs", default=None, help="raw reference file, one sentence per line (by sentence id)")
     p.add_argument("--lang", default="en")
     p.add_argument("--num-sentences", type=int, default=None,
                    help="the split's number of sentences (checked; default: the --refs file's lines)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
     hyps, refs = read(args.generate_output)
     if not hyps:
         sys.exit(f"no H- lines in {args.generate_output} (run fairseq-generate with --remove-bpe)")

@@ -225,14 +225,26 @@ def scored_keys(model, task, itr, num_batches: int, key_type: str, device, skip_
             yield i + 1, keys[scored], target[scored]
 
 
-def main(args) -> dict:
+def check_args(args) -> None:
+    """The checks of :func:`main` / :func:`merge_main` that need no model, data or datastore part."""
     if args.merge_shards is not None:
-        return merge_main(args)
+        if args.path is not None or args.num_shards != 1:
+            raise ValueError("--merge-shards reads the parts' keys: it takes no --path / --num-shards")
+        if args.merge_shards < 2:
+            raise ValueError(f"--merge-shards N merges N >= 2 parts, got {args.merge_shards}")
+        return
     if args.path is None:
         raise ValueError("--path CHECKPOINT is required (except with --merge-shards)")
     num_shards, shard_id = int(args.num_shards), int(args.shard_id)
     if num_shards < 1 or not 0 <= shard_id < num_shards:
         raise ValueError(f"--shard-id must lie in [0, --num-shards), got {shard_id} of {num_shards}")
+
+
+def main(args) -> dict:
+    check_args(args)
+    if args.merge_shards is not None:
+        return merge_main(args)
+    num_shards, shard_id = int(args.num_shards), int(args.shard_id)
     progress = not args.no_progress_bar
     use_cuda = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda" if use_cuda else "cpu")
@@ -317,10 +329,7 @@ def main(args) -> dict:
 def merge_main(args) -> dict:
     """Merge the complete parts in ``args.output`` and build the index."""
     progress = not args.no_progress_bar
-    if args.path is not None or args.num_shards != 1:
-        raise ValueError("--merge-shards reads the parts' keys: it takes no --path / --num-shards")
-    if args.merge_shards < 2:
-        raise ValueError(f"--merge-shards N merges N >= 2 parts, got {args.merge_shards}")
+    check_args(args)
     parts = [read_part(part_folder(args.output, i, args.merge_shards)) for i in range(args.merge_shards)]
     rows, dim = sum(p["rows"] for p in parts), int(parts[0]["spec"]["dim"])
     fi.check_factory(args.index_factory, dim, rows, args.ntrain)  # fail before copying

@@ -32,6 +32,15 @@ def add_args(parser):
     group.add_argument("--bins", type=int, default=50)
 
 
+def get_parser():
+    """The parser: fairseq-eval-lm's plus the options above (parse it with ``options.parse_args_and_arch``)."""
+    from fairseq import options
+
+    parser = options.get_eval_lm_parser()
+    add_args(parser)
+    return parser
+
+
 @torch.no_grad()
 def collect_gates(cfg):
     """(gates (P,), target among the neighbours (P,) bool, share of z from the long-term memory (P,)) of the

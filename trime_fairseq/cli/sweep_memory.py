@@ -143,8 +143,18 @@ def write_outputs(out_dir: Path, results: Dict[str, List[Dict]], subset: str) ->
     plt.close(fig)
 
 
-def main(argv=None):
-    cfg, args = eval_lm_config(sys.argv[1:] if argv is None else argv, add_args)
+def get_parser():
+    """trime-sweep-memory's parser: fairseq-eval-lm's plus the sweep's options (parse it with
+    ``options.parse_args_and_arch``)."""
+    from fairseq import options
+
+    parser = options.get_eval_lm_parser()
+    add_args(parser)
+    return parser
+
+
+def checked(cfg, args):
+    """(base options, sizes) of a parsed command line, after every check that needs no model and no data."""
     from trime_fairseq.tasks.memory_config import memory_options
 
     if getattr(cfg.task, "long_memory_size", None) is not None:
@@ -153,7 +163,12 @@ def main(argv=None):
     if "long_memory_size" not in base.record.options:
         raise ValueError("trime-sweep-memory needs an --eval-memory with a long-term memory (trime or cache) for the "
                          "--path model")
-    sizes = _sizes(args.sizes)
+    return base, _sizes(args.sizes)
+
+
+def main(argv=None):
+    cfg, args = eval_lm_config(sys.argv[1:] if argv is None else argv, add_args)
+    base, sizes = checked(cfg, args)
     results = {args.label: sweep_model(cfg, base, sizes)}
     if args.baseline_path:
         baseline_cfg = copy.deepcopy(cfg)

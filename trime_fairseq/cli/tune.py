@@ -69,6 +69,25 @@ def add_args(parser):
     group.add_argument("--results-json", default=None, help="write every grid point and the best to this file")
 
 
+def get_parser():
+    """trime-tune's parser: fairseq-eval-lm's plus the grids (parse it with ``options.parse_args_and_arch``)."""
+    from fairseq import options
+
+    parser = options.get_eval_lm_parser()
+    add_args(parser)
+    return parser
+
+
+def checked(cfg, args):
+    """(base options, grid axes) of a parsed command line, after every check that needs no model and no data."""
+    from trime_fairseq.tasks.memory_config import memory_options
+
+    base = memory_options(cfg.task)
+    axes = axes_of(base, args)
+    check_rounds(args.widen_edges)
+    return base, axes
+
+
 def axes_of(base: MemoryOptions, args) -> Dict[str, List[float]]:
     return grid_axes(base, args, "axes", "trime-tune needs --eval-memory")
 
@@ -124,10 +143,7 @@ def tune(cfg, base: MemoryOptions, axes: Dict[str, List[float]], rounds: int):
 
 def main(argv=None):
     cfg, args = eval_lm_config(sys.argv[1:] if argv is None else argv, add_args)
-    from trime_fairseq.tasks.memory_config import memory_options
-
-    base = memory_options(cfg.task)
-    axes = axes_of(base, args)
+    base, axes = checked(cfg, args)
     ppl, best, history = tune(cfg, base, axes, args.widen_edges)
     plain = next(p for p in ppl if p.plain)
     subset = cfg.dataset.gen_subset

@@ -62,6 +62,26 @@ def add_args(parser):
     group.add_argument("--results-json", default=None, help="write every grid point and the best to this file")
 
 
+def get_parser():
+    """trime-tune-mt's parser: fairseq-generate's plus the grids (parse it with ``options.parse_args_and_arch``)."""
+    from fairseq import options
+
+    parser = options.get_generation_parser()
+    add_args(parser)
+    return parser
+
+
+def checked(cfg, args):
+    """(base options, grid axes) of a parsed command line, after every check that needs no model and no data."""
+    from trime_fairseq.tasks.memory_config import RETRIEVAL_FLAGS, memory_options
+
+    check_rounds(args.widen_edges)
+    base = memory_options(cfg.task, RETRIEVAL_FLAGS)
+    axes = grid_axes(base, args, "decoding_axes", "trime-tune-mt needs --task trime_translation --eval-memory",
+                     " (and --datastore)")
+    return base, axes
+
+
 def describe(opt) -> str:
     """The fairseq-generate flags that select ``opt`` (grid values; the fixed options are the command line's)."""
     return opt.record.flags(opt, opt.record.decoding_axes)
@@ -95,17 +115,10 @@ def main(argv=None):
 
     from trime_fairseq.memory.eval_memory import EvalMemory, route_normalized_probs
 
-    parser = options.get_generation_parser()
-    add_args(parser)
-    args = options.parse_args_and_arch(parser, input_args=sys.argv[1:] if argv is None else argv)
+    args = options.parse_args_and_arch(get_parser(), input_args=sys.argv[1:] if argv is None else argv)
     cfg = convert_namespace_to_omegaconf(args)
     utils.import_user_module(cfg.common)
-    from trime_fairseq.tasks.memory_config import RETRIEVAL_FLAGS, memory_options
-
-    check_rounds(args.widen_edges)
-    base = memory_options(cfg.task, RETRIEVAL_FLAGS)
-    axes = grid_axes(base, args, "decoding_axes", "trime-tune-mt needs --task trime_translation --eval-memory",
-                     " (and --datastore)")
+    base, axes = checked(cfg, args)
     # the task opens the datastore (and checks the largest K against its size); each round searches
     # once per step at its largest K, which serves every K of the round
     cfg.task.knn_k = max(axes["knn_k"])
