@@ -483,3 +483,35 @@ def test_token_head_of_briefly_trained_trime_mt_emits_eos():
     assert ended >= 0.85, f"only {ended:.0%} of the greedy hypotheses of the token distribution end"
     _, ce_every = briefly_trained(topk=0, tau=1.0)
     assert ce_every > 3 * ce_top8, (ce_every, ce_top8)
+
+
+def test_diagnosis_statistics_equal_naive_sums_and_autograd():
+    """scripts/trime_mt_diagnosis.py: the memory's share of Eq. 5's numerator, P, and ∂(−log P)/∂s_target
+    equal explicit sums over vocabulary ∪ entries and autograd; cross-entropy's gradient is p_token − 1."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("trime_mt_diagnosis", ROOT / "scripts" / "trime_mt_diagnosis.py")
+    diagnosis = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diagnosis)
+    g = torch.Generator().manual_seed(0)
+    n, v, m = 5, 7, 6
+    logits = torch.randn(n, v, generator=g, dtype=torch.float64)
+    scores = torch.randn(n, m, generator=g, dtype=torch.float64)
+    values = torch.randint(0, v, (n, m), generator=g)
+    mask = torch.rand(n, m, generator=g) < 0.7
+    mask[0] = False  # a position with an empty memory
+    target = torch.randint(0, v, (n,), generator=g)
+    target[1] = values[1][mask[1]][0] if mask[1].any() else target[1]
+    stats = diagnosis.position_statistics(logits, scores, values, mask, target)
+    for i in range(n):
+        tok = torch.exp(logits[i, target[i]])
+        mem = sum(torch.exp(scores[i, j]) for j in range(m) if mask[i, j] and values[i, j] == target[i])
+        numerator = tok + mem
+        normaliser = torch.exp(logits[i]).sum() + sum(torch.exp(scores[i, j]) for j in range(m) if mask[i, j])
+        torch.testing.assert_close(stats["memory_share"][i].double(), torch.as_tensor(mem / numerator, dtype=torch.float64))
+        torch.testing.assert_close(stats["p_joint"][i].double(), numerator / normaliser)
+        torch.testing.assert_close(stats["grad_trime"][i].double(), tok / normaliser - tok / numerator)
+        torch.testing.assert_close(stats["grad_ce"][i].double(), torch.softmax(logits[i], -1)[target[i]] - 1)
+    torch.testing.assert_close(stats["grad_trime"].double(),
+                               diagnosis.autograd_target_gradients(logits, scores, values, mask, target))
+    assert stats["memory_share"][0] == 0 and stats["entries"][0] == 0
