@@ -240,6 +240,15 @@ class EvalMemory:
                                                             summarize))
         return out.view_as(target)
 
+    def skip_features(self, decoder, net_output, sample, positions: Tensor) -> Tensor:
+        """(n, 3) skip features (:mod:`trime_fairseq.memory.skip`) of flat ``positions`` of a forward pass, as
+        the drivers compute them (``trime-train-skip-predictor``)."""
+        if self.external is None:
+            raise ValueError("skip features belong to a datastore search: this EvalMemory has no datastore")
+        state = self._forward(net_output, sample)
+        state.offer_outputs(decoder, 0, net_output[0])
+        return state.skip_features(positions)
+
     # -- driver 3: one decoding step (generation) -------------------------------------------------------
     def step_log_probs(self, decoder, net_output) -> Tensor:
         """(B', 1, V) log-probabilities of the next token of every live hypothesis: the last

@@ -49,7 +49,7 @@ def skip_features(token_log_probs: Tensor, queries: Tensor) -> Tensor:
     lp = fp32(token_log_probs)
     p_log_p = torch.where(torch.isfinite(lp), lp.exp() * lp, lp.new_zeros(()))  # (Q, V), 0·log 0 = 0
     entropy = -p_log_p.sum(-1)  # (Q,)
-    return torch.stack([entropy, lp.max(-1).values, fp32(queries).norm(dim=-1)], -1)  # (Q, 3)
+    return torch.stack([entropy, lp.max(-1).values, fp32(queries).norm(dim=-1)], -1).float()  # (Q, 3)
 
 
 @dataclass
