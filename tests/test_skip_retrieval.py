@@ -219,3 +219,42 @@ def test_empty_datastore_part_keys_shape(setup):
         skipping.external.search(keys)
     assert np.isclose(skipping.external.skip_threshold, 0.5)
     assert isinstance(EvalMemory, type)
+
+
+def test_cli_trains_a_predictor_that_fairseq_eval_lm_applies(tmp_path):
+    """trime-train-skip-predictor on a random-weight tiny LM's valid split, then fairseq-eval-lm with the file:
+    threshold 0 = exact kNN-LM's perplexity; the checksums tie the file to the model and the dictionary."""
+    import json
+    import re
+
+    from conftest import PYTHON, ROOT, run_cli
+    from tiny_checkpoint import tiny_corpus, tiny_lm_checkpoint
+
+    from trime_fairseq.cli import build_datastore as builder
+    from trime_fairseq.cli import train_skip_predictor
+
+    data = tiny_corpus(tmp_path / "data")
+    checkpoint = tiny_lm_checkpoint(tmp_path / "ckpt.pt", data)
+    builder.main(builder.get_parser().parse_args(
+        ["--path", str(checkpoint), "--data", str(data), "--gen-subset", "train", "--output", str(tmp_path / "ds"),
+         "--index-factory", "Flat", "--metric", "l2", "--cpu", "--no-progress-bar"]))
+    common = [str(data), "--user-dir", str(ROOT / "trime_fairseq"), "--task", "trime_lm", "--path", str(checkpoint),
+              "--gen-subset", "valid", "--cpu", "--tokens-per-sample", "32", "--no-progress-bar",
+              "--eval-memory", "knn", "--datastore", str(tmp_path / "ds"), "--knn-k", "8"]
+    predictor = train_skip_predictor.main(common + ["--output", str(tmp_path / "skip.json"), "--epochs", "50"])
+    stored = json.loads((tmp_path / "skip.json").read_text())
+    assert stored["format"] == "trime-skip-predictor" and stored["threshold"] == predictor.threshold
+    assert stored["report"]["thresholds"][0]["threshold"] == 0.0 and stored["report"]["positions"] > 100
+    assert stored["model_sha256"] == json.loads((tmp_path / "ds" / "datastore.json").read_text())["model_sha256"]
+
+    def ppl(*extra):
+        out = run_cli([PYTHON, "-m", "fairseq_cli.eval_lm", *common, *extra])
+        return float(re.search(r"Perplexity: ([0-9.]+)", out).group(1))
+
+    exact = ppl()
+    assert ppl("--knn-skip-predictor", tmp_path / "skip.json", "--knn-skip-threshold", "0") == pytest.approx(exact)
+    ppl("--knn-skip-predictor", tmp_path / "skip.json")  # the file's threshold
+    other = tiny_lm_checkpoint(tmp_path / "other.pt", data, seed=7)
+    with pytest.raises(ValueError, match="another model"):  # the datastore refuses it first: rebuild, then retry
+        train_skip_predictor.main([a if a != str(checkpoint) else str(other) for a in common]
+                                  + ["--output", str(tmp_path / "x.json")])

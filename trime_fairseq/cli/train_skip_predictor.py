@@ -43,7 +43,8 @@ def add_args(parser):
     g.add_argument("--learning-rate", type=float, default=0.01)
     g.add_argument("--holdout", type=float, default=0.3,
                    help="share of the split's positions (its end) that choose the threshold, not the weights")
-    g.add_argument("--thresholds", default=DEFAULT_THRESHOLDS, help="comma list of P(helps) thresholds to report")
+    g.add_argument("--thresholds", default=DEFAULT_THRESHOLDS, help="comma list of P(helps) thresholds to report "
+                   "(with 0 and the deciles of the held-out predictions)")
     g.add_argument("--max-ppl-increase", type=float, default=0.01,
                    help="the chosen threshold keeps the held-out perplexity within this share of exact kNN's")
     g.add_argument("--max-positions-for-training", type=int, default=None, help="stop after N scored positions")
@@ -106,7 +107,8 @@ def train(features, knn, plain, args) -> dict:
     mean, std, layers = fit(features[:cut], helps[:cut], args.hidden, args.epochs, args.learning_rate)
     draft = SkipPredictor(mean, std, layers, 0.0, "0" * 64, "0" * 64)
     benefit = draft.benefit(features[cut:].float())
-    thresholds = sorted({0.0, *(float(t) for t in args.thresholds.split(","))})
+    deciles = torch.quantile(benefit.double(), torch.linspace(0.1, 0.9, 9, dtype=torch.float64))  # finer rows
+    thresholds = sorted({0.0, *(float(t) for t in args.thresholds.split(",")), *(round(float(q), 4) for q in deciles)})
     table = threshold_table(benefit, knn[cut:], plain[cut:], thresholds)
     knn_ppl = float((-knn[cut:].mean()).exp())
     best = choose_threshold(table, knn_ppl, args.max_ppl_increase)
