@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_knn_mt's decoding batches
 
 import trime_fairseq  # noqa: E402,F401  (first: it keeps fairseq's import from logging at DEBUG)
 from trime_fairseq.cli import build_datastore  # noqa: E402
@@ -172,18 +173,12 @@ def mt_runs(args, flags: Dict[str, List[str]]):
 
 
 def mt_measure(args, runs):
+    from bench_knn_mt import decoding_samples
     from fairseq import utils
-    from fairseq.data import data_utils
 
     from trime_fairseq.cli.tune_mt import bleu
 
-    cfg, task, _, _ = runs["plain"]
-    task.load_dataset(args.split)
-    dataset = task.dataset(args.split)
-    indices = dataset.ordered_indices()
-    indices = indices[indices < args.sentences]
-    batches = data_utils.batch_by_size(indices, dataset.num_tokens, max_tokens=args.max_tokens)
-    samples = [dataset.collater([dataset[i] for i in b]) for b in batches]
+    samples = decoding_samples(runs["plain"][1], args.split, args.sentences, args.max_tokens)
     if args.knn_gpu:
         samples = [utils.move_to_cuda(s) for s in samples]
     seconds = {name: 0.0 for name in runs}
