@@ -40,6 +40,16 @@ def load(data, path, extra=()):
     return task, models[0].eval(), task.build_generator(models, cfg.generation)
 
 
+def decoding_samples(task, split: str, sentences: int, max_tokens: int):
+    """Batches (collated samples) of the first ``sentences`` sentences of ``split``, by fairseq's length order."""
+    task.load_dataset(split)
+    dataset = task.dataset(split)
+    indices = dataset.ordered_indices()
+    indices = indices[indices < sentences]
+    batches = data_utils.batch_by_size(indices, dataset.num_tokens, max_tokens=max_tokens)
+    return [dataset.collater([dataset[i] for i in b]) for b in batches]
+
+
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("data")
@@ -69,13 +79,7 @@ def main():
         for name, out in stores.items():
             runs[f"kNN-MT {name}"] = load(args.data, args.path, ("--eval-memory", "knn", "--datastore", out,
                                                                  "--knn-k", str(args.k)))
-        task = runs["plain"][0]
-        task.load_dataset(args.split)
-        dataset = task.dataset(args.split)
-        indices = dataset.ordered_indices()
-        indices = indices[indices < args.sentences]
-        batches = data_utils.batch_by_size(indices, dataset.num_tokens, max_tokens=args.max_tokens)
-        samples = [dataset.collater([dataset[i] for i in b]) for b in batches]
+        samples = decoding_samples(runs["plain"][0], args.split, args.sentences, args.max_tokens)
         seconds = {name: 0.0 for name in runs}
         with torch.no_grad():
             for name, (t, model, generator) in runs.items():  # warm-up (first search checks the model)

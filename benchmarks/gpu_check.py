@@ -181,17 +181,16 @@ def faiss_gpu_build(args, work: str):
                 add_s=index_s - train_s, add_keys_per_s=n / max(index_s - train_s, 1e-9), search=rows)
 
 
-def knn_gpu_check(gpu: bool, work: str):
+def tiny_lm_and_store(work: str):
+    """A 2-layer d = 64 transformer LM (random weights, 500 words) and a Flat l2 datastore of its keys over 4
+    random batches: (task, dictionary, model, model config, batches, datastore folder, generator)."""
     from fairseq.data import Dictionary
     from fairseq.models.transformer_lm import TransformerLanguageModelConfig
     from omegaconf import OmegaConf
 
     from trime_fairseq.checksums import dictionary_checksum, loaded_model_checksum
-    from trime_fairseq.memory import faiss_index as fi
-    from trime_fairseq.memory.datastore import Datastore, DatastoreSpec, DatastoreWriter
-    from trime_fairseq.memory.eval_memory import attach_eval_memory, build_eval_memory
+    from trime_fairseq.memory.datastore import DatastoreSpec, DatastoreWriter
     from trime_fairseq.memory.keys import ensure_key_capture, get_keys
-    from trime_fairseq.memory.options import MemoryOptions
     from trime_fairseq.tasks.trime_lm import TrimeLMConfig, TrimeLMTask
 
     d = Dictionary()
@@ -220,6 +219,16 @@ def knn_gpu_check(gpu: bool, work: str):
     writer.finish_keys()
     writer.build_index("Flat", progress_bar=False)
     writer.finalize()
+    return task, d, model, cfg, batches, path, g
+
+
+def knn_gpu_check(gpu: bool, work: str):
+    from trime_fairseq.memory import faiss_index as fi
+    from trime_fairseq.memory.datastore import Datastore
+    from trime_fairseq.memory.eval_memory import attach_eval_memory, build_eval_memory
+    from trime_fairseq.memory.options import MemoryOptions
+
+    task, d, model, cfg, batches, path, g = tiny_lm_and_store(work)
     result = {}
     cpu = Datastore.load(path)
     queries = torch.randn(256, 64, generator=g)
@@ -252,6 +261,89 @@ def knn_gpu_check(gpu: bool, work: str):
     return result
 
 
+def fast_retrieval_check(gpu: bool, work: str):
+    """Issue 19 on the GPU: compressed datastores (OPQ, PCA key transforms inside the index) searched with CUDA
+    queries -- the transforms applied in torch, no numpy round trip -- against the CPU search; and kNN-LM with
+    the retrieval-skip predictor under --knn-gpu: the same positions skipped, the same log-probabilities as on the
+    CPU. Without a GPU the CPU torch path runs (it checks the script) and the GPU comparisons are skipped."""
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    from trime_fairseq.checksums import dictionary_checksum, loaded_model_checksum
+    from trime_fairseq.memory import faiss_index as fi
+    from trime_fairseq.memory.datastore import Datastore, DatastoreSpec, DatastoreWriter
+    from trime_fairseq.memory.eval_memory import attach_eval_memory, build_eval_memory
+    from trime_fairseq.memory.options import MemoryOptions
+    from trime_fairseq.memory.skip import SkipPredictor, skip_features
+    from trime_fairseq.memory.token_scores import all_token_log_probs
+
+    result = {}
+    rng = np.random.default_rng(0)
+    n, dim = 20_000, 64
+    keys = (rng.standard_normal((n, 32)) @ rng.standard_normal((32, dim)) + 0.05 * rng.standard_normal((n, dim)))
+    queries = torch.from_numpy((rng.standard_normal((256, 32)) @ rng.standard_normal((32, dim))).astype(np.float32))
+    use_gpu = gpu and fi.gpu_available()
+    for factory in ("OPQ16_32,IVF64,PQ16", "PCA32,IVF64,Flat"):
+        spec = DatastoreSpec(dim=dim, key_type="trime_key", metric="l2", dictionary_size=100, dictionary_sha256="0" * 64,
+                             model_path="synthetic", model_sha256="1" * 64)
+        path = os.path.join(work, "compressed_" + factory.split(",")[0])
+        writer = DatastoreWriter(path, spec, capacity=n, overwrite=True)
+        writer.add(keys.astype(np.float16), rng.integers(0, 100, n).astype(np.int32))
+        writer.commit(1)
+        writer.finish_keys()
+        writer.build_index(factory, ntrain=n, progress_bar=False)
+        writer.finalize(nprobe=16)
+        cpu = Datastore.load(path)
+        ref = cpu.search(queries, 32)
+        torch_cpu = cpu.search_torch(queries, 32)  # the --knn-gpu code path, on the CPU
+        entry = dict(torch_path_on_cpu_equal=bool(torch.equal(ref.values, torch_cpu.values)))
+        if use_gpu:
+            hits = Datastore.load(path, use_gpu=True).search(queries.cuda(), 32)
+            overlap = float(np.mean([len(set(a.tolist()) & set(b.tolist())) / 32
+                                     for a, b in zip(hits.values.cpu(), ref.values)]))
+            entry.update(on_gpu=hits.scores.is_cuda, value_overlap_with_cpu=overlap)
+            entry["ok"] = entry["torch_path_on_cpu_equal"] and hits.scores.is_cuda and overlap >= 0.9
+        else:
+            entry["gpu"] = SKIP + ": needs a CUDA GPU and faiss-gpu"
+            entry["ok"] = entry["torch_path_on_cpu_equal"]
+        result[factory] = entry
+
+    task, d, model, cfg, batches, path, g = tiny_lm_and_store(work)
+    x = batches[0]
+    with torch.no_grad():
+        out = model(x[:, :-1])
+    entropy = skip_features(all_token_log_probs(model.decoder, out[0])[0], out[1]["trime_key"].reshape(-1, 64))[:, 0]
+    cut = float(entropy.median())
+    skip_file = os.path.join(work, "skip.json")
+    SkipPredictor([0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [([[50.0, 0.0, 0.0]], [-50.0 * cut])], 0.5,
+                  dictionary_checksum(d), loaded_model_checksum(model)).save(skip_file)
+    devices = [False, True] if gpu else [False]
+    log_probs, skipped = {}, {}
+    for on_gpu in devices:
+        lm = task.build_model(OmegaConf.structured(cfg)).eval()
+        lm.load_state_dict(model.state_dict())
+        lm = lm.cuda() if on_gpu else lm
+        options = MemoryOptions.from_flags("knn", dict(datastore=path, knn_k=32, knn_gpu=on_gpu and fi.gpu_available(),
+                                                       knn_skip_predictor=skip_file))
+        memory = build_eval_memory(options, d)
+        attach_eval_memory(lm, memory)
+        xs = x.cuda() if on_gpu else x
+        sample = {"net_input": {"src_tokens": xs[:, :-1]}, "target": xs[:, 1:]}
+        with torch.no_grad():
+            log_probs[on_gpu] = lm.get_normalized_probs(lm(xs[:, :-1]), log_probs=True, sample=sample).float().cpu()
+        skipped[on_gpu] = (memory.external.searched, memory.external.skipped)
+    entry = dict(searched_skipped_cpu=skipped[False])
+    if gpu:
+        diff = float((log_probs[True] - log_probs[False]).abs().max())
+        entry.update(searched_skipped_gpu=skipped[True], max_log_prob_difference=diff,
+                     ok=skipped[True] == skipped[False] and diff <= 1e-3)
+    else:
+        entry["gpu"] = SKIP + ": no CUDA GPU"
+        entry["ok"] = 0 < skipped[False][1] < sum(skipped[False])
+    result["skip_predictor"] = entry
+    return result
+
+
 def markdown(results) -> str:
     env = results["environment"]
     lines = [f"# gpu_check ({env['date']}, {env['device']}, torch {env['torch']}, faiss {env['faiss']})", ""]
@@ -274,6 +366,8 @@ def markdown(results) -> str:
         lines += [f"| {r['nprobe']} | {r['queries_per_s']:,.0f} |" for r in faiss_part["search"]]
     lines += ["", "## --knn-gpu vs CPU search (flat index)", "", f"* search: {results['knn_gpu']['search_equal']}",
               f"* kNN-LM log-probs: {results['knn_gpu']['knn_lm_equal']}"]
+    lines += ["", "## Fast retrieval: compressed indexes and the skip predictor on the GPU", ""]
+    lines += [f"* {name}: {value}" for name, value in results["fast_retrieval"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -301,7 +395,8 @@ def main():
     failed = False
     for part, fn in (("criteria", lambda: criteria_steps(args, gpu, work)),
                      ("faiss_gpu", lambda: faiss_gpu_build(args, work) if gpu else {SKIP: "no CUDA GPU"}),
-                     ("knn_gpu", lambda: knn_gpu_check(gpu, work))):
+                     ("knn_gpu", lambda: knn_gpu_check(gpu, work)),
+                     ("fast_retrieval", lambda: fast_retrieval_check(gpu, work))):
         print(f"== {part}", flush=True)
         try:
             results[part] = fn()
@@ -318,8 +413,8 @@ def main():
         print(text)
     crit = results.get("criteria", {}).get("criteria", {})
     bad = [name for name, r in crit.items() if not r.get("finite")]
-    knn = results.get("knn_gpu", {})
-    bad += [k for k, v in knn.items() if isinstance(v, dict) and not v.get("ok")]
+    for part in ("knn_gpu", "fast_retrieval"):
+        bad += [k for k, v in results.get(part, {}).items() if isinstance(v, dict) and not v.get("ok")]
     if bad:
         print(f"FAILED checks: {bad}", flush=True)
     sys.exit(1 if failed or bad else 0)

@@ -5,7 +5,9 @@
 #      36,000 positions): no NaN/inf, step-time ratios to the plain criterion;
 #   2. LaMemo vs Transformer-XL step time (benchmarks/bench_lamemo_vs_txl.py, WT103 base, tgt = mem = 150);
 #   3. faiss-gpu: IVF4096,PQ64 datastore build of 1M synthetic d = 1024 keys + search vs nprobe;
-#   4. --knn-gpu: GPU search = CPU search on a flat datastore, kNN-LM log-probs equal.
+#   4. --knn-gpu: GPU search = CPU search on a flat datastore, kNN-LM log-probs equal;
+#   5. fast retrieval: OPQ / PCA-compressed datastores searched with CUDA queries (transforms in torch) vs the
+#      CPU search, and kNN-LM with the retrieval-skip predictor under --knn-gpu = the CPU run.
 # On a machine without a CUDA GPU (or without faiss-gpu) the GPU parts are skipped with a message and
 # part 1 runs 2 fp32 CPU steps per criterion at a tiny size (checks the script). Results: $OUT
 # (default runs/gpu_check): results.json, results.md, lamemo_vs_txl.md, gpu_check.log.

@@ -443,3 +443,100 @@ def test_sharded_build_merged_equals_the_single_build(wikitext2_tiny_bin, tmp_pa
         merge(odd)
     with pytest.raises(ValueError, match="--shard-id must lie"):
         build(odd, "--num-shards", "2", "--shard-id", "2")
+
+
+# -- key compression (issue 19): transforms inside the index, fp16 key storage ------------------------------------
+
+@pytest.mark.parametrize("factory,metric", [("OPQ4,Flat", "ip"), ("OPQ4,Flat", "l2"), ("PCA16,Flat", "l2")])
+def test_full_rank_key_transforms_keep_exact_search(tmp_path, factory, metric):
+    """A rotation (OPQ without reduction) or a full-rank PCA (metric l2) keeps every score: the hits are
+    brute force's, with the model's own (untransformed) queries -- FAISS transforms them inside the index."""
+    keys, values = _data(n=10_000)
+    meta = _build(tmp_path / "ds", keys, values, factory=factory, metric=metric)
+    assert meta["index"]["transforms"] == [factory.split(",")[0]] and meta["index"]["search_dim"] == 16
+    q = np.random.default_rng(2).standard_normal((5, 16)).astype(np.float32)
+    ids, scores = _brute(q, keys, metric, 8)
+    store = Datastore.load(tmp_path / "ds")
+    found_scores, found_ids = store.search_ids(q, 8)
+    assert (found_ids == ids).mean() > 0.95  # ties / float rounding of the rotation may swap neighbours
+    np.testing.assert_allclose(found_scores, scores, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("factory,metric", [("OPQ4_8,IVF8,PQ4", "ip"), ("OPQ4_8,IVF8,PQ4", "l2"),
+                                            ("PCA8,IVF8,Flat", "l2"), ("PCAR8,Flat", "l2")])
+def test_compressed_datastores_answer_searches_and_record_their_compression(tmp_path, factory, metric):
+    rng = np.random.default_rng(0)  # keys near an 8-dimensional subspace: what 16 -> 8 compression keeps
+    keys = (rng.standard_normal((10_000, 8)) @ rng.standard_normal((8, 16))
+            + 0.05 * rng.standard_normal((10_000, 16))).astype(np.float16)
+    values = rng.integers(0, VOCAB, 10_000)
+    meta = _build(tmp_path / "ds", keys, values, factory=factory, metric=metric, nprobe=8)
+    assert meta["index"]["search_dim"] == 8 and meta["index"]["factory"] == factory
+    assert json.loads((tmp_path / "ds" / "datastore.json").read_text())["index"]["transforms"] == [factory.split(",")[0]]
+    store = Datastore.load(tmp_path / "ds", expect_dim=16)
+    q = np.random.default_rng(3).standard_normal((20, 16)).astype(np.float32)
+    hits = store.search(q, 32)
+    assert hits.scores.dtype == torch.float32 and bool(hits.mask.all())
+    exact, _ = _brute(q, keys, metric, 32)
+    _, found = store.search_ids(q, 32)
+    recall = np.mean([len(set(a) & set(b)) / 32 for a, b in zip(exact, found)])
+    assert recall > 0.5  # a real neighbour set
+    # the torch path (--knn-gpu) applies the same transforms in torch: the same hits
+    b = store.search_torch(torch.from_numpy(q), 32)
+    assert torch.equal(hits.values, b.values) and torch.equal(hits.mask, b.mask)
+    torch.testing.assert_close(hits.scores, b.scores, rtol=1e-4, atol=1e-4)
+    # a query of the searched (compressed) or any other dimension is refused with the expected one
+    for wrong in (8, 17):
+        with pytest.raises(ValueError, match=r"queries must be \(Q, 16\)"):
+            store.search(q[:, :wrong] if wrong < 16 else np.pad(q, ((0, 0), (0, 1))), 4)
+        with pytest.raises(ValueError, match=r"queries must be \(Q, 16\)"):
+            store.search_torch(torch.zeros(2, wrong), 4)
+    with pytest.raises(DatastoreError, match="dimension 16 but the model's queries have 8"):
+        store.check(dim=8)
+
+
+@pytest.mark.parametrize("factory,metric,match", [
+    ("PCA8,Flat", "ip", "centres the keys"),
+    ("PCAW8,Flat", "l2", "whitens"),
+    ("OPQ4_8,PQ3", "l2", "PQ3 needs a key dimension divisible by 3"),
+    ("OPQ3_8,Flat", "l2", "divisible by 3"),
+    ("PCA32,Flat", "l2", "maps dimension 16 to 32"),
+    ("OPQ4_8,IVF8,PQ4", "l2", "needs at least 9984 training keys"),
+])
+def test_impossible_key_compressions_are_refused(tmp_path, factory, metric, match):
+    keys, values = _data(n=3000)
+    with pytest.raises(fi.IndexConfigError, match=match):
+        _build(tmp_path / "ds", keys, values, factory=factory, metric=metric)
+
+
+def test_pca_flag_prefixes_the_factory_and_refuses_two_transforms():
+    from trime_fairseq.cli.build_datastore import get_parser, index_factory
+
+    args = get_parser().parse_args(["--output", "x", "--pca", "64", "--index-factory", "IVF256,PQ32"])
+    assert index_factory(args) == "PCA64,IVF256,PQ32"
+    assert index_factory(get_parser().parse_args(["--output", "x"])) == "IVF4096,PQ64"
+    with pytest.raises(ValueError, match="both transform the keys"):
+        index_factory(get_parser().parse_args(["--output", "x", "--pca", "64", "--index-factory", "OPQ8,Flat"]))
+
+
+def test_fp16_key_storage_halves_the_disk_and_is_checked_on_reading(tmp_path):
+    """float16 keys (the default) take half the bytes of float32 ones; the metadata records the storage,
+    the search itself is in float32, and a key file that does not match the recorded storage is refused."""
+    keys, values = _data(n=2000)
+    for dtype in ("float16", "float32"):
+        meta = _build(tmp_path / dtype, keys.astype(dtype), values, key_dtype=dtype)
+        assert meta["key_dtype"] == dtype
+    f16, f32 = tmp_path / "float16" / "keys.f16", tmp_path / "float32" / "keys.f32"
+    assert os.path.getsize(f16) * 2 == os.path.getsize(f32) == 2000 * 16 * 4
+    q = np.random.default_rng(5).standard_normal((4, 16)).astype(np.float32)
+    a, b = Datastore.load(tmp_path / "float16"), Datastore.load(tmp_path / "float32")
+    assert a.keys.dtype == np.float16 and a.search(q, 5).scores.dtype == torch.float32
+    assert torch.equal(a.search(q, 5).values, b.search(q, 5).values)  # the same (float16-representable) keys
+    meta_path = tmp_path / "float16" / "datastore.json"
+    meta = json.loads(meta_path.read_text())
+    meta["key_dtype"] = "float32"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(DatastoreError, match="missing keys.f32"):
+        Datastore.load(tmp_path / "float16")
+    os.rename(f16, tmp_path / "float16" / "keys.f32")
+    with pytest.raises(DatastoreError, match="has 64000 bytes, expected 128000"):
+        Datastore.load(tmp_path / "float16")

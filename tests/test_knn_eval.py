@@ -153,7 +153,7 @@ def test_only_positions_with_a_real_target_are_searched(store, monkeypatch):
     searched = []
     external = model.trime_eval_memory.external
     original = external.search
-    monkeypatch.setattr(external, "search", lambda q: searched.append(q.size(0)) or original(q))
+    monkeypatch.setattr(external, "search", lambda q, features=None: searched.append(q.size(0)) or original(q, features))
     scored(model, task, sample, softmax_batch=6)  # chunks cut rows in the middle
     assert sum(searched) == int(sample["target"].ne(task.dictionary.pad()).sum())
 

@@ -118,8 +118,8 @@ def test_describe_options_and_axes_agree_with_the_composition(name):
     read_by_recipe |= {step.weight for _, step in recipe(mode) if step is not None}
     parts = {t.part for terms, _ in recipe(mode) for t in terms}
 
-    # options: the recipe's scales and weights, and the options of its parts; nothing else is accepted
-    assert mode.options == read_by_recipe | {o for p in parts for o in PART_OPTIONS[p]}
+    # options: the recipe's scales and weights, the options of its parts and its own; nothing else is accepted
+    assert mode.options == read_by_recipe | {o for p in parts for o in PART_OPTIONS[p]} | set(mode.own_options)
     MemoryOptions.from_flags(name, {"datastore": "a-datastore"} if "datastore" in mode.options else {})
     for other in sorted({"memory_temperature", "cache_theta", "knn_lambda", "knn_k"} - mode.options):
         with pytest.raises(ValueError, match=f"{flag(other)} has no effect with --eval-memory {name}"):

@@ -85,6 +85,10 @@ def get_parser() -> argparse.ArgumentParser:
     d.add_argument("--metric", default="ip", choices=sorted(fi.METRICS),
                    help="ip: inner product (TRIME's sim); l2: negative squared distance (kNN-LM)")
     d.add_argument("--index-factory", default="IVF4096,PQ64", help="FAISS index factory string ('Flat': exact)")
+    d.add_argument("--pca", type=int, default=None, metavar="D",
+                   help="compress the keys the index searches to D dimensions by PCA (metric l2): the factory "
+                   "becomes 'PCA<D>,' + --index-factory; FAISS projects every query the same way. For metric ip "
+                   "use an OPQ prefix instead, e.g. --index-factory OPQ32_64,IVF1024,PQ32")
     d.add_argument("--ntrain", type=int, default=1_000_000, help="keys sampled to train the index")
     d.add_argument("--nprobe", type=int, default=32, help="default lists probed per query (stored in metadata)")
     d.add_argument("--seed", type=int, default=1, help="seed of the training sample")
@@ -225,6 +229,16 @@ def scored_keys(model, task, itr, num_batches: int, key_type: str, device, skip_
             yield i + 1, keys[scored], target[scored]
 
 
+def index_factory(args) -> str:
+    """The FAISS factory string: --index-factory, after 'PCA<D>,' with --pca D."""
+    if args.pca is None:
+        return args.index_factory
+    if fi.key_transforms(args.index_factory, 1 << 30)[0]:
+        raise ValueError(f"--pca {args.pca} and --index-factory {args.index_factory} both transform the keys: "
+                         "give one of them")
+    return f"PCA{args.pca},{args.index_factory}"
+
+
 def check_args(args) -> None:
     """The checks of :func:`main` / :func:`merge_main` that need no model, data or datastore part."""
     if args.merge_shards is not None:
@@ -238,6 +252,7 @@ def check_args(args) -> None:
     num_shards, shard_id = int(args.num_shards), int(args.shard_id)
     if num_shards < 1 or not 0 <= shard_id < num_shards:
         raise ValueError(f"--shard-id must lie in [0, --num-shards), got {shard_id} of {num_shards}")
+    index_factory(args)  # --pca with a transforming --index-factory
 
 
 def main(args) -> dict:
@@ -288,7 +303,7 @@ def main(args) -> dict:
         model_path=os.path.abspath(args.path), model_sha256=model_sha, source=source, key_dtype=args.key_dtype,
     )
     if num_shards == 1:  # (a part has no index: the merge checks the index options)
-        fi.check_factory(args.index_factory, spec.dim, capacity, args.ntrain)  # fail before the long forward pass
+        fi.check_factory(index_factory(args), spec.dim, capacity, args.ntrain, args.metric)  # before the forward pass
         if args.use_gpu_index and not fi.gpu_available():
             raise RuntimeError("--use-gpu-index needs faiss-gpu and a CUDA GPU")
     writer = DatastoreWriter(output, spec, capacity, overwrite=args.overwrite)
@@ -316,7 +331,7 @@ def main(args) -> dict:
                            "skipped (longer than the model's max positions?)")
     logger.info(f"{n} keys of dimension {spec.dim} written ({capacity} tokens in {args.gen_subset})")
     t1 = time.time()
-    writer.build_index(args.index_factory, ntrain=args.ntrain, seed=args.seed, add_chunk=args.add_chunk,
+    writer.build_index(index_factory(args), ntrain=args.ntrain, seed=args.seed, add_chunk=args.add_chunk,
                        save_every=args.save_every, use_gpu=args.use_gpu_index, gpu_device=args.gpu_device,
                        progress_bar=progress)
     t2 = time.time()
@@ -332,13 +347,13 @@ def merge_main(args) -> dict:
     check_args(args)
     parts = [read_part(part_folder(args.output, i, args.merge_shards)) for i in range(args.merge_shards)]
     rows, dim = sum(p["rows"] for p in parts), int(parts[0]["spec"]["dim"])
-    fi.check_factory(args.index_factory, dim, rows, args.ntrain)  # fail before copying
+    fi.check_factory(index_factory(args), dim, rows, args.ntrain, parts[0]["spec"]["metric"])  # fail before copying
     if args.use_gpu_index and not fi.gpu_available():
         raise RuntimeError("--use-gpu-index needs faiss-gpu and a CUDA GPU")
     t0 = time.time()
     writer = merge_parts(args.output, args.merge_shards, overwrite=args.overwrite, progress_bar=progress)
     t1 = time.time()
-    writer.build_index(args.index_factory, ntrain=args.ntrain, seed=args.seed, add_chunk=args.add_chunk,
+    writer.build_index(index_factory(args), ntrain=args.ntrain, seed=args.seed, add_chunk=args.add_chunk,
                        save_every=args.save_every, use_gpu=args.use_gpu_index, gpu_device=args.gpu_device,
                        progress_bar=progress)
     t2 = time.time()

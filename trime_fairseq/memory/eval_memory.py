@@ -63,9 +63,10 @@ from trime_fairseq.memory.external import ExternalMemory
 from trime_fairseq.memory.keys import TRIME_FEATURE, TRIME_KEY, get_keys
 from trime_fairseq.memory.mixing import fp32
 from trime_fairseq.memory.options import MODES, MemoryOptions  # noqa: F401  (re-exported)
+from trime_fairseq.memory.skip import SkipPredictor, skip_features
 from trime_fairseq.memory.sources import concat_memory
 from trime_fairseq.memory.stream import EvalStream
-from trime_fairseq.memory.token_scores import all_token_log_probs
+from trime_fairseq.memory.token_scores import all_token_log_probs, fills_every_token
 
 logger = logging.getLogger(__name__)
 
@@ -167,11 +168,11 @@ class EvalMemory:
             raise ValueError(f"--eval-memory {opt.mode} needs its datastore: build the EvalMemory with an "
                              "ExternalMemory (build_eval_memory does)")
         mine = self.options
-        if (opt.datastore, opt.knn_nprobe, opt.knn_rescore) != (mine.datastore, mine.knn_nprobe, mine.knn_rescore) \
-                or opt.knn_k > self.external.k:
-            raise ValueError("these options search another datastore / nprobe, or more neighbours, than this "
-                             f"EvalMemory's datastore search (K = {self.external.k}); only K <= {self.external.k}, "
-                             "the temperatures, λ and the cache options may differ")
+        search = ("datastore", "knn_nprobe", "knn_rescore", "knn_skip_predictor", "knn_skip_threshold")
+        if any(getattr(opt, name) != getattr(mine, name) for name in search) or opt.knn_k > self.external.k:
+            raise ValueError("these options search another datastore / nprobe / skip predictor, or more neighbours, "
+                             f"than this EvalMemory's datastore search (K = {self.external.k}); only "
+                             f"K <= {self.external.k}, the temperatures, λ and the cache options may differ")
         wanted = opt.record.datastore_keys  # (key kind, metric) of a mode whose hits join Eq. 6
         if wanted is not None and (self.external.key_type, self.external.metric) != wanted:
             kind, metric = wanted
@@ -205,6 +206,7 @@ class EvalMemory:
         flat_target = target.reshape(-1)
         scored = flat_target.ne(self.pad).nonzero().squeeze(1)  # (k,) the rest is not scored by fairseq
         out, lse = all_token_log_probs(decoder, x, flat_target, rows=scored)  # (n, V) the model's own, (k,)
+        state.offer_outputs(decoder, start, x, out if fills_every_token(decoder) else None)  # before mixing
         if scored.numel():
             comp = self.composition(self.options, state.extra)
             parts = {part: concat_memory(state.gather(part, self.options, start + scored)) for part in comp.parts}
@@ -226,6 +228,7 @@ class EvalMemory:
         self._check_external(options)
         target = sample["target"]
         state = self._forward(net_output, sample)
+        state.offer_outputs(decoder, 0, net_output[0])
         score, lse = state.target_scores(decoder, net_output, target)  # (B·T,)
         out = fp32(score) - fp32(lse)
         flat_target = target.reshape(-1)
@@ -236,6 +239,15 @@ class EvalMemory:
             out = out.index_copy(0, scored, target_log_prob(comp, score[scored], lse[scored], flat_target[scored],
                                                             summarize))
         return out.view_as(target)
+
+    def skip_features(self, decoder, net_output, sample, positions: Tensor) -> Tensor:
+        """(n, 3) skip features (:mod:`trime_fairseq.memory.skip`) of flat ``positions`` of a forward pass, as
+        the drivers compute them (``trime-train-skip-predictor``)."""
+        if self.external is None:
+            raise ValueError("skip features belong to a datastore search: this EvalMemory has no datastore")
+        state = self._forward(net_output, sample)
+        state.offer_outputs(decoder, 0, net_output[0])
+        return state.skip_features(positions)
 
     # -- driver 3: one decoding step (generation) -------------------------------------------------------
     def step_log_probs(self, decoder, net_output) -> Tensor:
@@ -261,7 +273,8 @@ class EvalMemory:
         parts = {}
         if DATASTORE in comp.parts:
             keys = get_keys((None, extra), self.external.key_type)[:, -1]  # (B', d) the live queries
-            parts[DATASTORE] = self.external.search(keys).first(self.options.knn_k)
+            features = skip_features(log_probs, keys) if self.external.skips else None  # (B', 3), before mixing
+            parts[DATASTORE] = self.external.search(keys, features).first(self.options.knn_k)
         return full_log_probs(comp, log_probs, lse, parts).view(x.shape[0], 1, -1)
 
 
@@ -279,8 +292,10 @@ def build_eval_memory(options: MemoryOptions, dictionary, documents=None, stream
     logger.info(f"--eval-memory {options.mode}: {options.record.describe()}")
     external = None
     if options.uses_datastore:
+        skip = SkipPredictor.load(options.knn_skip_predictor) if options.skips else None
         external = ExternalMemory(options.datastore, options.knn_k, nprobe=options.knn_nprobe,
-                                  rescore=options.knn_rescore, use_gpu=options.knn_gpu, dictionary=dictionary)
+                                  rescore=options.knn_rescore, use_gpu=options.knn_gpu, dictionary=dictionary,
+                                  skip=skip, skip_threshold=options.knn_skip_threshold)
     return EvalMemory(options, dictionary.pad(), documents=documents, stream_keys=stream_keys, external=external,
                       local=local)
 

@@ -17,7 +17,7 @@ A part source answers two questions, and holds what it computed for this forward
 | part | source | entries | cache key |
 |---|---|---|---|
 | ``LOCAL_G`` / ``LOCAL_F`` | :class:`LocalPart` on g / f | the row's earlier positions (+ ring buffer, + the batch's stream entries), raw scores computed once per key kind for the scorable positions | window, long-term memory size, reset |
-| ``DATASTORE`` | :class:`DatastorePart` | the first ``knn_k`` hits; each position searched once, at the EvalMemory's K | ``knn_k`` |
+| ``DATASTORE`` | :class:`DatastorePart` | the first ``knn_k`` hits; each position searched once, at the EvalMemory's K; none where a skip predictor skips it | ``knn_k`` |
 | ``NEIGHBOURS`` | :class:`NeighbourPart` | the k neighbours a SPALM model used (its ``extra``), else the batch's | -- |
 
 A new memory is one source here (and its name in :mod:`trime_fairseq.memory.composition`).
@@ -33,9 +33,10 @@ from trime_fairseq.memory.composition import DATASTORE, LOCAL_F, LOCAL_G, NEIGHB
 from trime_fairseq.memory.keys import NEIGHBOUR_TOKENS, TRIME_FEATURE, TRIME_KEY, get_keys, get_neighbours
 from trime_fairseq.memory.mixing import fp32
 from trime_fairseq.memory.options import MemoryOptions
+from trime_fairseq.memory.skip import skip_features
 from trime_fairseq.memory.sources import MemoryBatch, scaled_dot
 from trime_fairseq.memory.stream import StreamBatch
-from trime_fairseq.memory.token_scores import target_token_scores
+from trime_fairseq.memory.token_scores import all_token_log_probs, target_token_scores
 
 Sums = Tuple[Tensor, Tensor]  # (match, other) log-sums (Q,) of one term at the targets
 
@@ -159,7 +160,8 @@ class DatastorePart(PartSource):
         if missing.numel():
             external = self.state.memory.external
             keys = self.state.keys(external.key_type)
-            found = external.search(keys.reshape(-1, keys.size(-1))[missing])
+            features = self.state.skip_features(missing) if external.skips else None  # (n, 3)
+            found = external.search(keys.reshape(-1, keys.size(-1))[missing], features)
             start = 0 if self._hits is None else self._hits.mask.size(0)
             self._hits = found if self._hits is None else MemoryBatch(
                 torch.cat([self._hits.scores, found.scores]), torch.cat([self._hits.values, found.values]),
@@ -218,6 +220,7 @@ class ForwardState:
         self._sums: Dict[Hashable, Tuple[Tensor, Tensor]] = {}  # (term, part's cache key) -> (match, other)
         self._sum_positions: Optional[Tensor] = None
         self._target_scores: Optional[Tuple[Tensor, Tensor]] = None
+        self._outputs = None  # (decoder, first flat position, (n, ·) outputs of the call being scored)
 
     # -- positions --------------------------------------------------------------------------------
     def claim(self, x: Tensor) -> int:
@@ -273,6 +276,29 @@ class ForwardState:
 
     def keys(self, name: str) -> Tensor:
         return get_keys((None, self.extra), name)  # (B, T, d)
+
+    def offer_outputs(self, decoder, start: int, x: Tensor, log_probs: Optional[Tensor] = None) -> None:
+        """The decoder and the outputs (logits or adaptive-softmax features) of the positions a driver scores
+        now: flat positions [start, start + n) of ``x`` (…, ·), and optionally their token log-probabilities
+        (n, V) computed without the target, not yet mixed; what :meth:`skip_features` reads."""
+        self._outputs = (decoder, start, x.reshape(-1, x.size(-1)), log_probs)
+
+    def skip_features(self, positions: Tensor) -> Tensor:
+        """(n, 3) skip features of flat ``positions`` (:func:`~trime_fairseq.memory.skip.skip_features`): the
+        model's token distribution computed without the target (an adaptive softmax fills every cluster) and
+        the query; positions of the outputs offered last."""
+        if self._outputs is None:
+            raise RuntimeError("skip features need the scored outputs (offer_outputs)")
+        decoder, start, x, log_probs = self._outputs
+        rows = positions - start
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= x.size(0)):
+            raise RuntimeError("skip features asked for positions outside the outputs being scored")
+        if log_probs is None:
+            log_probs = all_token_log_probs(decoder, x[rows])[0]  # (n, V), no target: the decision never reads it
+        else:
+            log_probs = log_probs[rows]
+        keys = self.keys(self.memory.external.key_type)
+        return skip_features(log_probs, keys.reshape(-1, keys.size(-1))[positions])
 
     # -- the parts --------------------------------------------------------------------------------
     def source(self, part: str) -> PartSource:

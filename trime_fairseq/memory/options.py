@@ -15,6 +15,7 @@ other option is a field of :class:`MemoryOptions` with exactly one meaning:
 | ``datastore``, ``knn_k``, ``knn_nprobe``, ``knn_rescore``, ``knn_gpu`` | the external memory and its search (K hits) |
 | ``knn_temperature``, ``knn_lambda`` | T, λ of kNN-LM: p_kNN ∝ Σ exp(score/T) |
 | ``interpolation_temperature``, ``interpolation_lambda`` | τ′, λ of Eq. 7-8 |
+| ``knn_skip_predictor``, ``knn_skip_threshold`` | adaptive retrieval (He et al. 2021): the predictor file, and the P(retrieval helps) below which a position skips the search (None: the file's) |
 
 :meth:`MemoryOptions.from_flags` is how a task builds the options from its
 command line: a flag the mode does not use is an error (never silently ignored),
@@ -26,6 +27,7 @@ from typing import FrozenSet, Mapping, Optional
 
 from trime_fairseq.memory.composition import DATASTORE, LOCAL, LOCAL_F, NEIGHBOURS
 from trime_fairseq.memory.modes import REGISTRY, flag, mode_names, mode_of, modes_where
+from trime_fairseq.memory.skip import check_threshold
 
 #: the modes registered when this module was imported (``--eval-memory``'s choices)
 MODES = mode_names()
@@ -57,6 +59,8 @@ class MemoryOptions:
     knn_lambda: float = 0.25  # λ of kNN-LM
     interpolation_temperature: float = 1.0  # τ' of Eq. 7 (trime_ext)
     interpolation_lambda: float = 0.25  # λ of Eq. 8 (trime_ext)
+    knn_skip_predictor: Optional[str] = None  # trime-train-skip-predictor file: skip searches that will not help
+    knn_skip_threshold: Optional[float] = None  # search iff P(helps) >= this (None: the predictor's own)
 
     @classmethod
     def from_flags(cls, mode: str, given: Mapping[str, object], available: Optional[FrozenSet[str]] = None,
@@ -97,6 +101,9 @@ class MemoryOptions:
             raise ValueError(f"unknown memory reset '{self.memory_reset}', choose one of {RESETS}")
         if self.knn_k < 1:
             raise ValueError(f"--knn-k must be >= 1, got {self.knn_k}")
+        check_threshold(self.knn_skip_threshold)
+        if self.knn_skip_threshold is not None and self.knn_skip_predictor is None:
+            raise ValueError("--knn-skip-threshold needs --knn-skip-predictor")
         if self.knn_nprobe is not None and self.knn_nprobe < 1:
             raise ValueError(f"--knn-nprobe must be >= 1, got {self.knn_nprobe}")
         if not self.uses_local and (self.long_memory_size > 0 or self.memory_reset != "never"):
@@ -143,6 +150,11 @@ class MemoryOptions:
     @property
     def uses_datastore(self) -> bool:
         return DATASTORE in self.record.parts(self)
+
+    @property
+    def skips(self) -> bool:
+        """Whether positions whose predicted benefit is below the threshold skip the datastore search."""
+        return self.knn_skip_predictor is not None
 
     @property
     def uses_neighbours(self) -> bool:

@@ -58,6 +58,12 @@ def target_token_scores(decoder, net_output, target: Tensor) -> Tuple[Tensor, Te
     return score, torch.logsumexp(logits, dim=-1)
 
 
+def fills_every_token(decoder) -> bool:
+    """Whether :func:`all_token_log_probs` fills every token even when given a target (a full softmax; an
+    adaptive softmax fills only the target's cluster)."""
+    return _adaptive_softmax(decoder) is None
+
+
 def all_token_log_probs(decoder, x: Tensor, target: Optional[Tensor] = None,
                         rows: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """(N, V) float32 token log-probabilities (a new tensor) for flat rows of ``x``, and the

@@ -55,6 +55,15 @@ class RetrievalMemoryConfig(FairseqDataclass):
     knn_gpu: bool = field(
         default=False, metadata={"help": "knn / trime_ext: search the FAISS index on the GPU (faiss-gpu)"}
     )
+    knn_skip_predictor: Optional[str] = field(
+        default=None, metadata={"help": "knn: adaptive retrieval (He et al. 2021): a trime-train-skip-predictor file; "
+                                "positions it predicts retrieval will not help skip the datastore search and keep "
+                                "the model's own distribution"},
+    )
+    knn_skip_threshold: Optional[float] = field(
+        default=None, metadata={"help": "knn with --knn-skip-predictor: search iff P(retrieval helps) >= this "
+                                "(default: the threshold the predictor file chose on valid)"},
+    )
 
 
 @dataclass

@@ -94,6 +94,9 @@ class Datastore:
         self.fingerprint = hashlib.sha256((path / META).read_bytes()).hexdigest()
         self.on_gpu = False  # the index lives on a GPU (faiss-gpu): torch queries stay there
         self._device_values = {}  # device -> (N,) int32 copy of the values, for torch searches
+        # key transforms (PCA / OPQ prefixes) as (A, b) for torch searches, and the index behind them
+        self._transforms, self._searched_index = fi.linear_transforms(index)
+        self._device_transforms = {}  # device -> [(A (d_out, d_in), b (d_out,) or None)] tensors
 
     @classmethod
     def load(cls, path, expect_dim: Optional[int] = None, expect_dictionary=None,
@@ -158,7 +161,10 @@ class Datastore:
             raise ValueError(f"queries must be (Q, {self.dim}), got {tuple(queries.shape)}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        distances, ids = self.index.search(queries.detach().float().contiguous(), k)  # (Q, k) on queries' device
+        x = queries.detach().float()  # (Q, d)
+        for a, b in self._torch_transforms(queries.device):  # the index's key transforms, on the same device
+            x = x @ a.T if b is None else torch.addmm(b, x, a.T)  # (Q, d_out)
+        distances, ids = self._searched_index.search(x.contiguous(), k)  # (Q, k) on queries' device
         valid = ids >= 0
         scores = -distances if self.metric == "l2" else distances
         values = self._device_values.get(queries.device)
@@ -166,6 +172,13 @@ class Datastore:
             values = self._device_values[queries.device] = torch.from_numpy(np.asarray(self.values)).to(queries.device)
         hit_values = values[ids.clamp(min=0)].long().masked_fill(~valid, 0)
         return MemoryBatch(scores.float().masked_fill(~valid, float("-inf")), hit_values, valid)
+
+    def _torch_transforms(self, device):
+        if device not in self._device_transforms:
+            self._device_transforms[device] = [
+                (torch.from_numpy(a).to(device), None if b is None else torch.from_numpy(b).to(device))
+                for a, b in self._transforms]
+        return self._device_transforms[device]
 
     def search_ids(self, queries, k: int, rescore: Optional[bool] = None, exclude: Optional[Exclusion] = None):
         """Like :meth:`search`, with entry ids: scores (Q, k) float32 (-inf: none), ids (Q, k) int64 (-1: none).

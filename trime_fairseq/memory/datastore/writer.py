@@ -166,7 +166,7 @@ class DatastoreWriter:
                 f"the interrupted build used index settings {self.progress['index']}, not {settings}; "
                 "rerun with the same --index-factory / --ntrain / --seed, or delete the folder"
             )
-        fi.check_factory(factory, dim, n, ntrain)
+        fi.check_factory(factory, dim, n, ntrain, self.spec.metric)
         placement = fi.GpuPlacement(gpu_device) if use_gpu else None
         if self.stage == "keys_done":
             self.progress["index"] = settings
@@ -221,13 +221,15 @@ class DatastoreWriter:
         index = self._read_index(INDEX)
         if faiss.try_extract_index_ivf(index) is None:
             nprobe = None
+        transforms, search_dim = fi.key_transforms(self.progress["index"]["factory"], self.spec.dim)
         meta = dict(
             format=FORMAT,
             version=VERSION,
             size=self.rows,
             value_dtype="int32",
             **asdict(self.spec),
-            index=dict(self.progress["index"], nprobe=nprobe, type=type(index).__name__),
+            index=dict(self.progress["index"], nprobe=nprobe, type=type(index).__name__,
+                       transforms=list(transforms), search_dim=search_dim),
             created=time.strftime("%Y-%m-%d %H:%M:%S"),
             **(extra or {}),
         )

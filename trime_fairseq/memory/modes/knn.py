@@ -3,6 +3,11 @@
 (1 − λ)·p + λ·p_kNN, p_kNN ∝ Σ exp(score/T) over the K hits; with ``--cache-lambda λ_c > 0``
 the cache is mixed on top (Table 2's "kNN-LM + cache"), without one the mode has no local
 memory, so translation uses it (kNN-MT) and ``fairseq-generate`` applies it step by step.
+
+Adaptive retrieval (He et al. 2021): with ``--knn-skip-predictor FILE`` a position searches the
+datastore only when the predictor's P(retrieval helps) >= ``--knn-skip-threshold`` (default: the
+file's, chosen on valid); a skipped position has no datastore hits, so its kNN step keeps the
+model's own distribution (:mod:`trime_fairseq.memory.skip`).
 """
 
 from trime_fairseq.memory.composition import DATASTORE
@@ -19,6 +24,7 @@ class Knn(Mode):
     axes = ("knn_temperature", "knn_lambda")  # a cache given on the command line is kept
     decoding_axes = ("knn_k", "knn_temperature", "knn_lambda")
     without_local = True
+    own_options = ("knn_skip_predictor", "knn_skip_threshold")
 
     def check_flags(self, given) -> None:
         if not given.get("cache_lambda") and given.keys() & {"cache_theta", "cache_size"}:

@@ -10,7 +10,8 @@ A mode (``--eval-memory NAME``) is a subclass of :class:`Mode` registered with
   weight is 0 (kNN-LM's cache);
 * its **options** (:attr:`Mode.options`): the options its recipe reads -- scales,
   weights -- and those of its parts (K, the datastore, the cache size, the long-term
-  memory), so a flag outside them is an error; ``defaults`` gives an option left unset
+  memory), plus ``own_options`` the record applies itself (knn's retrieval skipping), so a
+  flag outside them is an error; ``defaults`` gives an option left unset
   a value of the mode's own (λ_c: 0.1 for cache, 0 for knn); :meth:`Mode.check_flags`
   adds rules of its own on the flags given;
 * the **key kinds** it needs: those of its local parts (g for ``LOCAL_G``, f for
@@ -132,12 +133,13 @@ class Mode:
     decoding_axes: Tuple[str, ...] = ()  # trime-tune-mt grids over these options
     without_local: bool = False  # works where the scored sequence has no local memory (translation)
     datastore_keys: Optional[Tuple[str, str]] = None  # (key kind, metric) its datastore must hold
+    own_options: Tuple[str, ...] = ()  # options it reads beyond its recipe and parts (knn: retrieval skipping)
 
     # -- options ------------------------------------------------------------------------------
     @property
     def options(self) -> FrozenSet[str]:
         """The MemoryOptions fields this mode reads (the mode itself excluded)."""
-        names = set()
+        names = set(self.own_options)
         for terms, weight in self._recipe():
             names.update(t.scale.option for t in terms)
             names.update(n for t in terms for n in PART_OPTIONS[t.part])

@@ -1,0 +1,53 @@
+"""A tiny binarized LM corpus and an untrained (random-weight) fairseq checkpoint of a small transformer LM on it:
+for end-to-end tests of the command-line tools (trime-build-datastore, trime-train-skip-predictor, benchmarks)
+without shared data and without training."""
+
+import numpy as np
+import torch
+from fairseq import options, tasks
+from fairseq.data import Dictionary, indexed_dataset
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+from omegaconf import OmegaConf
+
+import trime_fairseq  # noqa: F401  (registers the plugin)
+from conftest import ROOT
+
+
+def tiny_corpus(folder, words: int = 30, lines=(("train", 120), ("valid", 40)), seed: int = 0):
+    """``folder`` with dict.txt and binarized splits of random lines (8..20 tokens, each ending in eos)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    d = Dictionary()
+    for i in range(words):
+        d.add_symbol(f"w{i}", n=words - i)
+    d.save(str(folder / "dict.txt"))
+    g = torch.Generator().manual_seed(seed)
+    for split, n in lines:
+        builder = indexed_dataset.MMapIndexedDatasetBuilder(str(folder / f"{split}.bin"), dtype=np.int32)
+        for _ in range(n):
+            length = int(torch.randint(8, 21, (1,), generator=g))
+            # a skewed choice of words, so that neighbours repeat
+            tokens = (torch.rand(length, generator=g) ** 2 * words).long() + d.nspecial
+            builder.add_item(torch.cat([tokens, torch.tensor([d.eos()])]).int())
+        builder.finalize(str(folder / f"{split}.idx"))
+    return folder
+
+
+def tiny_lm_checkpoint(path, data, seed: int = 1):
+    """A random-weight transformer_lm (1 layer, d = 16) checkpoint for ``data``, as fairseq-train saves one."""
+    argv = [str(data), "--user-dir", str(ROOT / "trime_fairseq"), "--task", "trime_lm", "--arch", "transformer_lm",
+            "--decoder-layers", "1", "--decoder-embed-dim", "16", "--decoder-input-dim", "16",
+            "--decoder-output-dim", "16", "--decoder-ffn-embed-dim", "32", "--decoder-attention-heads", "2",
+            "--share-decoder-input-output-embed", "--tokens-per-sample", "32", "--criterion", "cross_entropy",
+            "--optimizer", "adam", "--lr", "0.01", "--cpu", "--seed", str(seed)]
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), argv))
+    torch.manual_seed(seed)
+    task = tasks.setup_task(cfg.task)
+    model = task.build_model(cfg.model)
+    torch.save({
+        "cfg": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+        "model": model.state_dict(),
+        "optimizer_history": [{"criterion_name": "CrossEntropyCriterion", "optimizer_name": "Adam",
+                               "lr_scheduler_state": {}, "num_updates": 0}],
+        "extra_state": {"train_iterator": {"epoch": 1}},
+    }, path)
+    return path
