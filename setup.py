@@ -43,6 +43,7 @@ setup(
             "trime-sweep-memory = trime_fairseq.cli.sweep_memory:cli_main",
             "trime-tune-mt = trime_fairseq.cli.tune_mt:cli_main",
             "trime-neighbours = trime_fairseq.cli.neighbours:cli_main",
+            "trime-recall = trime_fairseq.cli.recall:cli_main",
         ],
     },
 )

@@ -149,7 +149,8 @@ def score_stream(cfg):
     models, task = load_eval_models(cfg)
     if len(models) != 1:
         raise ValueError("trime-recall score scores one model per --path")
-    model = models[0].eval()
+    model = models[0]
+    model.eval()
     pad = task.target_dictionary.pad()
     log_probs = targets = correct = blocks = None
     for sample in eval_batches(cfg, task, models):
@@ -224,10 +225,8 @@ def score_main(argv):
 
 # -- report and plot ----------------------------------------------------------------------------------------------
 
-def report_main(argv):
+def report_parser():
     import argparse
-
-    from trime_fairseq.recall.report import load_scores, report_markdown
 
     p = argparse.ArgumentParser(prog="trime-recall report", description="compare every system with its control")
     p.add_argument("scores", nargs="+", help="JSON files of trime-recall score")
@@ -235,7 +234,13 @@ def report_main(argv):
     p.add_argument("--tolerance", type=float, default=0.05,
                    help="nats: beyond the reach, the memory's gain on second occurrences may exceed its gain on "
                    "first occurrences by at most this much")
-    a = p.parse_args(argv)
+    return p
+
+
+def report_main(argv):
+    from trime_fairseq.recall.report import load_scores, report_markdown
+
+    a = report_parser().parse_args(argv)
     text = report_markdown(load_scores(a.scores), a.tolerance)
     if a.output:
         atomic_write_text(a.output, text)
@@ -243,17 +248,25 @@ def report_main(argv):
     return text
 
 
-def plot_main(argv):
+def plot_parser():
     import argparse
-
-    from trime_fairseq.recall.report import load_scores, plot
 
     p = argparse.ArgumentParser(prog="trime-recall plot", description="perplexity of second occurrences vs gap")
     p.add_argument("scores", nargs="+", help="JSON files of trime-recall score")
     p.add_argument("--output", required=True, help="PNG to write")
-    a = p.parse_args(argv)
+    return p
+
+
+def plot_main(argv):
+    from trime_fairseq.recall.report import load_scores, plot
+
+    a = plot_parser().parse_args(argv)
     plot(load_scores(a.scores), a.output)
     print(f"plot: {a.output}")
+
+
+#: the argparse parsers of the subcommands but ``score`` (whose parser is fairseq-eval-lm's: :func:`get_parser`)
+PARSERS = dict(make=make_parser, report=report_parser, plot=plot_parser)
 
 
 def main(argv=None):
