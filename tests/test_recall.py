@@ -217,6 +217,14 @@ def test_report_verdicts():
     fine = fake_score("cache", "vanilla", [64, 80], -4.88, -4.9)
     assert verdict(fine, control, "span", 100, 0.05) == pytest.approx(
         dict(gain_second=0.12, gain_first=0.1, expected="no gain", ok=True))
+    # with per-token values, a difference within two standard errors of the paired differences is noise
+    noisy = fake_score("cache", "vanilla", [64, 80], -4.8, -4.9)
+    for score, second, first in ((noisy, [-4.0, -5.6], [-4.9, -4.9]), (control, [-5.0, -5.0], [-5.0, -5.0])):
+        for row, values in zip(score["buckets"], (second, first)):
+            row["log_probs"] = values
+    assert verdict(noisy, control, "span", 100, 0.05)["ok"] is True  # +0.1 vs 0.05 + 2 x 0.8
+    noisy["buckets"][0]["log_probs"] = [-4.8, -4.8]
+    assert verdict(noisy, control, "span", 100, 0.05)["ok"] is False  # +0.1 exactly, no spread
     text = report_markdown([control, inside])
     assert "gain ✓" in text and "0 verdict(s) failed" in text
 

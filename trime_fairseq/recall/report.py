@@ -48,16 +48,32 @@ def verdict(memory: Dict, control: Dict, variant: str, gap: int, tolerance: floa
     m1, c1 = find(memory["buckets"], variant, gap, "first"), find(control["buckets"], variant, gap, "first")
     gain2 = m2["mean_log_prob"] - c2["mean_log_prob"]
     gain1 = m1["mean_log_prob"] - c1["mean_log_prob"]
+    se2 = _standard_error(m2, c2)
+    se_diff = _standard_error(m2, c2, m1, c1)
     unbounded = memory.get("reach") is not None and math.isinf(memory["reach"][1])
     if mine == "inside" and theirs != "inside":
-        ok = gain2 > 0 and (unbounded or gain2 > gain1)
+        ok = gain2 > 2 * se2 and (unbounded or gain2 - gain1 > 2 * se_diff)
         expected = "gain"
     elif mine == "beyond":
-        ok = gain2 - gain1 <= tolerance
+        ok = gain2 - gain1 <= tolerance + 2 * se_diff
         expected = "no gain"
     else:
         ok, expected = None, "inside both" if mine == "inside" else "edge"
     return dict(gain_second=gain2, gain_first=gain1, expected=expected, ok=ok)
+
+
+def _standard_error(*rows) -> float:
+    """The standard error of the mean of the per-token differences rows[0] − rows[1] (+ rows[3] − rows[2]...:
+    (memory − control) on the second occurrences minus the same on the first); 0 without per-token values."""
+    if any("log_probs" not in r for r in rows):
+        return 0.0
+    import numpy as np
+
+    values = [np.asarray(r["log_probs"], dtype=np.float64) for r in rows]
+    diff = values[0] - values[1]
+    if len(values) == 4:
+        diff = diff - (values[2] - values[3])
+    return float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
 
 
 def report_markdown(scores: List[Dict], tolerance: float = 0.05) -> str:

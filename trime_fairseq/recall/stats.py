@@ -40,6 +40,7 @@ def bucket_stats(index: RecallIndex, log_probs: np.ndarray, correct: np.ndarray)
                 row = dict(variant=variant, gap=int(gap), occurrence=occurrence,
                            episodes=int(len(set(index.episode[chosen].tolist()))))
                 row.update(summarise(values, correct[at]))
+                row["log_probs"] = [round(float(x), 6) for x in values]  # in index order: paired across runs
                 rows.append(row)
     return rows
 
