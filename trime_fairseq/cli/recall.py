@@ -225,15 +225,22 @@ def score_main(argv):
 
 # -- report and plot ----------------------------------------------------------------------------------------------
 
-def report_parser():
+def _scores_parser(command: str, description: str, **output):
+    """The parser of a command that reads score files (``--output`` as ``output`` says)."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="trime-recall report", description="compare every system with its control")
+    p = argparse.ArgumentParser(prog=f"trime-recall {command}", description=description)
     p.add_argument("scores", nargs="+", help="JSON files of trime-recall score")
-    p.add_argument("--output", default=None, help="markdown file to write (default: print only)")
+    p.add_argument("--output", **output)
+    return p
+
+
+def report_parser():
+    p = _scores_parser("report", "compare every system with its control", default=None,
+                       help="markdown file to write (default: print only)")
     p.add_argument("--tolerance", type=float, default=0.05,
                    help="nats: beyond the reach, the memory's gain on second occurrences may exceed its gain on "
-                   "first occurrences by at most this much")
+                   "first occurrences by at most this much (plus two standard errors)")
     return p
 
 
@@ -249,12 +256,7 @@ def report_main(argv):
 
 
 def plot_parser():
-    import argparse
-
-    p = argparse.ArgumentParser(prog="trime-recall plot", description="perplexity of second occurrences vs gap")
-    p.add_argument("scores", nargs="+", help="JSON files of trime-recall score")
-    p.add_argument("--output", required=True, help="PNG to write")
-    return p
+    return _scores_parser("plot", "perplexity of second occurrences vs gap", required=True, help="PNG to write")
 
 
 def plot_main(argv):

@@ -203,6 +203,15 @@ def memory_split(episodes: List[Episode]) -> List[str]:
     return tokens
 
 
+def new_episode(id: int, variant: str, gap: int, spans: List[List[str]], rng, vocab, key_length: int) -> Episode:
+    """A span episode (the next of ``spans``; its first word unscored) or a pass key (its keys scored)."""
+    if variant == "span":
+        words = spans.pop()
+        return Episode(id, variant, gap, list(words), 1, len(words))
+    words, lo, hi = passkey_words(rng, vocab, key_length)
+    return Episode(id, variant, gap, words, lo, hi)
+
+
 def eval_episodes(rng, pool, vocab, variants, gaps, per_bucket, span_length, key_length) -> List[Episode]:
     """``per_bucket`` episodes of every (variant, gap)."""
     buckets = [(v, g) for v in variants for g in gaps]
@@ -210,11 +219,7 @@ def eval_episodes(rng, pool, vocab, variants, gaps, per_bucket, span_length, key
     episodes = []
     for variant, gap in buckets:
         for _ in range(per_bucket):
-            if variant == "span":
-                words, lo, hi = spans.pop(), 1, span_length
-            else:
-                words, lo, hi = passkey_words(rng, vocab, key_length)
-            episodes.append(Episode(len(episodes), variant, gap, list(words), lo, hi))
+            episodes.append(new_episode(len(episodes), variant, gap, spans, rng, vocab, key_length))
     return episodes
 
 
@@ -226,11 +231,7 @@ def train_episodes(rng, pool, vocab, count, gaps, passkey_share, span_length, ke
     episodes = []
     for variant in kinds:
         gap = int(gaps[rng.integers(len(gaps))])
-        if variant == "span":
-            words, lo, hi = spans.pop(), 1, span_length
-        else:
-            words, lo, hi = passkey_words(rng, vocab, key_length)
-        episodes.append(Episode(len(episodes), variant, gap, list(words), lo, hi))
+        episodes.append(new_episode(len(episodes), variant, gap, spans, rng, vocab, key_length))
     return episodes
 
 
