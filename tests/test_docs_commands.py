@@ -40,6 +40,8 @@ Checks (:func:`check`), none of which loads data, a checkpoint or a datastore; p
   criterion as above;
 * ``trime-tune``, ``trime-sweep-memory``, ``trime-tune-mt``, ``python -m trime_fairseq.cli.spalm_gates``:
   their fairseq parser plus their own options, the task, and the CLI's ``checked(cfg, args)``;
+* ``trime-recall COMMAND``: ``score`` as ``trime-tune`` (its fairseq parser, the task); ``make`` / ``report`` /
+  ``plot`` their argparse parsers;
 * ``trime-build-datastore`` (+ its ``check_args``), ``trime-bm25-batches``, ``trime-neighbours``, ``python
   benchmarks/*.py``, ``python scripts/*.py``: the module's ``get_parser()``;
 * ``scripts/*.sh``, ``benchmarks/*.sh``: the script exists and is executable.
@@ -69,6 +71,7 @@ CONSOLE = {  # console script -> module (setup.py)
 }
 MODULE_PROGRAM = {f"trime_fairseq.cli.{module}": name for name, module in CONSOLE.items()}
 MODULE_PROGRAM["trime_fairseq.cli.spalm_gates"] = "spalm-gates"
+MODULE_PROGRAM["trime_fairseq.cli.recall"] = "trime-recall"
 
 #: placeholders of the docs -> a stand-in value (an empty string drops the token)
 PLACEHOLDERS = {
@@ -216,7 +219,7 @@ def _program(words: List[str]):
     if not words:
         return None
     head = words[0]
-    if head in FAIRSEQ or head in CONSOLE:
+    if head in FAIRSEQ or head in CONSOLE or head == "trime-recall":
         return head, words[1:]
     if head in ("python", "python3") and len(words) > 1:
         if words[1] == "-m" and len(words) > 2 and words[2] in MODULE_PROGRAM:
@@ -530,6 +533,30 @@ def _check_plugin_cli(cmd: DocCommand):
         module.check_args(args)
 
 
+def _check_recall(cmd: DocCommand):
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    from trime_fairseq.cli import recall
+
+    if len(cmd.argv) < 2 or cmd.argv[1] not in recall.COMMANDS:
+        raise CommandError(f"trime-recall needs a command among {recall.COMMANDS}")
+    command, argv = cmd.argv[1], cmd.argv[2:]
+    if command == "score":
+        parser = recall.get_parser()
+        partial = cmd.fragment or (cmd.inline and (not argv or argv[0].startswith("-")))
+        if partial:
+            argv = _fill_required(parser, argv)
+        args = _fairseq_args(parser, argv, partial, "trime_lm")
+        recall.parse_reach(args.reach)
+        _build_task(convert_namespace_to_omegaconf(args))
+        return
+    parser = recall.PARSERS[command]()
+    if cmd.fragment or cmd.inline:
+        argv = _fill_required(parser, argv)
+    with _argparse_errors():
+        parser.parse_args(argv)
+
+
 def _load_script(path: Path):
     """A benchmark / script module, imported from its file (its folder on sys.path, as when run)."""
     sys.path.insert(0, str(path.parent))
@@ -554,6 +581,8 @@ def check(cmd: DocCommand) -> None:
         return _check_fairseq(cmd)
     if program in CONSOLE or program == "spalm-gates":
         return _check_plugin_cli(cmd)
+    if program == "trime-recall":
+        return _check_recall(cmd)
     path = ROOT / program
     if not path.is_file():
         raise CommandError(f"{program} does not exist")
@@ -592,7 +621,7 @@ def in_root(monkeypatch):
 
 #: at least this many commands per file (the extraction must keep finding them)
 MINIMUM = {"README.md": 30, "results.md": 15, "results_long.md": 12, "results_longmem.md": 8,
-           "results_models.md": 12, "results_datastore.md": 8, "results_spalm.md": 8, "results_mt.md": 8,
+           "results_models.md": 12, "results_datastore.md": 8, "results_spalm.md": 8, "results_mt.md": 8, "results_recall.md": 6,
            "scaling.md": 5}
 
 

@@ -1,0 +1,161 @@
+"""Every system against its control (``trime-recall report``) and the plot (``trime-recall plot``).
+
+A score file (``trime-recall score``) names its control (the same model without the memory) and its reach
+[lo, hi]: a token whose copy lies at distance d = S + gap is inside the memory when d <= lo, beyond it when
+d > hi. The gain of a memory on a set of tokens is its mean log-probability minus the control's (nats per
+token). The verdicts:
+
+* inside the memory's reach and beyond the control's: the memory must gain on the second occurrences, and more
+  than on the first occurrences (the same words before any copy exists) -- except for an unbounded memory whose
+  store holds the first occurrences themselves (datastore), where the first occurrences are no control;
+* beyond the memory's reach: its gain on the second occurrences may exceed its gain on the first by at most the
+  tolerance (a larger one would be recall from where the memory cannot reach: a leak);
+* inside both reaches or at an edge: reported, no verdict.
+"""
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from trime_fairseq.atomic import atomic_path
+from trime_fairseq.recall.stats import find
+
+
+def load_scores(paths) -> List[Dict]:
+    scores = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
+    labels = [s["label"] for s in scores]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"two score files share a label: {labels}")
+    known = set(labels)
+    for s in scores:
+        if s.get("control") and s["control"] not in known:
+            raise ValueError(f"{s['label']}: its control '{s['control']}' is not among the score files")
+    return scores
+
+
+def region(distance: float, reach: Optional[List[float]]) -> str:
+    if reach is None:
+        return "none"
+    lo, hi = reach
+    return "inside" if distance <= lo else "beyond" if distance > hi else "edge"
+
+
+def verdict(memory: Dict, control: Dict, variant: str, gap: int, tolerance: float) -> Dict:
+    d = memory["lengths"][variant] + gap  # from a token of the second occurrence back to its copy
+    mine, theirs = region(d, memory.get("reach")), region(d, control.get("reach"))
+    m2, c2 = find(memory["buckets"], variant, gap, "second"), find(control["buckets"], variant, gap, "second")
+    m1, c1 = find(memory["buckets"], variant, gap, "first"), find(control["buckets"], variant, gap, "first")
+    gain2 = m2["mean_log_prob"] - c2["mean_log_prob"]
+    gain1 = m1["mean_log_prob"] - c1["mean_log_prob"]
+    se2 = _standard_error(m2, c2)
+    se_diff = _standard_error(m2, c2, m1, c1)
+    unbounded = memory.get("reach") is not None and math.isinf(memory["reach"][1])
+    if mine == "inside" and theirs != "inside":
+        ok = gain2 > 2 * se2 and (unbounded or gain2 - gain1 > 2 * se_diff)
+        expected = "gain"
+    elif mine == "beyond":
+        ok = gain2 - gain1 <= tolerance + 2 * se_diff
+        expected = "no gain"
+    else:
+        ok, expected = None, "inside both" if mine == "inside" else "edge"
+    return dict(gain_second=gain2, gain_first=gain1, expected=expected, ok=ok)
+
+
+def _standard_error(*rows) -> float:
+    """The standard error of the mean of the per-token differences rows[0] − rows[1] (+ rows[3] − rows[2]...:
+    (memory − control) on the second occurrences minus the same on the first); 0 without per-token values."""
+    if any("log_probs" not in r for r in rows):
+        return 0.0
+    import numpy as np
+
+    values = [np.asarray(r["log_probs"], dtype=np.float64) for r in rows]
+    diff = values[0] - values[1]
+    if len(values) == 4:
+        diff = diff - (values[2] - values[3])
+    return float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
+
+
+def report_markdown(scores: List[Dict], tolerance: float = 0.05) -> str:
+    by_label = {s["label"]: s for s in scores}
+    variants = [v for v in ("span", "passkey") if any(b["variant"] == v for s in scores for b in s["buckets"])]
+    gaps = sorted({b["gap"] for s in scores for b in s["buckets"]})
+    out = []
+    for variant in variants:
+        out += [f"**{variant}**: perplexity / top-1 accuracy of the scored tokens' second occurrence "
+                "(first occurrence in brackets: the same words before any copy)", "",
+                "| system | control | reach | " + " | ".join(f"gap {g}" for g in gaps) + " |",
+                "|---|---|---|" + "---:|" * len(gaps)]
+        for s in scores:
+            cells = []
+            for g in gaps:
+                second, first = find(s["buckets"], variant, g, "second"), find(s["buckets"], variant, g, "first")
+                cells.append(f"{second['ppl']:.1f} / {second['accuracy']:.2f} ({first['ppl']:.1f})")
+            out.append(f"| {s['label']} | {s.get('control') or '-'} | {_reach(s.get('reach'))} | " + " | ".join(cells) + " |")
+        out.append("")
+    out += ["Verdicts (gain = mean log-prob of the memory minus its control's, nats/token, 2nd occurrence / 1st):",
+            "", "| system | variant | " + " | ".join(f"gap {g}" for g in gaps) + " |", "|---|---|" + "---|" * len(gaps)]
+    failures = 0
+    for s in scores:
+        if not s.get("control"):
+            continue
+        control = by_label[s["control"]]
+        for variant in variants:
+            cells = []
+            for g in gaps:
+                v = verdict(s, control, variant, g, tolerance)
+                mark = {True: "✓", False: "✗", None: ""}[v["ok"]]
+                failures += v["ok"] is False
+                cells.append(f"{v['gain_second']:+.2f} / {v['gain_first']:+.2f} {v['expected']} {mark}".strip())
+            out.append(f"| {s['label']} | {variant} | " + " | ".join(cells) + " |")
+    out += ["", f"{failures} verdict(s) failed (tolerance {tolerance} nats)."]
+    return "\n".join(out) + "\n"
+
+
+def _reach(reach) -> str:
+    if reach is None:
+        return "-"
+    lo, hi = reach
+    fmt = lambda x: "∞" if math.isinf(x) else str(int(x))  # noqa: E731
+    return fmt(lo) if lo == hi else f"{fmt(lo)}–{fmt(hi)}"
+
+
+def plot(scores: List[Dict], path) -> None:
+    """Perplexity of the second occurrences vs gap (log-log), a panel per variant; memories solid, every control
+    dashed in the colour of the first memory that names it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = [v for v in ("span", "passkey") if any(b["variant"] == v for s in scores for b in s["buckets"])]
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    controls = {s["control"] for s in scores if s.get("control")}
+    colour_of, k = {}, 0
+    for s in scores:
+        if s["label"] in controls and s["label"] not in colour_of:
+            continue
+        colour_of.setdefault(s["label"], colours[k % len(colours)])
+        k += 1
+        if s.get("control"):
+            colour_of.setdefault(s["control"], colour_of[s["label"]])
+    fig, axes = plt.subplots(1, len(variants), figsize=(6 * len(variants), 4.5), squeeze=False)
+    for ax, variant in zip(axes[0], variants):
+        for s in scores:
+            rows = sorted((b for b in s["buckets"] if b["variant"] == variant and b["occurrence"] == "second"),
+                          key=lambda b: b["gap"])
+            dashed = s["label"] in controls
+            ax.plot([max(b["gap"], 1) for b in rows], [b["ppl"] for b in rows], marker="o", markersize=3,
+                    linestyle="--" if dashed else "-", color=colour_of.get(s["label"], "gray"),
+                    label=s["label"] + (" (control)" if dashed else ""))
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("gap between the occurrences (tokens)")
+        ax.set_ylabel("perplexity of the second occurrence")
+        ax.set_title(f"recall: {variant}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
