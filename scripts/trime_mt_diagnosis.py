@@ -190,7 +190,7 @@ def main(argv=None) -> Dict[str, Dict[str, float]]:
         if not checked:  # the analytic gradient against autograd through the library's Eq. 5
             reference = autograd_target_gradients(logits, scores, values, mask, flat_target)
             torch.testing.assert_close(stats["grad_trime"].double()[flat_valid], reference[flat_valid],
-                                       rtol=1e-4, atol=1e-6)
+                                       rtol=1e-3, atol=1e-5)  # float32 statistics vs float64 autograd
             checked = True
         for key, value in stats.items():
             gathered.setdefault(key, []).append(value[flat_valid])
