@@ -100,7 +100,7 @@ def summarise(stats: Dict[str, Tensor], classes: Dict[str, Tensor]) -> Dict[str,
     return out
 
 
-def parse_args(argv=None):
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("data")
     p.add_argument("--path", required=True, help="translation checkpoint (trime_translation)")
@@ -114,11 +114,11 @@ def parse_args(argv=None):
     p.add_argument("--frequent", type=int, default=100, help="this many most frequent target types are 'frequent'")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", default=None, help="write the summary here")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv=None) -> Dict[str, Dict[str, float]]:
-    args = parse_args(argv)
+    args = get_parser().parse_args(argv)
     from trime_fairseq.cli import setup_logging
 
     setup_logging()
