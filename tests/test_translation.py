@@ -303,8 +303,9 @@ def test_bad_inputs_are_clear_errors(store, tmp_path):
 # -- end to end through the CLIs on a Multi30k slice -----------------------------------------------
 
 def test_cli_train_datastore_generate_on_multi30k(multi30k_bin, tmp_path):
-    """fairseq-train (trime_mt_loss, BM25 batching of target sentences) -> trime-build-datastore (every
-    target token + EOS once) -> fairseq-generate --eval-memory knn: BLEU printed, and --score-reference."""
+    """fairseq-train (trime_mt_loss with TRIME's released memory -- top-8, τ_train 10 --, BM25 batching of target
+    sentences filled with real tokens) -> trime-build-datastore (every target token + EOS once; the checkpoint's
+    training-only batching options reset) -> fairseq-generate --eval-memory knn: BLEU printed, and --score-reference."""
     data = multi30k_bin
     order = tmp_path / "bm25.order"
     run_cli([PYTHON, "-m", "trime_fairseq.cli.bm25_batches", "--data", data, "--source-lang", "de",
@@ -316,6 +317,7 @@ def test_cli_train_datastore_generate_on_multi30k(multi30k_bin, tmp_path):
         "32", "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
         "--encoder-attention-heads", "2", "--decoder-attention-heads", "2", "--share-all-embeddings",
         "--criterion", "trime_mt_loss", "--ce-warmup-updates", "2", "--batching", "bm25", "--bm25-order", order,
+        "--bm25-fill", "real", "--train-memory-topk", "8", "--train-memory-temperature", "10",
         "--optimizer", "adam", "--lr", "0.003", "--max-tokens", "1500", "--max-update", "12", "--cpu",
         "--num-workers", "0", "--save-dir", save, "--no-epoch-checkpoints", "--disable-validation",
         "--log-format", "simple", "--log-interval", "4",

@@ -144,7 +144,8 @@ def load_model(args):
             if args.context_window < 0 or args.context_window >= length:
                 raise ValueError(f"--context-window must lie in [0, {length}), got {args.context_window}")
             task_cfg.tokens_per_sample = length - args.context_window  # as fairseq-eval-lm
-        for key, value in (("batching", "shuffled"), ("bm25_order", None), ("eval_memory", "none")):
+        for key, value in (("batching", "shuffled"), ("bm25_order", None), ("bm25_fill", "padded"),
+                           ("eval_memory", "none")):
             if key in task_cfg:
                 task_cfg[key] = value
     task = tasks.setup_task(task_cfg)
