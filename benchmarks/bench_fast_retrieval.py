@@ -252,7 +252,7 @@ def translation_checkpoint(path: str) -> bool:
     return state["cfg"].task._name in build_datastore.MT_TASKS
 
 
-def main(argv=None):
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("data")
     p.add_argument("--path", required=True, help="a language-model or translation checkpoint")
@@ -278,7 +278,11 @@ def main(argv=None):
     p.add_argument("--knn-gpu", action="store_true", help="run the model on CUDA and search with faiss-gpu")
     p.add_argument("--work", default=None, help="keep the datastores and the predictor here (default: a temp dir)")
     p.add_argument("--json", default=None, help="also write the results to this file")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
     translation = translation_checkpoint(args.path)
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or tmp

@@ -76,7 +76,7 @@ MODULE_PROGRAM["trime_fairseq.cli.recall"] = "trime-recall"
 #: placeholders of the docs -> a stand-in value (an empty string drops the token)
 PLACEHOLDERS = {
     "<model>": "transformer", "<memory flags>": "", "<binarized wikitext-2>": "data-bin/wikitext-2",
-    "[tuned flags]": "", "N": "2", "R": "0", "HOST:PORT": "127.0.0.1:29500", "T": "1", "λ": "0.25",
+    "[tuned flags]": "", "N": "2", "D": "16", "R": "0", "HOST:PORT": "127.0.0.1:29500", "T": "1", "λ": "0.25",
 }
 #: variables the docs use inside a loop they describe in words ("split S in {valid, test}", "LR = ...")
 LOOP_DEFAULTS = {"S": "valid", "M": "4096", "LR": "0.0002", "i": "0"}
