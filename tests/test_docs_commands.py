@@ -200,7 +200,10 @@ def _words(text: str) -> List[str]:
             text = text.replace(placeholder, value)
     text = re.sub(r"\[(--[^\]\[]*)\]", r"\1", text)  # optional groups [--flag value]
     words = []
-    for word in shlex.split(text, comments=True):
+    split = shlex.split(text, comments=True)
+    for i, word in enumerate(split):
+        if re.fullmatch(r"[12&]?>>?", word) or (i and re.fullmatch(r"[12&]?>>?", split[i - 1])):
+            continue  # output redirections: '> FILE', '2> FILE' (the redirection and its target)
         word = PLACEHOLDERS.get(word, word)
         brace = re.search(r"\{([^{}:']*,[^{}:']*)\}", word)
         if brace and not word.startswith("{"):  # shell brace expansion: the first choice
