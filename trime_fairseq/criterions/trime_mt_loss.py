@@ -82,6 +82,13 @@ class TrimeMTLoss(TrimeLoss):
         own_rows = torch.zeros(bsz, dtype=torch.bool, device=keys.device)  # no entry of the sentence itself
         # the top-K needs every score: dense (1, N, M) memory (cross_segment_memory refuses sizes beyond its bound)
         block_size = 0 if self.memory_topk else self.memory_block_size
-        memory = cross_segment_memory(keys, target, valid, own_rows, dot_scale(dim, self.memory_temperature),
-                                      block_size, layout=self.worker_layout(keys), withdrawn=is_dummy_batch(sample))
+        try:
+            memory = cross_segment_memory(keys, target, valid, own_rows, dot_scale(dim, self.memory_temperature),
+                                          block_size, layout=self.worker_layout(keys),
+                                          withdrawn=is_dummy_batch(sample))
+        except ValueError as e:
+            if not self.memory_topk:
+                raise
+            raise ValueError(f"--train-memory-topk scores the dense memory, which this batch cannot hold ({e}); "
+                             "lower --max-tokens (--memory-block-size does not apply to the top-K)") from e
         return top_entries(memory, self.memory_topk) if self.memory_topk else memory  # (1, N, min(K, M))
