@@ -1,4 +1,4 @@
-# Shared helpers of the WikiText-2 pipelines (sourced): progress messages for long phases.
+# Shared helpers of the WikiText-2 and Multi30k pipelines (sourced): progress messages, data preparation.
 
 say() {  # message -> stderr, with the time
   echo "[$(date +%H:%M:%S)] $*" >&2
@@ -22,4 +22,13 @@ watch_training() {  # updates log... : while trainings write their logs, report 
 
 tune_progress() {  # label : pass trime-tune's stderr through, showing its progress lines with the label
   tee -a "$1.err" | grep --line-buffered -E "round [0-9]+:" | sed -u "s/^.*| trime_fairseq\.[a-z_]* | /  $(basename "$1"): /" >&2
+}
+
+multi30k_data() {  # DATA OUT : Multi30k binarised in DATA and the BM25 chain of its training targets; prints the order file
+  local data=$1 out=$2 order="$1/bm25-target.order"
+  [ -f "$data/dict.en.txt" ] || { say "preparing Multi30k -> $data"; scripts/prepare_multi30k.sh "$data" >&2 || return 1; }
+  [ -f "$order" ] || { say "BM25 chain of the training target sentences -> $order"
+    trime-bm25-batches --data "$data" --source-lang de --target-lang en --output "$order" --workers 2 \
+      --no-progress-bar > "$out/bm25.log" 2>&1 || { say "trime-bm25-batches failed: see $out/bm25.log"; return 1; }; }
+  echo "$order"
 }

@@ -42,11 +42,7 @@ mkdir -p "$OUT"
 source scripts/lib.sh
 
 # 1. data
-[ -f "$DATA/dict.en.txt" ] || { say "preparing Multi30k -> $DATA"; scripts/prepare_multi30k.sh "$DATA"; }
-order="$DATA/bm25-target.order"
-[ -f "$order" ] || { say "BM25 chain of the training target sentences -> $order"
-  trime-bm25-batches --data "$DATA" --source-lang de --target-lang en --output "$order" --workers 2 \
-    --no-progress-bar > "$OUT/bm25.log" 2>&1; }
+order=$(multi30k_data "$DATA" "$OUT")
 
 # 2. training
 train() {  # name overrides...

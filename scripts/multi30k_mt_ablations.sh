@@ -33,11 +33,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 source scripts/lib.sh
 
-[ -f "$DATA/dict.en.txt" ] || { say "preparing Multi30k -> $DATA"; scripts/prepare_multi30k.sh "$DATA"; }
-order="$DATA/bm25-target.order"
-[ -f "$order" ] || { say "BM25 chain of the training target sentences -> $order"
-  trime-bm25-batches --data "$DATA" --source-lang de --target-lang en --output "$order" --workers 2 \
-    --no-progress-bar > "$OUT/bm25.log" 2>&1; }
+order=$(multi30k_data "$DATA" "$OUT")
 
 overrides() {  # run name -> its hydra overrides
   local bm25="task.bm25_order=$order task.bm25_fill=real dataset.max_tokens=3880"
