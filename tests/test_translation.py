@@ -489,7 +489,8 @@ def test_token_head_of_briefly_trained_trime_mt_emits_eos():
 
 def test_diagnosis_statistics_equal_naive_sums_and_autograd():
     """scripts/trime_mt_diagnosis.py: the memory's share of Eq. 5's numerator, P, and ∂(−log P)/∂s_target
-    equal explicit sums over vocabulary ∪ entries and autograd; cross-entropy's gradient is p_token − 1."""
+    equal explicit sums over vocabulary ∪ entries and autograd over every logit; cross-entropy's gradient is
+    p_token − 1."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("trime_mt_diagnosis", ROOT / "scripts" / "trime_mt_diagnosis.py")
@@ -514,6 +515,11 @@ def test_diagnosis_statistics_equal_naive_sums_and_autograd():
         torch.testing.assert_close(stats["p_joint"][i].double(), numerator / normaliser)
         torch.testing.assert_close(stats["grad_trime"][i].double(), tok / normaliser - tok / numerator)
         torch.testing.assert_close(stats["grad_ce"][i].double(), torch.softmax(logits[i], -1)[target[i]] - 1)
-    torch.testing.assert_close(stats["grad_trime"].double(),
-                               diagnosis.autograd_target_gradients(logits, scores, values, mask, target))
+    full = logits.clone().requires_grad_(True)  # autograd over every logit through the library's Eq. 5
+    from trime_fairseq.memory.mixing import joint_target_log_prob
+
+    log_p = joint_target_log_prob(full.gather(1, target.unsqueeze(1)).squeeze(1), torch.logsumexp(full, -1), scores,
+                                  values, mask, target)
+    (grad,) = torch.autograd.grad(-log_p.sum(), full)
+    torch.testing.assert_close(stats["grad_trime"].double(), grad.gather(1, target.unsqueeze(1)).squeeze(1))
     assert stats["memory_share"][0] == 0 and stats["entries"][0] == 0
