@@ -171,3 +171,94 @@ def test_describe_options_and_axes_agree_with_the_composition(name):
     assert set(shown) == {flag(n) for n in set(mode.axes) | read_by_recipe}  # every step is on in these options
     for axis in mode.axes:
         assert float(shown[flag(axis)]) == pytest.approx(mode.value(options, axis))
+
+
+@pytest.fixture
+def toy_adaptive_mode():
+    """``local_adaptive``: an adaptive step over the local memory: λ per row = σ(the row's best scaled score),
+    q over the same entries (a rule reads only what the row retrieved)."""
+
+    def rule(entries):
+        best = entries.scores.masked_fill(~entries.mask, float("-inf")).max(-1).values  # (Q,)
+        lam = torch.where(entries.mask.any(-1), torch.sigmoid(best), torch.zeros_like(best))
+        return entries, lam
+
+    @register_mode
+    class LocalAdaptive(Mode):
+        name = "local_adaptive"
+        help = "adaptive interpolation with the local memory on g"
+        steps = (Step((TermOf(LOCAL_G, dot("interpolation_temperature")),), adaptive=True),)
+        axes = ("interpolation_temperature",)
+        rule_text = "λ = σ(best score)"
+
+        def step_rule(self, options, dim):
+            return rule
+
+    yield REGISTRY["local_adaptive"]
+    del REGISTRY["local_adaptive"]
+
+
+def naive_adaptive(logits, keys, src, pad, tau):
+    """(B, T, V) float64: like naive_interpolation with λ_t = σ(max_j g_t·g_j / (√d·τ)) per position."""
+    bsz, tsz, vocab = logits.shape
+    out = torch.zeros(bsz, tsz, vocab, dtype=torch.float64)
+    for b in range(bsz):
+        for t in range(tsz):
+            p = torch.softmax(logits[b, t].double(), -1)
+            mem = torch.zeros(vocab, dtype=torch.float64)
+            best = None
+            for j in range(t):
+                value = int(src[b, j + 1])
+                if value != pad:
+                    s = torch.dot(keys[b, t].double(), keys[b, j].double()) / (math.sqrt(keys.size(-1)) * tau)
+                    mem[value] += torch.exp(s)
+                    best = s if best is None else max(best, s)
+            if mem.sum() > 0:
+                lam = torch.sigmoid(best)
+                p = (1 - lam) * p + lam * mem / mem.sum()
+            out[b, t] = p.log()
+    return out
+
+
+def test_an_adaptive_step_gives_lambda_per_row_in_every_driver(toy_adaptive_mode):
+    options = MemoryOptions.from_flags("local_adaptive", {"interpolation_temperature": 0.5})
+    with pytest.raises(ValueError, match="--interpolation-lambda has no effect"):
+        MemoryOptions.from_flags("local_adaptive", {"interpolation_lambda": 0.3})
+    assert "interpolate λ(x) with [local g at 1/(√d·τ′)], λ = σ(best score)" in toy_adaptive_mode.describe()
+    assert toy_adaptive_mode.flags(options, toy_adaptive_mode.axes) == (
+        "--eval-memory local_adaptive --interpolation-temperature 0.5")
+    task = tiny_task()
+    model = tiny_lm(task).eval()
+    sample = lm_sample(task, bsz=3, tsz=10, pad_last=3)
+    with torch.no_grad():
+        net_output = model(**sample["net_input"])
+    pad = task.dictionary.pad()
+    reference = naive_adaptive(net_output[0], net_output[1][TRIME_KEY], sample["net_input"]["src_tokens"], pad, 0.5)
+    target = sample["target"]
+    expected = reference.gather(2, target.unsqueeze(-1)).squeeze(-1)
+    scored = target.ne(pad)
+    full = EvalMemory(options, pad).log_probs(model.decoder, net_output, sample)
+    torch.testing.assert_close(full[scored].double(), reference[scored], rtol=1e-5, atol=1e-5)
+    fast = EvalMemory(options, pad).target_log_probs(model.decoder, net_output, sample, options)
+    torch.testing.assert_close(fast[scored].double(), expected[scored], rtol=1e-5, atol=1e-5)
+
+
+def test_per_row_lambda_equals_one_lambda_and_is_checked():
+    from trime_fairseq.memory.mixing import interpolate, interpolate_memory
+
+    torch.manual_seed(0)
+    log_p = torch.log_softmax(torch.randn(4, 7), -1)
+    scores, values = torch.randn(4, 3), torch.randint(0, 7, (4, 3))
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 1, 1], [1, 0, 1]], dtype=torch.bool)
+    lam = torch.tensor([0.3, 0.3, 0.0, 1.0])
+    rows = interpolate_memory(log_p, scores, values, mask, lam)
+    for q, one in enumerate(lam.tolist()):
+        torch.testing.assert_close(rows[q], interpolate_memory(log_p, scores, values, mask, one)[q])
+    log_q = torch.log_softmax(torch.randn(4, 7), -1)
+    has = mask.any(-1)
+    mixed = interpolate(log_p, log_q, lam, has)
+    for q, one in enumerate(lam.tolist()):
+        torch.testing.assert_close(mixed[q], interpolate(log_p, log_q, one, has)[q])
+    for bad in (torch.tensor([0.1, 1.2, 0.0, 0.0]), torch.tensor([0.1, 0.2])):
+        with pytest.raises(ValueError):
+            interpolate_memory(log_p, scores, values, mask, bad)

@@ -91,8 +91,9 @@ def full_log_probs(comp: Composition, token_log_probs: Tensor, token_lse: Tensor
     out = token_log_probs
     if comp.joint:
         out = joint_log_probs_(out, token_lse, *_entries(comp.joint, parts))  # Eq. 5/6
-    for step in comp.interpolations:  # Eq. 7-8, kNN-LM, cache
-        out = interpolate_memory_(out, *_entries(step.terms, parts), step.weight)
+    for step in comp.interpolations:  # Eq. 7-8, kNN-LM, cache; adaptive steps: λ per row
+        entries, lam = step.apply(_entries(step.terms, parts))
+        out = interpolate_memory_(out, *entries, lam)
     return out
 
 
@@ -100,11 +101,14 @@ Sums = Tuple[Tensor, Tensor]  # (match, other): log Σ exp(score) over visible e
 
 
 def target_log_prob(comp: Composition, token_target: Tensor, token_lse: Tensor, target: Tensor,
-                    summarize: Callable[[Term], Sums]) -> Tensor:
+                    summarize: Callable[[Term], Sums],
+                    entries: Optional[Callable[[Tuple[Term, ...]], MemoryBatch]] = None) -> Tensor:
     """(Q,) float32 log P(target): what :func:`full_log_probs` gives at the target.
 
     ``summarize(term)`` returns the term's (match, other) log-sums (Q,) at its scale;
-    each term is asked for once per call (callers memoise across calls).
+    each term is asked for once per call (callers memoise across calls). An adaptive step (a
+    rule) reads its entries themselves: ``entries(terms)`` gives the scaled (Q, M) entries of the
+    terms, concatenated.
     """
 
     def summary(terms):
@@ -120,6 +124,11 @@ def target_log_prob(comp: Composition, token_target: Tensor, token_lse: Tensor, 
     else:
         out = fp32(token_target) - fp32(token_lse)
     for step in comp.interpolations:
-        memory = summary(step.terms)
-        out = interpolate(out, memory_target_log_prob(*memory, target), step.weight, memory.mask.any(-1))
+        if step.rule is None:
+            memory, lam = summary(step.terms), step.weight
+        elif entries is None:
+            raise ValueError("an adaptive interpolation step needs its entries (the driver passes entries=)")
+        else:
+            memory, lam = step.apply(entries(step.terms))
+        out = interpolate(out, memory_target_log_prob(*memory, target), lam, memory.mask.any(-1))
     return out

@@ -15,9 +15,12 @@ for the combiners).
 """
 
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, Tuple
+from typing import Callable, Dict, FrozenSet, Optional, Tuple
+
+from torch import Tensor
 
 from trime_fairseq.memory.keys import TRIME_FEATURE, TRIME_KEY
+from trime_fairseq.memory.sources import MemoryBatch
 
 LOCAL_G = "local_g"
 LOCAL_F = "local_f"
@@ -46,10 +49,25 @@ class Term:
     scale: float  # multiplier of the part's raw scores
 
 
+#: an adaptive step's rule: the step's scaled entries (Q, M) -> (the entries q is made of (Q, M'), λ (Q,) in
+#: [0, 1]), row by row from what each row retrieved (never its target): a distance rule (SK-MT) or a network
+#: over K and λ (adaptive kNN-MT)
+StepRule = Callable[[MemoryBatch], Tuple[MemoryBatch, Tensor]]
+
+
 @dataclass(frozen=True)
 class Interpolation:
     terms: Tuple[Term, ...]  # the entries of q
-    weight: float  # λ
+    weight: Optional[float]  # λ, the same for every row; None with a rule
+    rule: Optional[StepRule] = None  # adaptive: q's entries and a λ per row from the step's entries
+
+    def __post_init__(self):
+        if (self.weight is None) == (self.rule is None):
+            raise ValueError("an interpolation has either one weight λ or a rule giving λ per row")
+
+    def apply(self, entries: MemoryBatch):
+        """(the entries of q, λ: a number or (Q,)) for the step's scaled ``entries`` (Q, M)."""
+        return self.rule(entries) if self.rule is not None else (entries, self.weight)
 
 
 @dataclass(frozen=True)

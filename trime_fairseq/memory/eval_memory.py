@@ -237,7 +237,7 @@ class EvalMemory:
         if scored.numel() and comp.terms:
             summarize = state.summarizer(options, scored, flat_target[scored])
             out = out.index_copy(0, scored, target_log_prob(comp, score[scored], lse[scored], flat_target[scored],
-                                                            summarize))
+                                                            summarize, state.entries(options, scored)))
         return out.view_as(target)
 
     def skip_features(self, decoder, net_output, sample, positions: Tensor) -> Tensor:

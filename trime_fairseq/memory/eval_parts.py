@@ -34,7 +34,7 @@ from trime_fairseq.memory.keys import NEIGHBOUR_TOKENS, TRIME_FEATURE, TRIME_KEY
 from trime_fairseq.memory.mixing import fp32
 from trime_fairseq.memory.options import MemoryOptions
 from trime_fairseq.memory.skip import skip_features
-from trime_fairseq.memory.sources import MemoryBatch, scaled_dot
+from trime_fairseq.memory.sources import MemoryBatch, concat_memory, scaled_dot
 from trime_fairseq.memory.stream import StreamBatch
 from trime_fairseq.memory.token_scores import all_token_log_probs, target_token_scores
 
@@ -309,6 +309,16 @@ class ForwardState:
     def gather(self, part: str, options: MemoryOptions, positions: Tensor) -> List[MemoryBatch]:
         """Raw entries of ``part`` for flat ``positions`` (n,), as pieces (n, M_i)."""
         return self.source(part).gather(options, positions)
+
+    def entries(self, options: MemoryOptions, positions: Tensor) -> Callable[[Tuple[Term, ...]], MemoryBatch]:
+        """``entries(terms)``: the scaled entries (n, M) of ``terms`` at flat ``positions``, concatenated (what an
+        adaptive step's rule reads in :func:`~trime_fairseq.memory.compose.target_log_prob`)."""
+
+        def of(terms: Tuple[Term, ...]) -> MemoryBatch:
+            return concat_memory([concat_memory(self.gather(t.part, options, positions)).scaled(t.scale)
+                                  for t in terms])
+
+        return of
 
     def target_scores(self, decoder, net_output, target: Tensor) -> Tuple[Tensor, Tensor]:
         """(token score of the target, token log-partition), each (B·T,): once per forward, whatever

@@ -14,11 +14,16 @@ and every function falls back to the token distribution, with finite gradients.
 """
 
 import math
+from typing import Tuple, Union
 
 import torch
 from torch import Tensor
 
 _FLOAT32_MIN = torch.finfo(torch.float32).min
+
+#: an interpolation weight λ: one number for every row, or a (Q,) tensor, one per query row
+#: (adaptive modes: a distance rule or a network computes it from each row's memory)
+Weight = Union[float, Tensor]
 
 
 def fp32(x: Tensor) -> Tensor:
@@ -119,23 +124,23 @@ def joint_log_probs_(token_log_probs: Tensor, token_lse: Tensor, scores: Tensor,
     return logaddexp_at(token_log_probs, values, by_value - normaliser)
 
 
-def interpolate_memory(log_p: Tensor, scores: Tensor, values: Tensor, mask: Tensor, lam: float) -> Tensor:
+def interpolate_memory(log_p: Tensor, scores: Tensor, values: Tensor, mask: Tensor, lam: Weight) -> Tensor:
     """log((1 - λ) p + λ q) with q the memory distribution of (scores, values, mask): (Q, V).
 
     The memory-only form of :func:`interpolate` (continuous cache, kNN-LM):
     q is non-zero only at memory values, so only those columns are recomputed.
-    Rows without a visible entry keep ``log_p``.
+    Rows without a visible entry keep ``log_p``. ``lam``: a number or (Q,) per row.
     """
     return interpolate_memory_(fp32(log_p).clone(), scores, values, mask, lam)
 
 
-def interpolate_memory_(log_p: Tensor, scores: Tensor, values: Tensor, mask: Tensor, lam: float) -> Tensor:
+def interpolate_memory_(log_p: Tensor, scores: Tensor, values: Tensor, mask: Tensor, lam: Weight) -> Tensor:
     """:func:`interpolate_memory` in place: ``log_p`` (Q, V) float32 (a view is fine) is overwritten."""
-    _check_lambda(lam)
+    log_keep, log_lam = _lambda_logs(lam, scores.size(0), log_p)  # numbers or (Q, 1)
     has_memory = mask.any(-1, keepdim=True)  # (Q, 1)
     log_q = grouped_logsumexp(scores, values, mask) - _memory_normaliser(scores, mask).unsqueeze(-1)
-    log_p.add_(torch.where(has_memory, _log_keep(lam), 0.0))
-    addend = torch.where(has_memory, log_q + math.log(lam) if lam > 0 else float("-inf"), float("-inf"))
+    log_p.add_(torch.where(has_memory, log_keep, 0.0))
+    addend = torch.where(has_memory, log_q + log_lam, float("-inf"))
     return logaddexp_at(log_p, values, addend)
 
 
@@ -155,29 +160,37 @@ def memory_target_log_prob(scores: Tensor, values: Tensor, mask: Tensor, target:
     return masked_logsumexp(scores, match) - _memory_normaliser(scores, mask)
 
 
-def interpolate(log_p: Tensor, log_q: Tensor, lam: float, has_memory: Tensor) -> Tensor:
+def interpolate(log_p: Tensor, log_q: Tensor, lam: Weight, has_memory: Tensor) -> Tensor:
     """log((1 - λ) p + λ q) in log space (Eq. 8, kNN-LM, cache).
 
-    ``log_p``/``log_q`` are (Q, ...) log-probabilities; ``has_memory`` (Q,) bool.
-    Rows without memory keep ``log_p`` unchanged (q is undefined there).
+    ``log_p``/``log_q`` are (Q, ...) log-probabilities; ``has_memory`` (Q,) bool; ``lam`` a number
+    or (Q,) per row. Rows without memory keep ``log_p`` unchanged (q is undefined there).
     """
-    _check_lambda(lam)
     log_p = fp32(log_p)
-    if lam == 0.0:
-        return log_p
-    mixed = torch.logaddexp(log_p + _log_keep(lam), fp32(log_q) + math.log(lam))
+    extra = (1,) * (log_p.dim() - 1)
+    log_keep, log_lam = _lambda_logs(lam, log_p.size(0), log_p)
+    if not isinstance(log_keep, Tensor):
+        if lam == 0.0:
+            return log_p
+    else:
+        log_keep, log_lam = log_keep.view(-1, *extra), log_lam.view(-1, *extra)
+    mixed = torch.logaddexp(log_p + log_keep, fp32(log_q) + log_lam)
     keep = has_memory.view(has_memory.shape + (1,) * (log_p.dim() - has_memory.dim()))
     return torch.where(keep, mixed, log_p)
 
 
-def _check_lambda(lam: float) -> None:
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"interpolation weight λ must lie in [0, 1], got {lam}")
-
-
-def _log_keep(lam: float) -> float:
-    """log(1 - λ), -inf at λ = 1."""
-    return math.log1p(-lam) if lam < 1.0 else float("-inf")
+def _lambda_logs(lam: Weight, rows: int, like: Tensor) -> Tuple[Union[float, Tensor], Union[float, Tensor]]:
+    """(log(1 − λ), log λ): numbers for a number, (Q, 1) float32 tensors for a (Q,) tensor of per-row λ."""
+    if not isinstance(lam, Tensor):
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"interpolation weight λ must lie in [0, 1], got {lam}")
+        return (math.log1p(-lam) if lam < 1.0 else float("-inf")), (math.log(lam) if lam > 0 else float("-inf"))
+    if lam.shape != (rows,):
+        raise ValueError(f"per-row interpolation weights must be ({rows},), got {tuple(lam.shape)}")
+    lam = fp32(lam).to(like.device)
+    if not torch.isfinite(lam).all() or bool(((lam < 0) | (lam > 1)).any()):
+        raise ValueError("per-row interpolation weights λ must lie in [0, 1]")
+    return torch.log1p(-lam).unsqueeze(-1), lam.log().unsqueeze(-1)
 
 
 def _memory_normaliser(scores: Tensor, mask: Tensor) -> Tensor:

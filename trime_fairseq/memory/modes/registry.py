@@ -114,11 +114,20 @@ class TermOf:
 
 @dataclass(frozen=True)
 class Step:
-    """An interpolation of the recipe: log((1 − λ)·p + λ·q), q over its terms' entries, λ = option ``weight``."""
+    """An interpolation of the recipe: log((1 − λ)·p + λ·q), q over its terms' entries, λ = option ``weight``;
+    an ``adaptive`` step has no weight option: the record's :meth:`Mode.step_rule` gives q's entries and λ
+    per row from the step's entries (SK-MT's distance rule, adaptive kNN-MT's network)."""
 
     terms: Tuple[TermOf, ...]
-    weight: str
+    weight: Optional[str] = None
     optional: bool = False  # left out while λ is 0
+    adaptive: bool = False
+
+    def __post_init__(self):
+        if (self.weight is None) != self.adaptive:
+            raise ValueError("a step has a weight option, or is adaptive (its record's step_rule), not both")
+        if self.adaptive and self.optional:
+            raise ValueError("an adaptive step cannot be optional (it has no weight option to be 0)")
 
 
 class Mode:
@@ -134,17 +143,18 @@ class Mode:
     without_local: bool = False  # works where the scored sequence has no local memory (translation)
     datastore_keys: Optional[Tuple[str, str]] = None  # (key kind, metric) its datastore must hold
     own_options: Tuple[str, ...] = ()  # options it reads beyond its recipe and parts (knn: retrieval skipping)
+    rule_text: str = ""  # what an adaptive step's rule computes, for describe()
 
     # -- options ------------------------------------------------------------------------------
     @property
     def options(self) -> FrozenSet[str]:
         """The MemoryOptions fields this mode reads (the mode itself excluded)."""
         names = set(self.own_options)
-        for terms, weight in self._recipe():
+        for terms, step in self._recipe():
             names.update(t.scale.option for t in terms)
             names.update(n for t in terms for n in PART_OPTIONS[t.part])
-            if weight is not None:
-                names.add(weight)
+            if step is not None and step.weight is not None:
+                names.add(step.weight)
         return frozenset(names)
 
     def check_flags(self, given: Mapping[str, object]) -> None:
@@ -156,14 +166,19 @@ class Mode:
         return self.defaults.get(name) if value is None else value
 
     # -- the recipe -----------------------------------------------------------------------------
-    def _recipe(self, options=None) -> List[Tuple[Tuple[TermOf, ...], Optional[str]]]:
-        """(terms, weight option) of the joint softmax (weight None) and of each step; with ``options``,
+    def _recipe(self, options=None) -> List[Tuple[Tuple[TermOf, ...], Optional[Step]]]:
+        """(terms, step) of the joint softmax (step None) and of each step; with ``options``,
         the optional steps whose weight is 0 left out."""
         out = [(self.joint, None)] if self.joint else []
         for step in self.steps:
             if options is None or not step.optional or (self.value(options, step.weight) or 0) > 0:
-                out.append((step.terms, step.weight))
+                out.append((step.terms, step))
         return out
+
+    def step_rule(self, options, dim: Optional[int]):
+        """The :data:`~trime_fairseq.memory.composition.StepRule` of this record's adaptive step under
+        ``options`` (a record with an adaptive step overrides it)."""
+        raise NotImplementedError(f"mode '{self.name}' has an adaptive step but no step_rule")
 
     def parts(self, options) -> FrozenSet[str]:
         """The memory parts the composition of ``options`` reads (with a local memory)."""
@@ -196,7 +211,9 @@ class Mode:
 
         recipe = self._recipe(options)
         joint = terms(self.joint) if self.joint else ()
-        steps = tuple(Interpolation(terms(t), self.value(options, w)) for t, w in recipe if w is not None)
+        steps = tuple(Interpolation(terms(t), None, self.step_rule(options, dim)) if step.adaptive
+                      else Interpolation(terms(t), self.value(options, step.weight))
+                      for t, step in recipe if step is not None)
         return Composition(joint=joint, interpolations=steps)
 
     def _no_local_error(self) -> str:
@@ -218,6 +235,9 @@ class Mode:
         if self.joint:
             out.append(f"one softmax over tokens and [{entries(self.joint)}] (Eq. 6)")
         for step in self.steps:
+            if step.adaptive:
+                out.append(f"interpolate λ(x) with [{entries(step.terms)}], {self.rule_text or 'λ per row'}")
+                continue
             weight = SYMBOLS.get(step.weight, step.weight)
             text = f"interpolate {weight} with [{entries(step.terms)}]"
             out.append(text + (f" when {weight} > 0" if step.optional else ""))
@@ -227,8 +247,9 @@ class Mode:
         """The flags that select ``options``: ``--eval-memory NAME``, the ``axes``, then every other option
         the composition reads (a step's weight before its scales)."""
         names = list(axes)
-        for terms, weight in self._recipe(options):
-            for name in ([weight] if weight is not None else []) + [t.scale.option for t in terms]:
+        for terms, step in self._recipe(options):
+            weight = [step.weight] if step is not None and step.weight is not None else []
+            for name in weight + [t.scale.option for t in terms]:
                 if name not in names:
                     names.append(name)
         out = [f"--eval-memory {self.name}"]
