@@ -478,3 +478,28 @@ def test_rows_without_scored_positions_with_a_tied_adaptive_softmax():
     out = model(**sample["net_input"])
     log_probs = model.get_normalized_probs(out, log_probs=True, sample=sample)
     assert log_probs.shape == (1, 5, VOCAB) and torch.isfinite(log_probs).all()
+
+
+def test_detached_values_stop_only_the_memory_gradient_of_the_embeddings():
+    """--spalm-detach-values: the same outputs; the value rows (30..33, seen nowhere else as input) get the
+    gradient of the output layer alone, the gate still trains."""
+    toks = torch.tensor([[4, 5, 6, 7, 4, 5], [6, 7, 4, 5, 6, 7]])
+    targets = torch.tensor([[5, 6, 7, 4, 5, 6], [7, 4, 5, 6, 7, 4]])
+    nb = torch.tensor([30, 31, 32, 33]).expand(2, 6, 4).clone()
+    grads = {}
+    for detach in (False, True):
+        decoder = spalm(spalm_detach_values=detach).train()
+        logits, _ = decoder(toks, neighbour_tokens=nb)
+        torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1)).backward()
+        grads[detach] = (logits.detach(), decoder.embed_tokens.weight.grad.clone(), decoder.gate_weight.grad.clone())
+    torch.testing.assert_close(grads[True][0], grads[False][0])
+    assert grads[True][2].abs().sum() > 0
+    assert not torch.allclose(grads[True][1][30:34], grads[False][1][30:34])
+    # detached: rows 30..33 get exactly the output layer's gradient, softmax(W z)·z summed over positions
+    decoder = spalm(spalm_detach_values=True).train()
+    logits, extra = decoder(toks, neighbour_tokens=nb)
+    z = extra["trime_feature"].detach()  # (B, T, d) the fused features fed to the output layer
+    probs = torch.softmax(logits.detach(), -1).reshape(-1, VOCAB) / targets.numel()
+    onehot = torch.nn.functional.one_hot(targets.reshape(-1), VOCAB).to(probs.dtype) / targets.numel()
+    output_grad = (probs - onehot).t() @ z.reshape(-1, z.size(-1))  # (V, d)
+    torch.testing.assert_close(grads[True][1][30:34], output_grad[30:34])

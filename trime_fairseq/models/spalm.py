@@ -69,6 +69,12 @@ class SpalmConfig(TransformerXLConfig):
         metadata={"help": "embed the neighbours' tokens as the model embeds its input tokens, i.e. times √d "
         "(default: the bare embedding rows, as the paper writes y_k; see docs/results_spalm.md)"},
     )
+    spalm_detach_values: bool = field(
+        default=False,
+        metadata={"help": "stop the gradient through the neighbours' value embeddings y_k (the memory still "
+        "trains the gate and h; the tied embeddings learn only as input and output layer): the control of "
+        "docs/results_spalm.md for the memory's gradient weakening the body"},
+    )
 
 
 class SpalmDecoder(TransformerXLDecoder):
@@ -85,6 +91,7 @@ class SpalmDecoder(TransformerXLDecoder):
             )
         self.spalm_k = cfg.spalm_k
         self.value_scale = self.embed_scale if cfg.spalm_scale_values else 1.0
+        self.detach_values = cfg.spalm_detach_values
         self.gate_weight = nn.Parameter(torch.zeros(self.embed_dim))  # w_g (d,)
 
     def output_features(self, h: Tensor, extra: dict, tokens: Tensor, incremental_state=None,
@@ -132,7 +139,10 @@ class SpalmDecoder(TransformerXLDecoder):
         (padding: none)."""
         visible = neighbour_tokens.ne(self.padding_idx)  # (B, T, k)
         distinct, index = torch.unique(neighbour_tokens, return_inverse=True)  # each token embedded once
-        y = (self.value_scale * self.embed_tokens(distinct)).to(h.dtype)[index]  # (B, T, k, d), tied with W
+        rows = self.embed_tokens(distinct)  # (U, d)
+        if self.detach_values:
+            rows = rows.detach()
+        y = (self.value_scale * rows).to(h.dtype)[index]  # (B, T, k, d), tied with W
         attention, _ = masked_softmax(torch.einsum("btkd,btd->btk", y, h), visible)  # float32, 0 where none
         m = torch.einsum("btk,btkd->btd", attention.to(h.dtype), y)  # (B, T, d)
         g = self.gate(h)  # (B, T)
