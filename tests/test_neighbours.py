@@ -188,6 +188,13 @@ def test_training_positions_never_retrieve_their_entry_or_document(pipeline, wik
     assert same_doc(by_self).mean() > 0.2  # what document exclusion removes: the position's own article
     test = NeighbourFile.load(tmp / "nb" / "test", "test", d, expect_datastore=store.fingerprint)
     assert test.meta["exclude"] == "none" and (np.asarray(test.ids) >= 0).all()
+    for found in (by_doc, by_self, test):  # the neighbour encoder's quality, as the files hold it
+        values, targets = np.asarray(found.values), np.asarray(found.targets)
+        quality = found.meta["neighbour_quality"]
+        assert quality["positions"] == len(targets)
+        assert quality["top1_hit_rate"] == round(float((values[:, 0] == targets).mean()), 4)
+        assert quality["any_hit_rate"] == round(float((values == targets[:, None]).any(1).mean()), 4)
+    assert by_self.meta["neighbour_quality"]["any_hit_rate"] >= by_doc.meta["neighbour_quality"]["any_hit_rate"]
 
 
 def valid_same_doc(ids, query_docs, entry_docs):

@@ -164,6 +164,7 @@ def main(args) -> dict:
     if done:
         logger.info(f"resuming: {writer.rows} positions from {done} batches already written")
     short, batches, searched, search_seconds = 0, done, 0, 0.0
+    hits_top1 = hits_any = 0  # positions whose best neighbour's / any neighbour's next token is their target
     itr, num_batches = scored_batches(args, task, model, dataset, default_max_tokens(args, False))
     for batches, keys, targets in scored_keys(model, task, itr, num_batches, store_meta["key_type"], device, done,
                                               progress, desc=f"neighbours of {args.gen_subset}"):
@@ -184,13 +185,19 @@ def main(args) -> dict:
         searched += len(targets)
         values = np.where(ids >= 0, np.asarray(store.values)[np.where(ids >= 0, ids, 0)], -1)
         short += int((ids < 0).any(axis=1).sum())
+        hits_top1 += int((values[:, 0] == targets).sum())
+        hits_any += int((values == targets[:, None]).any(axis=1).sum())
         writer.add(values, scores, ids, targets)
         if batches % args.commit_every == 0:
             writer.commit(batches)
     writer.commit(batches)
     seconds = time.time() - t0
+    # the neighbour encoder's quality (SPALM's memory can help only where a neighbour holds the target);
+    # of the positions searched in this run (a resumed run counts its own part only)
+    quality = dict(positions=searched, top1_hit_rate=round(hits_top1 / searched, 4) if searched else None,
+                   any_hit_rate=round(hits_any / searched, 4) if searched else None)
     result = writer.finalize(dict(
-        meta, positions_with_fewer_than_k=short,
+        meta, positions_with_fewer_than_k=short, neighbour_quality=quality,
         seconds=dict(total=round(seconds, 2), search=round(search_seconds, 2)),
         search_tokens_per_second=round(searched / search_seconds, 1) if search_seconds > 0 else None,
     ))
@@ -198,7 +205,9 @@ def main(args) -> dict:
         logger.warning(f"{short} positions got fewer than {args.k} neighbours (the probed inverted lists held too "
                        "few entries): they attend to the ones found")
     logger.info(f"neighbours complete: {folder} ({size} positions, k {args.k}, exclude {exclude}; "
-                f"{seconds:.1f}s, search {searched / max(search_seconds, 1e-9):.0f} tokens/s)")
+                f"{seconds:.1f}s, search {searched / max(search_seconds, 1e-9):.0f} tokens/s); the target is the "
+                f"top-1 neighbour's token at {quality['top1_hit_rate']} of the positions, among the {args.k} at "
+                f"{quality['any_hit_rate']}")
     return result
 
 
