@@ -296,6 +296,12 @@ def build_eval_memory(options: MemoryOptions, dictionary, documents=None, stream
         external = ExternalMemory(options.datastore, options.knn_k, nprobe=options.knn_nprobe,
                                   rescore=options.knn_rescore, use_gpu=options.knn_gpu, dictionary=dictionary,
                                   skip=skip, skip_threshold=options.knn_skip_threshold)
+    if options.knn_adaptive_network is not None:  # adaptive_knn: its network, trained on this datastore's model
+        from trime_fairseq.memory.modes.adaptive_knn import load_network
+
+        load_network(options.knn_adaptive_network).check(
+            dictionary=dictionary, model=external.store.meta.get("model_sha256") if external is not None else None,
+            where=f"{options.knn_adaptive_network} ")
     return EvalMemory(options, dictionary.pad(), documents=documents, stream_keys=stream_keys, external=external,
                       local=local)
 
