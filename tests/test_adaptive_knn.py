@@ -146,3 +146,112 @@ def test_no_nan_with_empty_rows_or_saturated_weights():
     empty = target_log_prob(comp, log_p.float().gather(1, target.unsqueeze(1)).squeeze(1), torch.zeros(len(target)),
                             target, None, lambda terms: MemoryBatch(raw.float(), values, torch.zeros_like(mask)))
     torch.testing.assert_close(empty, log_p.float().gather(1, target.unsqueeze(1)).squeeze(1))
+
+
+# -- the mode on a tiny translation model, in the three drivers -----------------------------------------------
+
+def perturbed_network(k=K, seed=3):
+    network = MetaKNetwork(k, hidden=4, seed=seed)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed + p.numel())) * 0.5)
+    return network
+
+
+@pytest.fixture
+def adaptive_store(tmp_path):
+    """A tiny float64 translation model, an exact l2 datastore of its keys and a (random) network file for it."""
+    task = mt_task()
+    model = tiny_mt(task)
+    keys, values = build_datastore(tmp_path / "ds", model, task, batch(pairs(task, n=8, seed=5)), "l2")
+    stored = AdaptiveKnnNetwork.of(perturbed_network(), T, dictionary_checksum(task.target_dictionary),
+                                   loaded_model_checksum(model))
+    stored.save(tmp_path / "net.json")
+    return tmp_path, keys, values, stored
+
+
+def adaptive_mt(path, **extra):
+    options = dict(eval_memory="adaptive_knn", datastore=str(path / "ds"), knn_k=K, knn_temperature=T,
+                   knn_adaptive_network=str(path / "net.json"))
+    task = mt_task(**{**options, **extra})
+    return task, tiny_mt(task)
+
+
+def naive_rows(stored, logits, queries, keys, values):
+    """(n, V) float64 adaptive kNN-MT by brute force: top-K of −‖q − k‖², then :func:`naive_mixture`."""
+    top = (-torch.cdist(queries, keys) ** 2).topk(K, dim=-1)
+    mask = torch.ones_like(top.values, dtype=torch.bool)
+    return naive_mixture(stored.network().double(), torch.log_softmax(logits, -1), top.values, values[top.indices],
+                         mask, T)
+
+
+def test_mode_record_and_options(adaptive_store):
+    path, _, _, stored = adaptive_store
+    record = mode_of("adaptive_knn")
+    assert record.without_local and record.decoding_axes == () and "Meta-k" in record.describe()
+    given = dict(datastore=str(path / "ds"), knn_k=K, knn_temperature=T, knn_adaptive_network=str(path / "net.json"))
+    options = MemoryOptions.from_flags("adaptive_knn", given)
+    assert record.flags(options, ()) == f"--eval-memory adaptive_knn --knn-temperature {T:g}"
+    with pytest.raises(ValueError, match="needs --knn-adaptive-network"):
+        MemoryOptions.from_flags("adaptive_knn", {k: v for k, v in given.items() if k != "knn_adaptive_network"})
+    with pytest.raises(ValueError, match="--knn-lambda has no effect"):
+        MemoryOptions.from_flags("adaptive_knn", {**given, "knn_lambda": 0.3})
+    with pytest.raises(ValueError, match="--knn-adaptive-network has no effect"):
+        MemoryOptions.from_flags("knn", given)
+    with pytest.raises(ValueError, match="needs --knn-adaptive-network"):
+        MemoryOptions("adaptive_knn", datastore="d")
+    with pytest.raises(ValueError, match="give --knn-k 8 --knn-temperature 3"):
+        adaptive_mt(path, knn_k=4)
+    with pytest.raises(ValueError, match="give --knn-k 8 --knn-temperature 3"):
+        adaptive_mt(path, knn_temperature=10.0)
+    with pytest.raises(ValueError, match="skip-predictor has no effect"):
+        adaptive_mt(path, knn_skip_predictor=str(path / "skip.json"))
+    for field, message in (("model_sha256", "another model"), ("dictionary_sha256", "another dictionary")):
+        other = AdaptiveKnnNetwork(**{**stored.__dict__, field: "0" * 64})
+        other.save(path / "net.json")
+        with pytest.raises(AdaptiveKnnError, match=message):
+            adaptive_mt(path)
+    (path / "net.json").write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(AdaptiveKnnError, match="is not a trime-adaptive-knn v1 file"):
+        adaptive_mt(path)
+
+
+def test_full_and_target_drivers_equal_the_naive_mixture(adaptive_store):
+    """--score-reference's full-vocabulary driver and the target-only driver give the brute-force mixture at every
+    teacher-forced position of a tiny translation model."""
+    path, keys, values, stored = adaptive_store
+    task, model = adaptive_mt(path)
+    memory = model.trime_eval_memory
+    sample = batch(pairs(task, n=4, seed=11))
+    with torch.no_grad():
+        out, g = teacher_forced_keys(model, sample)
+        full = memory.log_probs(model.decoder, out, sample)  # (B, T, V)
+        fast = memory.target_log_probs(model.decoder, out, sample, memory.options)  # (B, T)
+    target, real = sample["target"], sample["target"].ne(task.target_dictionary.pad())
+    expected = naive_rows(stored, out[0][real].double(), g[real].double(), keys, values)
+    torch.testing.assert_close(full[real].double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast[real].double(), expected.gather(1, target[real].unsqueeze(1)).squeeze(1),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_beam_search_steps_equal_the_naive_mixture(adaptive_store):
+    """fairseq's SequenceGenerator (beam 3, incremental decoding): every step is the brute-force mixture at the
+    live hypotheses' last position."""
+    path, keys, values, stored = adaptive_store
+    task, model = adaptive_mt(path)
+    memory = model.trime_eval_memory
+    calls, original = [], memory.step_log_probs
+
+    def record(decoder, net_output):
+        out = original(decoder, net_output)
+        calls.append((net_output[0][:, -1].clone(), get_keys(net_output, TRIME_KEY)[:, -1].clone(), out.clone()))
+        return out
+
+    memory.step_log_probs = record
+    generator = SequenceGenerator([model], task.target_dictionary, beam_size=3, max_len_b=6)
+    with torch.no_grad():
+        hypos = generator.generate([model], batch(pairs(task, n=3, seed=9)))
+    assert len(hypos) == 3 and len(calls) >= 3
+    for logits, query, got in calls:
+        expected = naive_rows(stored, logits.double(), query.double(), keys, values)
+        torch.testing.assert_close(got[:, 0].double(), expected, rtol=1e-5, atol=1e-5)
