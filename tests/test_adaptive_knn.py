@@ -255,3 +255,45 @@ def test_beam_search_steps_equal_the_naive_mixture(adaptive_store):
     for logits, query, got in calls:
         expected = naive_rows(stored, logits.double(), query.double(), keys, values)
         torch.testing.assert_close(got[:, 0].double(), expected, rtol=1e-5, atol=1e-5)
+
+
+# -- trime-train-adaptive-knn end to end ------------------------------------------------------------------------
+
+def test_cli_trains_a_network_that_fairseq_generate_applies(tmp_path):
+    """trime-build-datastore on a tiny translation corpus, trime-train-adaptive-knn on valid (training lowers the
+    held-out NLL below the untrained network's), fairseq-generate with the file; another model is refused."""
+    import re
+
+    from conftest import PYTHON, ROOT, run_cli
+    from tiny_checkpoint import tiny_mt_checkpoint, tiny_mt_corpus
+
+    from trime_fairseq.cli import build_datastore as builder
+    from trime_fairseq.cli import train_adaptive_knn
+
+    data = tiny_mt_corpus(tmp_path / "data")
+    checkpoint = tiny_mt_checkpoint(tmp_path / "ckpt.pt", data)
+    builder.main(builder.get_parser().parse_args(
+        ["--path", str(checkpoint), "--gen-subset", "train", "--output", str(tmp_path / "ds"),
+         "--index-factory", "Flat", "--metric", "l2", "--cpu", "--no-progress-bar"]))
+    common = [str(data), "--user-dir", str(ROOT / "trime_fairseq"), "--task", "trime_translation", "-s", "de", "-t",
+              "en", "--path", str(checkpoint), "--gen-subset", "valid", "--cpu", "--max-tokens", "2000",
+              "--datastore", str(tmp_path / "ds"), "--knn-k", "4", "--knn-temperature", "10"]
+    with pytest.raises(ValueError, match="needs --eval-memory knn"):
+        train_adaptive_knn.main(common[:common.index("--datastore")] + ["--output", str(tmp_path / "x.json")])
+    stored = train_adaptive_knn.main(common + ["--eval-memory", "knn", "--output", str(tmp_path / "net.json"),
+                                               "--epochs", "15", "--learning-rate", "0.01", "--batch-positions", "32"])
+    report = stored.report
+    assert report["positions"] > 200 and report["held_out"] > 40
+    assert report["adaptive_nll"] < report["initial_nll"] - 0.01, report
+    assert report["knn_nll"] < report["plain_nll"], report  # the datastore helps this toy task
+    loaded = AdaptiveKnnNetwork.load(tmp_path / "net.json")
+    assert loaded.k == 4 and loaded.choices == [0, 1, 2, 4] and loaded.temperature == 10.0
+    assert loaded.model_sha256 == json.loads((tmp_path / "ds" / "datastore.json").read_text())["model_sha256"]
+    out = run_cli([PYTHON, "-m", "fairseq_cli.generate", *common[:common.index("--datastore")], "--beam", "2",
+                   "--eval-memory", "adaptive_knn", *common[common.index("--datastore"):],
+                   "--knn-adaptive-network", tmp_path / "net.json"], env={"OMP_NUM_THREADS": "1"})
+    assert re.search(r"Generate valid with beam=2: BLEU4? = [0-9.]+", out), out[-2000:]
+    other = tiny_mt_checkpoint(tmp_path / "other.pt", data, seed=7)
+    with pytest.raises(ValueError, match="another model"):  # the datastore refuses it first
+        train_adaptive_knn.main([a if a != str(checkpoint) else str(other) for a in common]
+                                + ["--eval-memory", "knn", "--output", str(tmp_path / "y.json")])

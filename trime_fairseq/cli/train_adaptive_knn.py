@@ -10,15 +10,16 @@ scored position's K raw hits and the model's log-probability of the target; the 
 ``--eval-memory adaptive_knn``'s composition (:func:`trime_fairseq.memory.compose.target_log_prob` with the
 network's rule: the code evaluation runs, no second copy of the mixture) over the first ``1 − --holdout`` of the
 positions (in the split's order); the held-out rest reports the NLL of the model alone, of vanilla kNN and of
-the network before and after training (per epoch, and in the file's report). The file (JSON, written
+the network before and after training (per epoch, and in the file's report); fairseq's ``--seed`` seeds the
+initialisation and the shuffling. The file (JSON, written
 atomically) records K, T, the weights and the checksums of the dictionary and of the datastore's model::
 
     trime-train-adaptive-knn data-bin/multi30k --user-dir trime_fairseq --task trime_translation \\
-        --path runs/multi30k-mt-1000/transformer/checkpoint_last.pt --gen-subset valid --max-tokens 4000 \\
-        --eval-memory knn --datastore runs/multi30k-mt-1000/dstore_transformer --knn-k 8 --knn-temperature 10 \\
-        --output runs/multi30k-mt-1000/adaptive_knn_k8.json
+        --path runs/multi30k-mt-1000/transformer/checkpoint_last.pt --gen-subset valid --cpu --max-tokens 8000 \\
+        --eval-memory knn --datastore runs/multi30k-mt-1000/dstore_transformer --knn-k 16 --knn-temperature 10 \\
+        --output runs/multi30k-mt-1000/adaptive_knn_k16.json
     fairseq-generate ... --eval-memory adaptive_knn --datastore runs/multi30k-mt-1000/dstore_transformer \\
-        --knn-k 8 --knn-temperature 10 --knn-adaptive-network runs/multi30k-mt-1000/adaptive_knn_k8.json
+        --knn-k 16 --knn-temperature 10 --knn-adaptive-network runs/multi30k-mt-1000/adaptive_knn_k16.json
 """
 
 import logging
@@ -53,7 +54,6 @@ def add_args(parser):
     g.add_argument("--batch-positions", type=int, default=128, help="positions per Adam step")
     g.add_argument("--holdout", type=float, default=0.2,
                    help="share of the split's positions (its end) held out to report NLL, never trained on")
-    g.add_argument("--seed", type=int, default=1, help="initialisation and shuffling")
     g.add_argument("--max-positions-for-training", type=int, default=None, help="stop after N scored positions")
 
 
@@ -166,7 +166,7 @@ def train(hits: MemoryBatch, own, target, options: MemoryOptions, args, given_la
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total += float(loss) * rows.numel()
+            total += float(loss.detach()) * rows.numel()
         network.eval()
         with torch.no_grad():
             held = float(nll(comp, hits, own, target, tail))

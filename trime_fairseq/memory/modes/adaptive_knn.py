@@ -11,16 +11,16 @@ and T a network is then trained for). No λ: the network gives it per position. 
 (``fairseq-generate`` applies it step by step); with a language model's datastore it also runs under
 ``fairseq-eval-lm``.
 
-Commands (Multi30k; K = 8, T = 10 as in the paper's tables)::
+Commands (Multi30k; K 16, T 10: vanilla kNN-MT's tuned values, docs/results_mt.md)::
 
     trime-train-adaptive-knn data-bin/multi30k --user-dir trime_fairseq --task trime_translation \\
-        --path runs/multi30k-mt-1000/transformer/checkpoint_last.pt --gen-subset valid --max-tokens 4000 \\
-        --eval-memory knn --datastore runs/multi30k-mt-1000/dstore_transformer --knn-k 8 --knn-temperature 10 \\
-        --output runs/multi30k-mt-1000/adaptive_knn_k8.json
+        --path runs/multi30k-mt-1000/transformer/checkpoint_last.pt --gen-subset valid --cpu --max-tokens 8000 \\
+        --eval-memory knn --datastore runs/multi30k-mt-1000/dstore_transformer --knn-k 16 --knn-temperature 10 \\
+        --output runs/multi30k-mt-1000/adaptive_knn_k16.json
     fairseq-generate data-bin/multi30k --user-dir trime_fairseq --task trime_translation \\
-        --path runs/multi30k-mt-1000/transformer/checkpoint_last.pt --gen-subset test --beam 5 --remove-bpe \\
-        --scoring sacrebleu --eval-memory adaptive_knn --datastore runs/multi30k-mt-1000/dstore_transformer \\
-        --knn-k 8 --knn-temperature 10 --knn-adaptive-network runs/multi30k-mt-1000/adaptive_knn_k8.json
+        --path runs/multi30k-mt-1000/transformer/checkpoint_last.pt --gen-subset test --cpu --beam 5 \\
+        --max-tokens 8000 --remove-bpe --eval-memory adaptive_knn --datastore runs/multi30k-mt-1000/dstore_transformer \\
+        --knn-k 16 --knn-temperature 10 --knn-adaptive-network runs/multi30k-mt-1000/adaptive_knn_k16.json
 """
 
 from functools import lru_cache
