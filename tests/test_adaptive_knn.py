@@ -2,6 +2,7 @@
 mixture over its choices and the vocabulary (values and gradients, float64); the mode in the three drivers of the
 one composition on tiny models; the network file and its checks; trime-train-adaptive-knn end to end."""
 
+import dataclasses
 import json
 import math
 
@@ -207,7 +208,7 @@ def test_mode_record_and_options(adaptive_store):
     with pytest.raises(ValueError, match="skip-predictor has no effect"):
         adaptive_mt(path, knn_skip_predictor=str(path / "skip.json"))
     for field, message in (("model_sha256", "another model"), ("dictionary_sha256", "another dictionary")):
-        other = AdaptiveKnnNetwork(**{**stored.__dict__, field: "0" * 64})
+        other = dataclasses.replace(stored, **{field: "0" * 64})
         other.save(path / "net.json")
         with pytest.raises(AdaptiveKnnError, match=message):
             adaptive_mt(path)

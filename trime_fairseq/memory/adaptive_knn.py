@@ -196,7 +196,10 @@ class AdaptiveKnnNetwork:
         return net.eval()
 
     def rule(self) -> AdaptiveRule:
-        return AdaptiveRule(self.network(), self.temperature)
+        """The StepRule of this file's network (one per loaded file: compositions of equal options compare equal)."""
+        if getattr(self, "_rule", None) is None:
+            self._rule = AdaptiveRule(self.network(), self.temperature)
+        return self._rule
 
     # -- files --------------------------------------------------------------------------------------
     def save(self, path) -> None:
