@@ -154,6 +154,9 @@ class AdaptiveRule:
         if batch.mask.size(-1) != self.network.k:
             raise AdaptiveKnnError(f"the Meta-k network was trained on K = {self.network.k} hits per position, "
                                    f"the step has {batch.mask.size(-1)}: give --knn-k {self.network.k}")
+        device = batch.scores.device
+        if self.network.hidden.weight.device != device:  # a file's network is loaded on the CPU; hits may be on a GPU
+            self.network.to(device)
         return self.network(adaptive_features(*batch, self.temperature))
 
     def __call__(self, batch: MemoryBatch) -> Tuple[MemoryBatch, LogWeight]:
