@@ -44,6 +44,7 @@ setup(
             "trime-tune-mt = trime_fairseq.cli.tune_mt:cli_main",
             "trime-neighbours = trime_fairseq.cli.neighbours:cli_main",
             "trime-train-skip-predictor = trime_fairseq.cli.train_skip_predictor:cli_main",
+            "trime-train-adaptive-knn = trime_fairseq.cli.train_adaptive_knn:cli_main",
             "trime-recall = trime_fairseq.cli.recall:cli_main",
         ],
     },

@@ -68,6 +68,7 @@ FAIRSEQ = ("fairseq-train", "fairseq-eval-lm", "fairseq-generate", "fairseq-hydr
 CONSOLE = {  # console script -> module (setup.py)
     "trime-tune": "tune", "trime-tune-mt": "tune_mt", "trime-build-datastore": "build_datastore",
     "trime-bm25-batches": "bm25_batches", "trime-sweep-memory": "sweep_memory", "trime-neighbours": "neighbours",
+    "trime-train-adaptive-knn": "train_adaptive_knn",
 }
 MODULE_PROGRAM = {f"trime_fairseq.cli.{module}": name for name, module in CONSOLE.items()}
 MODULE_PROGRAM["trime_fairseq.cli.spalm_gates"] = "spalm-gates"
@@ -512,14 +513,15 @@ def _check_plugin_cli(cmd: DocCommand):
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
     program, argv = cmd.argv[0], cmd.argv[1:]
-    if program in ("trime-tune", "trime-sweep-memory", "trime-tune-mt", "spalm-gates"):
+    if program in ("trime-tune", "trime-sweep-memory", "trime-tune-mt", "spalm-gates", "trime-train-adaptive-knn"):
         module = importlib.import_module(
             "trime_fairseq.cli." + CONSOLE.get(program, "spalm_gates"))
         parser = module.get_parser()
         partial = _partial(cmd)
         if partial:
             argv = _fill_required(parser, argv)
-        args = _fairseq_args(parser, argv, partial, "trime_translation" if program == "trime-tune-mt" else "trime_lm")
+        args = _fairseq_args(parser, argv, partial, "trime_translation" if program in ("trime-tune-mt", "trime-train-adaptive-knn")
+                             else "trime_lm")
         cfg = convert_namespace_to_omegaconf(args)
         _build_task(cfg)
         if hasattr(module, "checked") and not partial:

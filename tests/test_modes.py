@@ -3,6 +3,7 @@ through the full-vocabulary and the target-only drivers with no other edit, and 
 options, key kinds, describe(), flags and tuning axes agree with its composition."""
 
 import math
+import os
 from dataclasses import replace
 
 import pytest
@@ -100,9 +101,26 @@ def example_options(mode: Mode, with_optional: bool = True) -> MemoryOptions:
     values = dict(memory_temperature=0.7, cache_theta=0.4, knn_temperature=3.0, knn_lambda=0.35,
                   interpolation_temperature=1.5, interpolation_lambda=0.45, cache_lambda=0.2 if with_optional else 0.0)
     given = {name: value for name, value in values.items() if name in mode.options}
-    if "datastore" in mode.options:
-        given["datastore"] = "a-datastore"
+    given.update(required_files(mode))
     return MemoryOptions(mode.name, **given)
+
+
+def required_files(mode: Mode) -> dict:
+    """The file options ``mode`` cannot go without: a datastore folder (not opened by a composition) and
+    adaptive_knn's network (read by its step rule: one for the default K and the examples' T = 3)."""
+    files = {"datastore": "a-datastore"} if "datastore" in mode.options else {}
+    if "knn_adaptive_network" in mode.options:
+        import tempfile
+        from pathlib import Path
+
+        from trime_fairseq.memory.adaptive_knn import AdaptiveKnnNetwork, MetaKNetwork
+
+        path = Path(tempfile.gettempdir()) / f"trime-test-modes-{os.getpid()}-adaptive.json"
+        if not path.exists():
+            AdaptiveKnnNetwork.of(MetaKNetwork(MemoryOptions().knn_k, hidden=1, seed=0), 3.0, "0" * 64,
+                                  "0" * 64).save(path)
+        files["knn_adaptive_network"] = str(path)
+    return files
 
 
 def recipe(mode: Mode):
@@ -115,12 +133,12 @@ def test_describe_options_and_axes_agree_with_the_composition(name):
     options = example_options(mode)
     comp = composition(options, 16)
     read_by_recipe = {t.scale.option for terms, _ in recipe(mode) for t in terms}
-    read_by_recipe |= {step.weight for _, step in recipe(mode) if step is not None}
+    read_by_recipe |= {step.weight for _, step in recipe(mode) if step is not None and not step.adaptive}
     parts = {t.part for terms, _ in recipe(mode) for t in terms}
 
     # options: the recipe's scales and weights, the options of its parts and its own; nothing else is accepted
     assert mode.options == read_by_recipe | {o for p in parts for o in PART_OPTIONS[p]} | set(mode.own_options)
-    MemoryOptions.from_flags(name, {"datastore": "a-datastore"} if "datastore" in mode.options else {})
+    MemoryOptions.from_flags(name, required_files(mode))
     for other in sorted({"memory_temperature", "cache_theta", "knn_lambda", "knn_k"} - mode.options):
         with pytest.raises(ValueError, match=f"{flag(other)} has no effect with --eval-memory {name}"):
             MemoryOptions.from_flags(name, {other: 1})
@@ -134,7 +152,7 @@ def test_describe_options_and_axes_agree_with_the_composition(name):
         for t in terms:
             assert f"{PART_TEXT[t.part]} at {t.scale.text()}" in text
         if step is not None:
-            assert f"interpolate {SYMBOLS[step.weight]} with" in text
+            assert f"interpolate {'λ(x)' if step.adaptive else SYMBOLS[step.weight]} with" in text
     assert ("Eq. 6" in text) == bool(mode.joint) == bool(comp.joint)
 
     # key kinds and the dimension of g follow from the parts and scales

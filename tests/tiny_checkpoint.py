@@ -51,3 +51,48 @@ def tiny_lm_checkpoint(path, data, seed: int = 1):
         "extra_state": {"train_iterator": {"epoch": 1}},
     }, path)
     return path
+
+
+def tiny_mt_corpus(folder, words: int = 20, lines=(("train", 150), ("valid", 60)), seed: int = 0):
+    """``folder`` with dict.de.txt / dict.en.txt (one shared word list) and binarized de-en splits: random source
+    lines (4..10 skewed words) whose target is the source with every word shifted by one (a learnable rule)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    d = Dictionary()
+    for i in range(words):
+        d.add_symbol(f"w{i}", n=words - i)
+    for lang in ("de", "en"):
+        d.save(str(folder / f"dict.{lang}.txt"))
+    g = torch.Generator().manual_seed(seed)
+    for split, n in lines:
+        builders = {lang: indexed_dataset.MMapIndexedDatasetBuilder(str(folder / f"{split}.de-en.{lang}.bin"),
+                                                                     dtype=np.int32) for lang in ("de", "en")}
+        for _ in range(n):
+            length = int(torch.randint(4, 11, (1,), generator=g))
+            src = (torch.rand(length, generator=g) ** 2 * (words - 1)).long()
+            for lang, ids in (("de", src), ("en", src + 1)):
+                builders[lang].add_item(torch.cat([ids + d.nspecial, torch.tensor([d.eos()])]).int())
+        for lang, builder in builders.items():
+            builder.finalize(str(folder / f"{split}.de-en.{lang}.idx"))
+    return folder
+
+
+def tiny_mt_checkpoint(path, data, seed: int = 1):
+    """A random-weight transformer (1+1 layers, d = 16) checkpoint of trime_translation de-en for ``data``."""
+    argv = [str(data), "--user-dir", str(ROOT / "trime_fairseq"), "--task", "trime_translation", "-s", "de", "-t",
+            "en", "--arch", "transformer", "--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim",
+            "16", "--decoder-embed-dim", "16", "--encoder-ffn-embed-dim", "32", "--decoder-ffn-embed-dim", "32",
+            "--encoder-attention-heads", "2", "--decoder-attention-heads", "2", "--share-all-embeddings",
+            "--dropout", "0", "--criterion", "cross_entropy", "--optimizer", "adam", "--lr", "0.01", "--cpu",
+            "--seed", str(seed)]
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), argv))
+    torch.manual_seed(seed)
+    task = tasks.setup_task(cfg.task)
+    model = task.build_model(cfg.model)
+    torch.save({
+        "cfg": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+        "model": model.state_dict(),
+        "optimizer_history": [{"criterion_name": "CrossEntropyCriterion", "optimizer_name": "Adam",
+                               "lr_scheduler_state": {}, "num_updates": 0}],
+        "extra_state": {"train_iterator": {"epoch": 1}},
+    }, path)
+    return path

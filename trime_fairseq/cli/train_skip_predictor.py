@@ -67,31 +67,38 @@ def translation_batches(cfg, task, models) -> Iterator[dict]:
             yield utils.move_to_cuda(sample, device=device) if device.type == "cuda" else sample
 
 
-def collect(model, batches, limit=None):
-    """(features (N, 3), kNN log-prob (N,), plain log-prob (N,)) of every scored position, in order."""
+def scored_forwards(model, batches, limit=None, who="trime-train-skip-predictor",
+                    purpose="the kNN-LM / kNN-MT whose retrieval it learns to skip"):
+    """(memory, net_output, sample, scored) of every batch of a kNN memory's model, without gradients: ``scored``
+    (k,) the flat positions whose target is not padding; the stream memory advanced after each; stops after
+    ``limit`` scored positions. ``who`` needs ``--eval-memory knn`` (exact: no skip predictor) for ``purpose``."""
     memory = getattr(model, "trime_eval_memory", None)
     if memory is None or memory.options.mode != "knn":
-        raise ValueError("trime-train-skip-predictor needs --eval-memory knn --datastore DIR (the kNN-LM / kNN-MT "
-                         "whose retrieval it learns to skip)")
+        raise ValueError(f"{who} needs --eval-memory knn --datastore DIR ({purpose})")
     if memory.options.skips:
-        raise ValueError("train the skip predictor against exact kNN: give no --knn-skip-predictor")
-    plain = MemoryOptions("none")
-    feats, knn, own = [], [], []
+        raise ValueError(f"{who} works against exact kNN: give no --knn-skip-predictor")
     n = 0
     with torch.no_grad():
         for sample in batches:
             net_output = model(**sample["net_input"])
-            target = sample["target"]
-            scored = target.reshape(-1).ne(memory.pad).nonzero().squeeze(1)  # (k,) flat positions
-            knn.append(memory.target_log_probs(model.decoder, net_output, sample, memory.options).reshape(-1)[scored])
-            own.append(memory.target_log_probs(model.decoder, net_output, sample, plain).reshape(-1)[scored])
-            feats.append(memory.skip_features(model.decoder, net_output, sample, scored))
+            scored = sample["target"].reshape(-1).ne(memory.pad).nonzero().squeeze(1)  # (k,) flat positions
+            yield memory, net_output, sample, scored
             memory.advance(net_output, sample)
             n += scored.numel()
             if limit is not None and n >= limit:
                 break
     if n == 0:
         raise ValueError("the split has no scored positions")
+
+
+def collect(model, batches, limit=None):
+    """(features (N, 3), kNN log-prob (N,), plain log-prob (N,)) of every scored position, in order."""
+    plain = MemoryOptions("none")
+    feats, knn, own = [], [], []
+    for memory, net_output, sample, scored in scored_forwards(model, batches, limit):
+        knn.append(memory.target_log_probs(model.decoder, net_output, sample, memory.options).reshape(-1)[scored])
+        own.append(memory.target_log_probs(model.decoder, net_output, sample, plain).reshape(-1)[scored])
+        feats.append(memory.skip_features(model.decoder, net_output, sample, scored))
     return torch.cat(feats).cpu(), torch.cat(knn).cpu().double(), torch.cat(own).cpu().double()
 
 

@@ -20,6 +20,7 @@ A term is one memory *part* (``LOCAL_G``, ``LOCAL_F``, ``DATASTORE``, ``NEIGHBOU
 | knn | — | (DATASTORE / T, λ), then (LOCAL_F · θ, λ_c) with a cache |
 | trime_ext | LOCAL_G, DATASTORE / (√d·τ) | (LOCAL_G, DATASTORE / (√d·τ′), λ) |
 | neighbour_knn | — | (NEIGHBOURS / T, λ): SPALM + kNN; with another model, kNN-LM over the same neighbours |
+| adaptive_knn | — | (DATASTORE / T, λ(x) and q's weights from a Meta-k network: adaptive kNN-MT) |
 
 (``Mode.describe()`` writes each row from the record.) Without a local memory (``local=False``:
 translation, where TRIME-MT uses the external memory only) the LOCAL terms are left out of a

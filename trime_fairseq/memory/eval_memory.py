@@ -249,6 +249,15 @@ class EvalMemory:
         state.offer_outputs(decoder, 0, net_output[0])
         return state.skip_features(positions)
 
+    def datastore_hits(self, decoder, net_output, sample, positions: Tensor):
+        """The raw datastore hits (n, K) of flat ``positions`` of a forward pass, as the drivers gather them (a
+        :class:`~trime_fairseq.memory.sources.MemoryBatch`; ``trime-train-adaptive-knn``)."""
+        if self.external is None:
+            raise ValueError("datastore hits belong to a datastore search: this EvalMemory has no datastore")
+        state = self._forward(net_output, sample)
+        state.offer_outputs(decoder, 0, net_output[0])
+        return concat_memory(state.gather(DATASTORE, self.options, positions))
+
     # -- driver 3: one decoding step (generation) -------------------------------------------------------
     def step_log_probs(self, decoder, net_output) -> Tensor:
         """(B', 1, V) log-probabilities of the next token of every live hypothesis: the last
@@ -296,6 +305,12 @@ def build_eval_memory(options: MemoryOptions, dictionary, documents=None, stream
         external = ExternalMemory(options.datastore, options.knn_k, nprobe=options.knn_nprobe,
                                   rescore=options.knn_rescore, use_gpu=options.knn_gpu, dictionary=dictionary,
                                   skip=skip, skip_threshold=options.knn_skip_threshold)
+    if options.knn_adaptive_network is not None:  # adaptive_knn: its network, trained on this datastore's model
+        from trime_fairseq.memory.modes.adaptive_knn import load_network
+
+        load_network(options.knn_adaptive_network).check(
+            dictionary=dictionary, model=external.store.meta.get("model_sha256") if external is not None else None,
+            where=f"{options.knn_adaptive_network} ")
     return EvalMemory(options, dictionary.pad(), documents=documents, stream_keys=stream_keys, external=external,
                       local=local)
 

@@ -14,16 +14,27 @@ and every function falls back to the token distribution, with finite gradients.
 """
 
 import math
-from typing import Tuple, Union
+from typing import NamedTuple, Tuple, Union
 
 import torch
 from torch import Tensor
 
 _FLOAT32_MIN = torch.finfo(torch.float32).min
 
-#: an interpolation weight λ: one number for every row, or a (Q,) tensor, one per query row
-#: (adaptive modes: a distance rule or a network computes it from each row's memory)
-Weight = Union[float, Tensor]
+
+
+class LogWeight(NamedTuple):
+    """Per-row interpolation weights given by their logs, (log(1 − λ), log λ), each (Q,): exact at both ends
+    where λ itself would round to 0 or 1 (a network's softmax over choices, adaptive kNN-MT), with finite
+    gradients where a log is very negative."""
+
+    keep: Tensor  # (Q,) log(1 − λ)
+    lam: Tensor  # (Q,) log λ
+
+
+#: an interpolation weight λ: one number for every row, a (Q,) tensor, one per query row
+#: (adaptive modes: a distance rule or a network computes it from each row's memory), or its logs per row
+Weight = Union[float, Tensor, LogWeight]
 
 
 def fp32(x: Tensor) -> Tensor:
@@ -180,7 +191,12 @@ def interpolate(log_p: Tensor, log_q: Tensor, lam: Weight, has_memory: Tensor) -
 
 
 def _lambda_logs(lam: Weight, rows: int, like: Tensor) -> Tuple[Union[float, Tensor], Union[float, Tensor]]:
-    """(log(1 − λ), log λ): numbers for a number, (Q, 1) float32 tensors for a (Q,) tensor of per-row λ."""
+    """(log(1 − λ), log λ): numbers for a number, (Q, 1) float32 tensors for a (Q,) tensor of per-row λ
+    or a :class:`LogWeight`."""
+    if isinstance(lam, LogWeight):
+        if lam.keep.shape != (rows,) or lam.lam.shape != (rows,):
+            raise ValueError(f"per-row interpolation weights must be ({rows},), got {tuple(lam.keep.shape)}")
+        return fp32(lam.keep).to(like.device).unsqueeze(-1), fp32(lam.lam).to(like.device).unsqueeze(-1)
     if not isinstance(lam, Tensor):
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"interpolation weight λ must lie in [0, 1], got {lam}")

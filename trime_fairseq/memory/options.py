@@ -16,6 +16,7 @@ other option is a field of :class:`MemoryOptions` with exactly one meaning:
 | ``knn_temperature``, ``knn_lambda`` | T, λ of kNN-LM: p_kNN ∝ Σ exp(score/T) |
 | ``interpolation_temperature``, ``interpolation_lambda`` | τ′, λ of Eq. 7-8 |
 | ``knn_skip_predictor``, ``knn_skip_threshold`` | adaptive retrieval (He et al. 2021): the predictor file, and the P(retrieval helps) below which a position skips the search (None: the file's) |
+| ``knn_adaptive_network`` | adaptive kNN-MT (Zheng et al. 2021): the Meta-k network file (``adaptive_knn``, which needs it) |
 
 :meth:`MemoryOptions.from_flags` is how a task builds the options from its
 command line: a flag the mode does not use is an error (never silently ignored),
@@ -61,6 +62,7 @@ class MemoryOptions:
     interpolation_lambda: float = 0.25  # λ of Eq. 8 (trime_ext)
     knn_skip_predictor: Optional[str] = None  # trime-train-skip-predictor file: skip searches that will not help
     knn_skip_threshold: Optional[float] = None  # search iff P(helps) >= this (None: the predictor's own)
+    knn_adaptive_network: Optional[str] = None  # trime-train-adaptive-knn file (adaptive_knn)
 
     @classmethod
     def from_flags(cls, mode: str, given: Mapping[str, object], available: Optional[FrozenSet[str]] = None,
@@ -104,6 +106,10 @@ class MemoryOptions:
         check_threshold(self.knn_skip_threshold)
         if self.knn_skip_threshold is not None and self.knn_skip_predictor is None:
             raise ValueError("--knn-skip-threshold needs --knn-skip-predictor")
+        if ("knn_adaptive_network" in self.record.options) != (self.knn_adaptive_network is not None):
+            raise ValueError(f"--eval-memory {self.mode} needs --knn-adaptive-network FILE" if self.knn_adaptive_network
+                             is None else f"--knn-adaptive-network is for --eval-memory "
+                             f"{' / '.join(modes_where(lambda m: 'knn_adaptive_network' in m.options))}, not {self.mode}")
         if self.knn_nprobe is not None and self.knn_nprobe < 1:
             raise ValueError(f"--knn-nprobe must be >= 1, got {self.knn_nprobe}")
         if not self.uses_local and (self.long_memory_size > 0 or self.memory_reset != "never"):

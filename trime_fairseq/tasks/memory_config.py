@@ -64,6 +64,10 @@ class RetrievalMemoryConfig(FairseqDataclass):
         default=None, metadata={"help": "knn with --knn-skip-predictor: search iff P(retrieval helps) >= this "
                                 "(default: the threshold the predictor file chose on valid)"},
     )
+    knn_adaptive_network: Optional[str] = field(
+        default=None, metadata={"help": "adaptive_knn (required): the Meta-k network file of adaptive kNN-MT (Zheng et "
+                                "al. 2021) written by trime-train-adaptive-knn; it fixes --knn-k and --knn-temperature"},
+    )
 
 
 @dataclass
