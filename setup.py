@@ -45,6 +45,7 @@ setup(
             "trime-neighbours = trime_fairseq.cli.neighbours:cli_main",
             "trime-train-skip-predictor = trime_fairseq.cli.train_skip_predictor:cli_main",
             "trime-recall = trime_fairseq.cli.recall:cli_main",
+            "trime-retrieve-pairs = trime_fairseq.cli.retrieve_pairs:cli_main",
         ],
     },
 )

@@ -100,9 +100,14 @@ def example_options(mode: Mode, with_optional: bool = True) -> MemoryOptions:
     values = dict(memory_temperature=0.7, cache_theta=0.4, knn_temperature=3.0, knn_lambda=0.35,
                   interpolation_temperature=1.5, interpolation_lambda=0.45, cache_lambda=0.2 if with_optional else 0.0)
     given = {name: value for name, value in values.items() if name in mode.options}
-    if "datastore" in mode.options:
-        given["datastore"] = "a-datastore"
+    given.update(required_inputs(mode))
     return MemoryOptions(mode.name, **given)
+
+
+def required_inputs(mode: Mode) -> dict:
+    """The input files a mode cannot do without (its datastore, SK-MT's retrieval file)."""
+    files = dict(datastore="a-datastore", sk_pairs="a-retrieval-file")
+    return {name: value for name, value in files.items() if name in mode.options}
 
 
 def recipe(mode: Mode):
@@ -115,12 +120,12 @@ def test_describe_options_and_axes_agree_with_the_composition(name):
     options = example_options(mode)
     comp = composition(options, 16)
     read_by_recipe = {t.scale.option for terms, _ in recipe(mode) for t in terms}
-    read_by_recipe |= {step.weight for _, step in recipe(mode) if step is not None}
+    read_by_recipe |= {step.weight for _, step in recipe(mode) if step is not None and not step.adaptive}
     parts = {t.part for terms, _ in recipe(mode) for t in terms}
 
     # options: the recipe's scales and weights, the options of its parts and its own; nothing else is accepted
     assert mode.options == read_by_recipe | {o for p in parts for o in PART_OPTIONS[p]} | set(mode.own_options)
-    MemoryOptions.from_flags(name, {"datastore": "a-datastore"} if "datastore" in mode.options else {})
+    MemoryOptions.from_flags(name, required_inputs(mode))
     for other in sorted({"memory_temperature", "cache_theta", "knn_lambda", "knn_k"} - mode.options):
         with pytest.raises(ValueError, match=f"{flag(other)} has no effect with --eval-memory {name}"):
             MemoryOptions.from_flags(name, {other: 1})
@@ -134,7 +139,7 @@ def test_describe_options_and_axes_agree_with_the_composition(name):
         for t in terms:
             assert f"{PART_TEXT[t.part]} at {t.scale.text()}" in text
         if step is not None:
-            assert f"interpolate {SYMBOLS[step.weight]} with" in text
+            assert f"interpolate {'λ(x)' if step.adaptive else SYMBOLS[step.weight]} with" in text
     assert ("Eq. 6" in text) == bool(mode.joint) == bool(comp.joint)
 
     # key kinds and the dimension of g follow from the parts and scales
@@ -157,7 +162,7 @@ def test_describe_options_and_axes_agree_with_the_composition(name):
     # tuning axes: options the mode reads, with a grid option; each moves the composition or is a part's option
     for axis in mode.axes + mode.decoding_axes:
         assert axis in mode.options and axis in GRIDS
-        if axis in read_by_recipe:
+        if axis in read_by_recipe or axis in mode.own_options:  # a scale, a weight, or what a rule reads
             value = getattr(options, axis)
             moved = replace(options, **{axis: value / 2 if value is not None else 0.1})
             assert composition(moved, 16) != comp, axis

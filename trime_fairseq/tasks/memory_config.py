@@ -64,6 +64,18 @@ class RetrievalMemoryConfig(FairseqDataclass):
         default=None, metadata={"help": "knn with --knn-skip-predictor: search iff P(retrieval helps) >= this "
                                 "(default: the threshold the predictor file chose on valid)"},
     )
+    sk_pairs: Optional[str] = field(
+        default=None, metadata={"help": "sk_mt: the trime-retrieve-pairs file of the evaluated split (each "
+                                "sentence's BM25-retrieved training pairs, by source)"},
+    )
+    sk_m: Optional[int] = field(
+        default=None, metadata={"help": "sk_mt: the first m retrieved pairs of each sentence form its memory "
+                                "(default: all of the file's)"},
+    )
+    sk_lambda_temperature: Optional[float] = field(
+        default=None, metadata={"help": "sk_mt: τ of λ = ReLU(1 - d_0/τ), d_0 the nearest entry's squared L2 "
+                                "distance (default: --knn-temperature, as the paper)"},
+    )
 
 
 @dataclass

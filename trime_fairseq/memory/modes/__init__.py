@@ -8,11 +8,13 @@
 | :mod:`.knn` | ``knn``: kNN-LM / kNN-MT (+ cache) |
 | :mod:`.trime_ext` | ``trime_ext``: TRIMELM_ext / TRIME-MT |
 | :mod:`.neighbour_knn` | ``neighbour_knn``: kNN-LM over SPALM's neighbours |
+| :mod:`.sk_mt` | ``sk_mt``: SK-MT, kNN-MT over each sentence's retrieved training pairs |
 
 Importing this package registers them, in this order.
 """
 
 from trime_fairseq.memory.modes import none, trime, cache, knn, trime_ext, neighbour_knn  # noqa: F401
+from trime_fairseq.memory.modes import sk_mt  # noqa: F401
 from trime_fairseq.memory.modes.registry import (  # noqa: F401  (the registry's API)
     REGISTRY,
     Mode,
