@@ -337,4 +337,4 @@ def attach_eval_memory(model, memory: EvalMemory) -> None:
     if memory.external is not None:
         memory.external.bind(model)
     if memory.sentence_pairs is not None:
-        attach_sentence_rows(model, memory.sentence_pairs)
+        attach_sentence_rows(model)

@@ -178,20 +178,23 @@ class SentencePairMemory:
         return MemoryBatch(scores.masked_fill(~mask, float("-inf")), bank.values[rows].gather(1, index), mask)
 
 
-def attach_sentence_rows(model, memory: SentencePairMemory) -> None:
-    """Make ``model`` carry each row's sentence (see the module docstring; idempotent per model)."""
+def attach_sentence_rows(model) -> None:
+    """Make ``model`` carry each row's sentence (see the module docstring; idempotent). The encoder checks the
+    batch against the bank of the memory the model is routed through (``model.trime_eval_memory``), if it
+    reads one."""
     encoder, decoder = model.encoder, model.decoder
-    if getattr(encoder, "_trime_sentence_rows", None) is not None:
-        encoder._trime_sentence_rows = memory
+    if getattr(encoder, "_trime_sentence_rows", False):
         return
-    encoder._trime_sentence_rows = memory
+    encoder._trime_sentence_rows = True
     forward, reorder, decode = encoder.forward, encoder.reorder_encoder_out, decoder.forward
 
     # instance attributes, not hooks: fairseq's generator calls encoder.forward_torchscript -> self.forward and
     # decoder.forward directly
     def forward_with_rows(*args, **kwargs):
         src_tokens = kwargs["src_tokens"] if "src_tokens" in kwargs else args[0]
-        encoder._trime_sentence_rows.check_batch(src_tokens)
+        memory = getattr(getattr(model, "trime_eval_memory", None), "sentence_pairs", None)
+        if memory is not None:
+            memory.check_batch(src_tokens)
         out = forward(*args, **kwargs)
         out[SENTENCE_ROWS] = [torch.arange(src_tokens.size(0), device=src_tokens.device)]
         return out
