@@ -378,4 +378,7 @@ def test_mismatched_or_stale_retrieval_files_are_refused(setup, tmp_path):
     task, model, dataset = load(setup)
     with pytest.raises(RuntimeError, match="was not prepared"):
         model(**dataset.collater([dataset[0]])["net_input"])
+    task._sk_split = None  # sentences of no checked split (fairseq-interactive's) have no retrieved pairs
+    with pytest.raises(ValueError, match="have no retrieved pairs"):
+        beam_search(task, model, dataset.collater([dataset[0]]))
     shutil.rmtree(tmp_path, ignore_errors=True)

@@ -66,7 +66,8 @@ class RetrievalMemoryConfig(FairseqDataclass):
     )
     sk_pairs: Optional[str] = field(
         default=None, metadata={"help": "sk_mt: the trime-retrieve-pairs file of the evaluated split (each "
-                                "sentence's BM25-retrieved training pairs, by source)"},
+                                "sentence's BM25-retrieved training pairs, by source); sk_mt's defaults are --knn-k 2 and "
+                                "--knn-temperature 100 (the paper's)"},
     )
     sk_m: Optional[int] = field(
         default=None, metadata={"help": "sk_mt: the first m retrieved pairs of each sentence form its memory "

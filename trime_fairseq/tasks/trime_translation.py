@@ -85,6 +85,7 @@ class TrimeTranslationTask(TrainingMemoryTask, TranslationTask):
             raise ValueError(f"--batching {cfg.batching} is not for translation; choose one of {MT_BATCHINGS}")
         validate_bm25_options(cfg)
         self._sentence_pairs = None  # sk_mt: opened with the model (the retrieval file and the training pairs)
+        self._sk_split = None  # sk_mt: the loaded split its retrieval file was checked against
 
     def get_batch_iterator(self, dataset, *args, **kwargs):
         return batch_iterator(self, str(self.cfg.batching), dataset, super().get_batch_iterator, args, kwargs)
@@ -118,11 +119,16 @@ class TrimeTranslationTask(TrainingMemoryTask, TranslationTask):
         super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
         if self.trime_memory_options.uses_sentence_pairs:  # the file must be this split's
             self.sentence_pairs().pairs.check_split(split, self.datasets[split].src, self.trime_memory_options.sk_pairs)
+            self._sk_split = split
 
     def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
         for model in models:  # sk_mt: each model's memory of this batch's sentences, before it is translated
             memory = getattr(model, "trime_eval_memory", None)
             if memory is not None and memory.sentence_pairs is not None:
+                if self._sk_split is None:  # e.g. fairseq-interactive: its sentences are no split's
+                    raise ValueError("--eval-memory sk_mt translates the sentences of the split its --sk-pairs file "
+                                     "was built for (fairseq-generate --gen-subset SPLIT); these sentences have no "
+                                     "retrieved pairs")
                 memory.sentence_pairs.prepare(model, sample)
         return super().inference_step(generator, models, sample, prefix_tokens=prefix_tokens, constraints=constraints)
 
