@@ -46,6 +46,7 @@ setup(
             "trime-train-skip-predictor = trime_fairseq.cli.train_skip_predictor:cli_main",
             "trime-train-adaptive-knn = trime_fairseq.cli.train_adaptive_knn:cli_main",
             "trime-recall = trime_fairseq.cli.recall:cli_main",
+            "trime-retrieve-pairs = trime_fairseq.cli.retrieve_pairs:cli_main",
         ],
     },
 )

@@ -69,6 +69,7 @@ CONSOLE = {  # console script -> module (setup.py)
     "trime-tune": "tune", "trime-tune-mt": "tune_mt", "trime-build-datastore": "build_datastore",
     "trime-bm25-batches": "bm25_batches", "trime-sweep-memory": "sweep_memory", "trime-neighbours": "neighbours",
     "trime-train-adaptive-knn": "train_adaptive_knn",
+    "trime-retrieve-pairs": "retrieve_pairs",
 }
 MODULE_PROGRAM = {f"trime_fairseq.cli.{module}": name for name, module in CONSOLE.items()}
 MODULE_PROGRAM["trime_fairseq.cli.spalm_gates"] = "spalm-gates"
@@ -89,7 +90,7 @@ FLAG_BASE = {
 DEFAULT_FLAG_BASE = ["fairseq-eval-lm", "data-bin/wikitext-2", "--user-dir", "trime_fairseq", "--task", "trime_lm",
                      "--path", "ckpt.pt"]
 NEEDS = {"knn": ["--datastore", "dstore"], "trime_ext": ["--datastore", "dstore"],
-         "neighbour_knn": ["--neighbours", "neighbours"]}
+         "neighbour_knn": ["--neighbours", "neighbours"], "sk_mt": ["--sk-pairs", "pairs.npz"]}
 
 PROGRAM = re.compile(
     r"(fairseq-(?:train|eval-lm|generate|hydra-train)|trime-[a-z0-9-]+|python3? -m trime_fairseq\.cli\.\w+"

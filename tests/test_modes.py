@@ -106,9 +106,10 @@ def example_options(mode: Mode, with_optional: bool = True) -> MemoryOptions:
 
 
 def required_files(mode: Mode) -> dict:
-    """The file options ``mode`` cannot go without: a datastore folder (not opened by a composition) and
-    adaptive_knn's network (read by its step rule: one for the default K and the examples' T = 3)."""
-    files = {"datastore": "a-datastore"} if "datastore" in mode.options else {}
+    """The file options ``mode`` cannot go without: a datastore folder and SK-MT's retrieval file (not opened by
+    a composition) and adaptive_knn's network (read by its step rule: one for the default K and the examples' T = 3)."""
+    files = {name: value for name, value in dict(datastore="a-datastore", sk_pairs="a-retrieval-file").items()
+             if name in mode.options}
     if "knn_adaptive_network" in mode.options:
         import tempfile
         from pathlib import Path
@@ -175,7 +176,7 @@ def test_describe_options_and_axes_agree_with_the_composition(name):
     # tuning axes: options the mode reads, with a grid option; each moves the composition or is a part's option
     for axis in mode.axes + mode.decoding_axes:
         assert axis in mode.options and axis in GRIDS
-        if axis in read_by_recipe:
+        if axis in read_by_recipe or axis in mode.own_options:  # a scale, a weight, or what a rule reads
             value = getattr(options, axis)
             moved = replace(options, **{axis: value / 2 if value is not None else 0.1})
             assert composition(moved, 16) != comp, axis

@@ -40,6 +40,7 @@ GRIDS: Dict[str, Tuple[str, str]] = {
     "interpolation_temperature": ("interpolation_temperatures", "τ' values of Eq. 7"),
     "interpolation_lambda": ("interpolation_lambdas", "λ values of Eq. 8"),
     "knn_k": ("ks", "K values (neighbours retrieved per step)"),
+    "sk_lambda_temperature": ("sk_lambda_temperatures", "τ_λ values of SK-MT's λ = ReLU(1 - d_0/τ_λ)"),
 }
 
 

@@ -16,6 +16,7 @@ Each mode grids over its record's ``decoding_axes`` (:mod:`trime_fairseq.memory.
 |---|---|
 | knn | K (``--ks``, paper: 1, 2, ..., 64 after Zheng et al. 2021) x T x λ |
 | trime_ext | K x τ (``--temperatures``) x τ' x λ |
+| sk_mt | K x T x τ_λ (``--sk-lambda-temperatures``) of λ = ReLU(1 − d_0/τ_λ) |
 
 The datastore is searched once per decoding step at the largest K of the round; smaller K
 keep that search's best-first hits (the same as searching for K).
@@ -49,6 +50,7 @@ DEFAULT_GRIDS = {
     "memory_temperature": "1",
     "interpolation_temperature": "1,10",
     "interpolation_lambda": "0.2,0.4,0.6",
+    "sk_lambda_temperature": "10,100",
 }
 
 
@@ -78,7 +80,7 @@ def checked(cfg, args):
     check_rounds(args.widen_edges)
     base = memory_options(cfg.task, RETRIEVAL_FLAGS)
     axes = grid_axes(base, args, "decoding_axes", "trime-tune-mt needs --task trime_translation --eval-memory",
-                     " (and --datastore)")
+                     " (and --datastore, or --sk-pairs for sk_mt)")
     return base, axes
 
 
@@ -151,11 +153,15 @@ def main(argv=None):
     pad = task.target_dictionary.pad()
 
     def score(points, r):
-        external = memory.external.with_k(max((p.knn_k for p in points if not p.plain), default=1))
+        external = None
+        if memory.external is not None:
+            external = memory.external.with_k(max((p.knn_k for p in points if not p.plain), default=1))
         results = {}
         for n, opt in enumerate(points):
             start = time.time()
-            route_normalized_probs(model, EvalMemory(opt, pad, external=external, local=False))  # none: plain
+            pairs = memory.sentence_pairs if opt.uses_sentence_pairs else None  # sk_mt: the task prepares its bank
+            route_normalized_probs(model, EvalMemory(opt, pad, external=external, local=False,
+                                                     sentence_pairs=pairs))  # none: plain
             results[opt] = bleu(cfg, task, model, samples, generator)
             logger.info(f"round {r}: {n + 1}/{len(points)}: BLEU {results[opt]:.2f}  {describe(opt)} "
                         f"({time.time() - start:.0f}s)")

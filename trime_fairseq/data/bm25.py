@@ -202,10 +202,19 @@ class TopKScorer:
 
     def __init__(self, counts: sp.csr_matrix, weights: sp.csr_matrix, keep: Optional[np.ndarray] = None,
                  query_terms: Optional[int] = None, candidates: int = 100, dense_ratio: float = 0.1,
-                 idf: Optional[np.ndarray] = None, col_block: int = 1 << 16, dtype=np.float32):
+                 idf: Optional[np.ndarray] = None, col_block: int = 1 << 16, dtype=np.float32,
+                 queries: Optional[sp.csr_matrix] = None):
+        """``counts`` / ``weights`` (N, V): the documents' term counts and BM25 weights; ``queries``
+        (Nq, V): other queries' term counts (SK-MT: the sentences of another split against the training
+        sentences), default the documents themselves, each then excluding itself."""
         n, v = counts.shape
         if weights.shape != (n, v):
             raise ValueError(f"counts {counts.shape} and weights {weights.shape} differ in shape")
+        if queries is not None and queries.shape[1] != v:
+            raise ValueError(f"queries {queries.shape} and documents {counts.shape} have other vocabularies")
+        self.exclude_own = queries is None
+        queries = counts if queries is None else queries
+        self.num_queries = queries.shape[0]
         if not dense_ratio > 0:
             raise ValueError(f"dense_ratio must be > 0, got {dense_ratio}")
         if candidates < 1:
@@ -218,12 +227,12 @@ class TopKScorer:
         self.n, self.v, self.dtype = n, v, dtype
         self.pruned = bool((present & ~keep).any()) or query_terms is not None
         self.candidates = candidates
-        q = counts.tocsr().astype(dtype)
+        q = queries.tocsr().astype(dtype)
         if self.pruned:
             if idf is None:
                 raise ValueError("pruned scoring needs the idf (from bm25_weights) to rank query terms")
-            q = _prune_queries(q, keep, idf, query_terms)  # (N, V) candidate-generation queries
-            self.q_full = counts.tocsr().astype(dtype)  # (N, V) for exact re-scoring
+            q = _prune_queries(q, keep, idf, query_terms)  # (Nq, V) candidate-generation queries
+            self.q_full = queries.tocsr().astype(dtype)  # (Nq, V) for exact re-scoring
             self.w_full = weights.tocsr().astype(dtype)  # (N, V)
         qdf = document_frequency(q)
         used = np.flatnonzero(qdf > 0)
@@ -251,10 +260,10 @@ class TopKScorer:
         return max(1, min(wanted, (1 << 25) // max(self.n, 1)))
 
     def block(self, start: int, stop: int, k: int) -> Tuple[np.ndarray, np.ndarray]:
-        """Neighbours of rows start..stop: ids (B, k) int32 (-1: none), scores (B, k) float32,
-        best first, self excluded, only positive scores."""
+        """Neighbours of query rows start..stop: ids (B, k) int32 (-1: none), scores (B, k) float32,
+        best first (ties: lower id), self excluded (queries = documents), only positive scores."""
         b = stop - start
-        own = start + np.arange(b)
+        own = start + np.arange(b) if self.exclude_own else None
         first_k = max(k, self.candidates) if self.pruned else k
         q_sparse = self.q_sparse[start:stop]  # (B, Vs)
         if self.num_dense:  # dense (B, N) scores
@@ -380,9 +389,9 @@ def bm25_topk(scorer: TopKScorer, k: int, block_rows: int = 256, workers: int = 
         raise ValueError(f"k must be >= 1, got {k}")
     if block_rows < 1 or workers < 1:
         raise ValueError("block_rows and workers must be >= 1")
-    first, last = rows if rows is not None else (0, scorer.n)
-    if not 0 <= first < last <= scorer.n:
-        raise ValueError(f"row range {rows} outside [0, {scorer.n}]")
+    first, last = rows if rows is not None else (0, scorer.num_queries)
+    if not 0 <= first < last <= scorer.num_queries:
+        raise ValueError(f"row range {rows} outside [0, {scorer.num_queries}]")
     ids = np.empty((last - first, k), dtype=np.int32)
     scores = np.empty((last - first, k), dtype=np.float32)
     step = scorer.block_rows(block_rows)

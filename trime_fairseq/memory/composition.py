@@ -8,6 +8,7 @@ A *part* is a set of memory entries a driver gathers for its queries, with raw s
 | ``LOCAL_F`` | the same positions | f·f_j | cache size, long-term memory, reset |
 | ``DATASTORE`` | the K retrieved entries of the external memory | the index's: q·k (ip) or −‖q−k‖² (l2) | datastore, K, search |
 | ``NEIGHBOURS`` | the position's precomputed neighbours, carried in the batch (SPALM's ``--neighbours``) | the datastore's, stored by trime-neighbours | -- |
+| ``SENTENCE_PAIRS`` | the ``knn_k`` nearest forced-decoded target positions of the training pairs BM25 retrieved for the query's own sentence (SK-MT, :mod:`trime_fairseq.memory.sentence_pairs`) | −‖q−k‖² | the retrieval file, m, K |
 
 A :class:`Composition` is what an evaluation mode computes from them (see
 :mod:`trime_fairseq.memory.modes` for each mode's recipe, :mod:`trime_fairseq.memory.compose`
@@ -26,10 +27,11 @@ LOCAL_G = "local_g"
 LOCAL_F = "local_f"
 DATASTORE = "datastore"
 NEIGHBOURS = "neighbours"
+SENTENCE_PAIRS = "sentence_pairs"
 #: parts that are the scored sequence's own earlier positions (absent in translation)
 LOCAL = frozenset({LOCAL_G, LOCAL_F})
 #: parts that are not the scored sequence's own positions
-RETRIEVED = frozenset({DATASTORE, NEIGHBOURS})
+RETRIEVED = frozenset({DATASTORE, NEIGHBOURS, SENTENCE_PAIRS})
 #: the key kind each local part searches with
 LOCAL_KEYS: Dict[str, str] = {LOCAL_G: TRIME_KEY, LOCAL_F: TRIME_FEATURE}
 
@@ -40,6 +42,7 @@ PART_OPTIONS: Dict[str, FrozenSet[str]] = {
     LOCAL_F: frozenset({"cache_size"}) | _LONG,
     DATASTORE: frozenset({"datastore", "knn_k", "knn_nprobe", "knn_rescore", "knn_gpu"}),
     NEIGHBOURS: frozenset(),
+    SENTENCE_PAIRS: frozenset({"sk_pairs", "sk_m", "knn_k"}),
 }
 
 

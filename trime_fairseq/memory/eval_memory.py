@@ -32,7 +32,13 @@ Parts and where they come from (raw scores; the composition scales them):
   (:mod:`trime_fairseq.memory.external`), searched once per scored position;
 * ``NEIGHBOURS``: the precomputed neighbours the batch carries (SPALM's
   ``--neighbours``): the k a SPALM model used (its output's ``extra``), else all
-  of the batch's ``net_input`` -- read, never searched.
+  of the batch's ``net_input`` -- read, never searched;
+* ``SENTENCE_PAIRS`` (SK-MT, translation): the K nearest forced-decoded target
+  positions of the training pairs retrieved for the row's own sentence, searched
+  exactly in the bank the task's ``inference_step`` prepared for the batch; the
+  row's sentence travels with the decoder's rows
+  (:mod:`trime_fairseq.memory.sentence_pairs`), in both the full and the per-step
+  driver.
 
 Per-forward state lives in a
 :class:`~trime_fairseq.memory.eval_parts.ForwardState` owned by the EvalMemory
@@ -55,7 +61,7 @@ from typing import Optional, Tuple
 
 from torch import Tensor
 
-from trime_fairseq.memory.composition import DATASTORE, LOCAL, NEIGHBOURS
+from trime_fairseq.memory.composition import DATASTORE, LOCAL, NEIGHBOURS, SENTENCE_PAIRS
 from trime_fairseq.memory.compose import Composition, composition, full_log_probs, target_log_prob
 from trime_fairseq.memory.datastore import DatastoreError
 from trime_fairseq.memory.eval_parts import ForwardState
@@ -63,6 +69,7 @@ from trime_fairseq.memory.external import ExternalMemory
 from trime_fairseq.memory.keys import TRIME_FEATURE, TRIME_KEY, get_keys
 from trime_fairseq.memory.mixing import fp32
 from trime_fairseq.memory.options import MODES, MemoryOptions  # noqa: F401  (re-exported)
+from trime_fairseq.memory.sentence_pairs import SentencePairMemory, attach_sentence_rows, sentence_rows
 from trime_fairseq.memory.skip import SkipPredictor, skip_features
 from trime_fairseq.memory.sources import concat_memory
 from trime_fairseq.memory.stream import EvalStream
@@ -82,7 +89,8 @@ class EvalMemory:
     """Evaluation distributions with memory for one model (see the module docstring)."""
 
     def __init__(self, options: MemoryOptions, pad: int, documents=None, stream_keys=None,
-                 external: Optional[ExternalMemory] = None, local: bool = True):
+                 external: Optional[ExternalMemory] = None, local: bool = True,
+                 sentence_pairs: Optional[SentencePairMemory] = None):
         """``documents``: a :class:`~trime_fairseq.memory.documents.DocumentBoundaries`
         (needed for ``memory_reset="document"``); ``stream_keys``: the key kinds the
         stream memory keeps (default: those of ``options``; name both TRIME_KEY and
@@ -90,7 +98,8 @@ class EvalMemory:
         memory holds ``options.long_memory_size`` entries; other options passed to
         :meth:`target_log_probs` may use fewer. ``external``: the datastore of
         ``knn`` / ``trime_ext`` (see :func:`build_eval_memory`). ``local``: whether
-        the task's sequences have a local memory (language models; translation: no)."""
+        the task's sequences have a local memory (language models; translation: no).
+        ``sentence_pairs``: the per-sentence memory of ``sk_mt`` (translation)."""
         self.options = options
         self.pad = pad
         self.documents = documents
@@ -104,6 +113,10 @@ class EvalMemory:
         self.external = external
         if options.uses_datastore:
             self._check_external(options)
+        self.sentence_pairs = sentence_pairs
+        if options.uses_sentence_pairs and (sentence_pairs is None or local):
+            raise ValueError(f"--eval-memory {options.mode} retrieves training sentence pairs for each source "
+                             "sentence: it is for translation (--task trime_translation, which opens --sk-pairs)")
         composition(options, 1, local)  # refuses modes this task cannot apply, now
         self._state: Optional[ForwardState] = None
 
@@ -112,6 +125,8 @@ class EvalMemory:
         names = set(local_key_names(self.options))
         if self.external is not None:
             names.add(self.external.key_type)
+        if self.sentence_pairs is not None:
+            names.add(self.sentence_pairs.key_type)
         return tuple(sorted(names))
 
     # -- state ----------------------------------------------------------------------------------
@@ -284,6 +299,9 @@ class EvalMemory:
             keys = get_keys((None, extra), self.external.key_type)[:, -1]  # (B', d) the live queries
             features = skip_features(log_probs, keys) if self.external.skips else None  # (B', 3), before mixing
             parts[DATASTORE] = self.external.search(keys, features).first(self.options.knn_k)
+        if SENTENCE_PAIRS in comp.parts:  # each live row searches its own sentence's entries
+            keys = get_keys((None, extra), self.sentence_pairs.key_type)[:, -1]  # (B', d)
+            parts[SENTENCE_PAIRS] = self.sentence_pairs.search(keys, sentence_rows(extra), self.options.knn_k)
         return full_log_probs(comp, log_probs, lse, parts).view(x.shape[0], 1, -1)
 
 
@@ -295,9 +313,10 @@ def _runs(index: Tensor):
 
 
 def build_eval_memory(options: MemoryOptions, dictionary, documents=None, stream_keys=None,
-                      local: bool = True) -> EvalMemory:
+                      local: bool = True, sentence_pairs: Optional[SentencePairMemory] = None) -> EvalMemory:
     """An EvalMemory for ``options``, opening the datastore of a mode that reads one (knn / trime_ext;
-    checked against ``dictionary`` now, against the model on its first search)."""
+    checked against ``dictionary`` now, against the model on its first search); ``sentence_pairs``:
+    sk_mt's per-sentence memory (the translation task opens it)."""
     logger.info(f"--eval-memory {options.mode}: {options.record.describe()}")
     external = None
     if options.uses_datastore:
@@ -312,7 +331,7 @@ def build_eval_memory(options: MemoryOptions, dictionary, documents=None, stream
             dictionary=dictionary, model=external.store.meta.get("model_sha256") if external is not None else None,
             where=f"{options.knn_adaptive_network} ")
     return EvalMemory(options, dictionary.pad(), documents=documents, stream_keys=stream_keys, external=external,
-                      local=local)
+                      local=local, sentence_pairs=sentence_pairs)
 
 
 def route_normalized_probs(model, memory: EvalMemory) -> None:
@@ -332,3 +351,5 @@ def attach_eval_memory(model, memory: EvalMemory) -> None:
     route_normalized_probs(model, memory)
     if memory.external is not None:
         memory.external.bind(model)
+    if memory.sentence_pairs is not None:
+        attach_sentence_rows(model)

@@ -19,6 +19,7 @@ A part source answers two questions, and holds what it computed for this forward
 | ``LOCAL_G`` / ``LOCAL_F`` | :class:`LocalPart` on g / f | the row's earlier positions (+ ring buffer, + the batch's stream entries), raw scores computed once per key kind for the scorable positions | window, long-term memory size, reset |
 | ``DATASTORE`` | :class:`DatastorePart` | the first ``knn_k`` hits; each position searched once, at the EvalMemory's K; none where a skip predictor skips it | ``knn_k`` |
 | ``NEIGHBOURS`` | :class:`NeighbourPart` | the k neighbours a SPALM model used (its ``extra``), else the batch's | -- |
+| ``SENTENCE_PAIRS`` | :class:`SentencePairPart` | the ``knn_k`` nearest entries of the row's sentence's retrieved pairs (:mod:`trime_fairseq.memory.sentence_pairs`) | ``knn_k`` |
 
 A new memory is one source here (and its name in :mod:`trime_fairseq.memory.composition`).
 """
@@ -29,10 +30,11 @@ import torch
 from torch import Tensor
 
 from trime_fairseq.memory.blockwise import target_sums
-from trime_fairseq.memory.composition import DATASTORE, LOCAL_F, LOCAL_G, NEIGHBOURS, Term
+from trime_fairseq.memory.composition import DATASTORE, LOCAL_F, LOCAL_G, NEIGHBOURS, SENTENCE_PAIRS, Term
 from trime_fairseq.memory.keys import NEIGHBOUR_TOKENS, TRIME_FEATURE, TRIME_KEY, get_keys, get_neighbours
 from trime_fairseq.memory.mixing import fp32
 from trime_fairseq.memory.options import MemoryOptions
+from trime_fairseq.memory.sentence_pairs import sentence_rows
 from trime_fairseq.memory.skip import skip_features
 from trime_fairseq.memory.sources import MemoryBatch, concat_memory, scaled_dot
 from trime_fairseq.memory.stream import StreamBatch
@@ -189,12 +191,28 @@ class NeighbourPart(PartSource):
         return [self._found.rows(positions)]
 
 
+class SentencePairPart(PartSource):
+    """SK-MT: the nearest forced-decoded target positions of the pairs retrieved for each position's sentence
+    (its row's, as the decoder output's ``extra`` says), searched exactly."""
+
+    def cache_key(self, options: MemoryOptions) -> Hashable:
+        return options.knn_k
+
+    def gather(self, options: MemoryOptions, positions: Tensor) -> List[MemoryBatch]:
+        state = self.state
+        memory = state.memory.sentence_pairs
+        keys = state.keys(memory.key_type)
+        rows = sentence_rows(state.extra)[positions // state.tsz]  # (n,) the batch row of each position
+        return [memory.search(keys.reshape(-1, keys.size(-1))[positions], rows, options.knn_k)]
+
+
 #: part name -> its source (a new memory part is one entry)
 PART_SOURCES: Dict[str, Callable[["ForwardState"], PartSource]] = {
     LOCAL_G: lambda state: LocalPart(state, TRIME_KEY),
     LOCAL_F: lambda state: LocalPart(state, TRIME_FEATURE),
     DATASTORE: DatastorePart,
     NEIGHBOURS: NeighbourPart,
+    SENTENCE_PAIRS: SentencePairPart,
 }
 
 

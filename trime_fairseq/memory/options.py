@@ -15,6 +15,8 @@ other option is a field of :class:`MemoryOptions` with exactly one meaning:
 | ``datastore``, ``knn_k``, ``knn_nprobe``, ``knn_rescore``, ``knn_gpu`` | the external memory and its search (K hits) |
 | ``knn_temperature``, ``knn_lambda`` | T, λ of kNN-LM: p_kNN ∝ Σ exp(score/T) |
 | ``interpolation_temperature``, ``interpolation_lambda`` | τ′, λ of Eq. 7-8 |
+| ``sk_pairs``, ``sk_m`` | SK-MT: the trime-retrieve-pairs file of the split, and how many of each sentence's retrieved training pairs form its memory (None: all m of the file) |
+| ``sk_lambda_temperature`` | τ of SK-MT's λ = ReLU(1 − d_0/τ) (None: T, as the paper) |
 | ``knn_skip_predictor``, ``knn_skip_threshold`` | adaptive retrieval (He et al. 2021): the predictor file, and the P(retrieval helps) below which a position skips the search (None: the file's) |
 | ``knn_adaptive_network`` | adaptive kNN-MT (Zheng et al. 2021): the Meta-k network file (``adaptive_knn``, which needs it) |
 
@@ -26,7 +28,7 @@ a flag not given takes its default. ``__post_init__`` checks every value.
 from dataclasses import dataclass, fields
 from typing import FrozenSet, Mapping, Optional
 
-from trime_fairseq.memory.composition import DATASTORE, LOCAL, LOCAL_F, NEIGHBOURS
+from trime_fairseq.memory.composition import DATASTORE, LOCAL, LOCAL_F, NEIGHBOURS, SENTENCE_PAIRS
 from trime_fairseq.memory.modes import REGISTRY, flag, mode_names, mode_of, modes_where
 from trime_fairseq.memory.skip import check_threshold
 
@@ -63,6 +65,9 @@ class MemoryOptions:
     knn_skip_predictor: Optional[str] = None  # trime-train-skip-predictor file: skip searches that will not help
     knn_skip_threshold: Optional[float] = None  # search iff P(helps) >= this (None: the predictor's own)
     knn_adaptive_network: Optional[str] = None  # trime-train-adaptive-knn file (adaptive_knn)
+    sk_pairs: Optional[str] = None  # SK-MT: trime-retrieve-pairs file of the evaluated split
+    sk_m: Optional[int] = None  # SK-MT: retrieved pairs per sentence in its memory (None: all of the file's m)
+    sk_lambda_temperature: Optional[float] = None  # SK-MT: τ of λ = ReLU(1 − d_0/τ) (None: knn_temperature)
 
     @classmethod
     def from_flags(cls, mode: str, given: Mapping[str, object], available: Optional[FrozenSet[str]] = None,
@@ -83,7 +88,7 @@ class MemoryOptions:
             missing = sorted(set(given) - available)
             if missing:
                 raise ValueError(f"{', '.join(flag(n) for n in missing)} cannot be applied {context}".rstrip())
-        return cls(mode=mode, **given)
+        return cls(mode=mode, **{**record.flag_defaults, **given})
 
     def __post_init__(self):
         if self.mode not in REGISTRY:
@@ -110,6 +115,13 @@ class MemoryOptions:
             raise ValueError(f"--eval-memory {self.mode} needs --knn-adaptive-network FILE" if self.knn_adaptive_network
                              is None else f"--knn-adaptive-network is for --eval-memory "
                              f"{' / '.join(modes_where(lambda m: 'knn_adaptive_network' in m.options))}, not {self.mode}")
+        if self.sk_m is not None and self.sk_m < 1:
+            raise ValueError(f"--sk-m must be >= 1, got {self.sk_m}")
+        if self.sk_lambda_temperature is not None and not self.sk_lambda_temperature > 0:
+            raise ValueError(f"--sk-lambda-temperature must be > 0, got {self.sk_lambda_temperature}")
+        if self.uses_sentence_pairs != (self.sk_pairs is not None):
+            raise ValueError(f"--eval-memory {self.mode} needs --sk-pairs (a trime-retrieve-pairs file)"
+                             if self.uses_sentence_pairs else f"--sk-pairs is not used by --eval-memory {self.mode}")
         if self.knn_nprobe is not None and self.knn_nprobe < 1:
             raise ValueError(f"--knn-nprobe must be >= 1, got {self.knn_nprobe}")
         if not self.uses_local and (self.long_memory_size > 0 or self.memory_reset != "never"):
@@ -156,6 +168,11 @@ class MemoryOptions:
     @property
     def uses_datastore(self) -> bool:
         return DATASTORE in self.record.parts(self)
+
+    @property
+    def uses_sentence_pairs(self) -> bool:
+        """Whether each sentence's retrieved training pairs (SK-MT) take part."""
+        return SENTENCE_PAIRS in self.record.parts(self)
 
     @property
     def skips(self) -> bool:

@@ -68,6 +68,19 @@ class RetrievalMemoryConfig(FairseqDataclass):
         default=None, metadata={"help": "adaptive_knn (required): the Meta-k network file of adaptive kNN-MT (Zheng et "
                                 "al. 2021) written by trime-train-adaptive-knn; it fixes --knn-k and --knn-temperature"},
     )
+    sk_pairs: Optional[str] = field(
+        default=None, metadata={"help": "sk_mt: the trime-retrieve-pairs file of the evaluated split (each "
+                                "sentence's BM25-retrieved training pairs, by source); sk_mt's defaults are --knn-k 2 and "
+                                "--knn-temperature 100 (the paper's)"},
+    )
+    sk_m: Optional[int] = field(
+        default=None, metadata={"help": "sk_mt: the first m retrieved pairs of each sentence form its memory "
+                                "(default: all of the file's)"},
+    )
+    sk_lambda_temperature: Optional[float] = field(
+        default=None, metadata={"help": "sk_mt: τ of λ = ReLU(1 - d_0/τ), d_0 the nearest entry's squared L2 "
+                                "distance (default: --knn-temperature, as the paper)"},
+    )
 
 
 @dataclass

@@ -14,7 +14,12 @@ checkpoint):
   over the K nearest (decoder context, target token) entries;
 * ``trime_ext``: TRIME-MT, Eq. 6 over vocabulary ∪ the K retrieved entries at τ, then
   Eq. 7-8 at τ′ -- the language model's ``trime_ext`` composition without a local memory
-  (translation has none).
+  (translation has none);
+* ``sk_mt``: SK-MT (Dai et al. 2023) with ``--sk-pairs FILE`` of ``trime-retrieve-pairs``
+  for the evaluated split (no datastore): each sentence's memory is its retrieved training
+  pairs, forced-decoded by the model in :meth:`inference_step`, before the batch is
+  translated (:mod:`trime_fairseq.memory.sentence_pairs`); the file is checked against the
+  split when it is loaded and against the training split when the model is built.
 
 Beam search calls ``get_normalized_probs`` once per step without a sample: the
 per-step driver searches the live B×beam hypotheses' last decoder position in one
@@ -34,6 +39,7 @@ from trime_fairseq.data.batching import batch_iterator
 from trime_fairseq.data.bm25_batching import BM25_FILLS, validate_options as validate_bm25_options
 from trime_fairseq.memory.eval_memory import attach_eval_memory, build_eval_memory
 from trime_fairseq.memory.keys import ensure_key_capture, require_keys
+from trime_fairseq.memory.sentence_pairs import SentencePairMemory
 from trime_fairseq.memory.modes import mode_help, modes_where
 from trime_fairseq.tasks.memory_config import RETRIEVAL_FLAGS, RetrievalMemoryConfig, memory_options
 from trime_fairseq.tasks.training_memory import TrainingMemoryTask
@@ -78,16 +84,61 @@ class TrimeTranslationTask(TrainingMemoryTask, TranslationTask):
         if str(cfg.batching) not in MT_BATCHINGS:
             raise ValueError(f"--batching {cfg.batching} is not for translation; choose one of {MT_BATCHINGS}")
         validate_bm25_options(cfg)
+        self._sentence_pairs = None  # sk_mt: opened with the model (the retrieval file and the training pairs)
+        self._sk_split = None  # sk_mt: the loaded split its retrieval file was checked against
 
     def get_batch_iterator(self, dataset, *args, **kwargs):
         return batch_iterator(self, str(self.cfg.batching), dataset, super().get_batch_iterator, args, kwargs)
+
+    def sentence_pairs(self) -> SentencePairMemory:
+        """sk_mt's per-sentence memory: the retrieval file (checked against the dictionaries and the training
+        split its ids point into) and the training pairs, opened once."""
+        if self._sentence_pairs is None:
+            from fairseq import utils
+            from fairseq.tasks.translation import load_langpair_dataset
+
+            from trime_fairseq.data.retrieved_pairs import RetrievedPairs
+
+            path = self.trime_memory_options.sk_pairs
+            pairs = RetrievedPairs.read(path)
+            pairs.check_dictionaries(self.source_dictionary, self.target_dictionary, path)
+            cfg = self.cfg
+            if (pairs.meta["source_lang"], pairs.meta["target_lang"]) != (cfg.source_lang, cfg.target_lang):
+                raise ValueError(f"{path} holds {pairs.meta['source_lang']}-{pairs.meta['target_lang']} pairs, the task "
+                                 f"translates {cfg.source_lang}-{cfg.target_lang}")
+            train = load_langpair_dataset(
+                utils.split_paths(cfg.data)[0], pairs.meta["train_split"], cfg.source_lang, self.src_dict,
+                cfg.target_lang, self.tgt_dict, combine=False, dataset_impl=cfg.dataset_impl,
+                upsample_primary=1, left_pad_source=cfg.left_pad_source, left_pad_target=cfg.left_pad_target,
+                max_source_positions=cfg.max_source_positions, max_target_positions=cfg.max_target_positions,
+                truncate_source=cfg.truncate_source, shuffle=False)
+            self._sentence_pairs = SentencePairMemory(pairs, train, self.trime_memory_options.sk_m, path)
+        return self._sentence_pairs
+
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
+        if self.trime_memory_options.uses_sentence_pairs:  # the file must be this split's
+            self.sentence_pairs().pairs.check_split(split, self.datasets[split].src, self.trime_memory_options.sk_pairs)
+            self._sk_split = split
+
+    def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
+        for model in models:  # sk_mt: each model's memory of this batch's sentences, before it is translated
+            memory = getattr(model, "trime_eval_memory", None)
+            if memory is not None and memory.sentence_pairs is not None:
+                if self._sk_split is None:  # e.g. fairseq-interactive: its sentences are no split's
+                    raise ValueError("--eval-memory sk_mt translates the sentences of the split its --sk-pairs file "
+                                     "was built for (fairseq-generate --gen-subset SPLIT); these sentences have no "
+                                     "retrieved pairs")
+                memory.sentence_pairs.prepare(model, sample)
+        return super().inference_step(generator, models, sample, prefix_tokens=prefix_tokens, constraints=constraints)
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
         ensure_key_capture(model)  # the decoder's g (input of its last feed-forward block) and f
         options = self.trime_memory_options
         if not options.plain:
-            memory = build_eval_memory(options, self.target_dictionary, local=False)
+            pairs = self.sentence_pairs().another() if options.uses_sentence_pairs else None
+            memory = build_eval_memory(options, self.target_dictionary, local=False, sentence_pairs=pairs)
             require_keys(model, memory.key_names(), f"--eval-memory {options.mode}")
             attach_eval_memory(model, memory)
         return model

@@ -9,12 +9,14 @@
 | :mod:`.trime_ext` | ``trime_ext``: TRIMELM_ext / TRIME-MT |
 | :mod:`.neighbour_knn` | ``neighbour_knn``: kNN-LM over SPALM's neighbours |
 | :mod:`.adaptive_knn` | ``adaptive_knn``: adaptive kNN-MT (a Meta-k network weighs K and λ per position) |
+| :mod:`.sk_mt` | ``sk_mt``: SK-MT, kNN-MT over each sentence's retrieved training pairs |
 
 Importing this package registers them, in this order.
 """
 
 from trime_fairseq.memory.modes import none, trime, cache, knn, trime_ext, neighbour_knn  # noqa: F401
 from trime_fairseq.memory.modes import adaptive_knn  # noqa: F401
+from trime_fairseq.memory.modes import sk_mt  # noqa: F401
 from trime_fairseq.memory.modes.registry import (  # noqa: F401  (the registry's API)
     REGISTRY,
     Mode,

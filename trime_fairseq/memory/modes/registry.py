@@ -12,7 +12,9 @@ A mode (``--eval-memory NAME``) is a subclass of :class:`Mode` registered with
   weights -- and those of its parts (K, the datastore, the cache size, the long-term
   memory), plus ``own_options`` the record applies itself (knn's retrieval skipping), so a
   flag outside them is an error; ``defaults`` gives an option left unset
-  a value of the mode's own (λ_c: 0.1 for cache, 0 for knn); :meth:`Mode.check_flags`
+  a value of the mode's own (λ_c: 0.1 for cache, 0 for knn), ``flag_defaults`` the value a flag
+  left off the command line takes under this mode instead of the field's default (SK-MT's K = 2,
+  T = 100; :meth:`~trime_fairseq.memory.options.MemoryOptions.from_flags` applies them); :meth:`Mode.check_flags`
   adds rules of its own on the flags given;
 * the **key kinds** it needs: those of its local parts (g for ``LOCAL_G``, f for
   ``LOCAL_F``; :meth:`Mode.local_keys`), the dimension of g when a scale is 1/(√d·x)
@@ -42,6 +44,7 @@ from trime_fairseq.memory.composition import (
     LOCAL_KEYS,
     NEIGHBOURS,
     PART_OPTIONS,
+    SENTENCE_PAIRS,
     Composition,
     Interpolation,
     Term,
@@ -57,6 +60,7 @@ SYMBOLS: Dict[str, str] = {
     "knn_lambda": "λ",
     "interpolation_temperature": "τ′",
     "interpolation_lambda": "λ",
+    "sk_lambda_temperature": "τ_λ",
 }
 #: how :meth:`Mode.describe` writes a part's entries
 PART_TEXT: Dict[str, str] = {
@@ -64,6 +68,7 @@ PART_TEXT: Dict[str, str] = {
     LOCAL_F: "local f",
     DATASTORE: "datastore hits",
     NEIGHBOURS: "the batch's neighbours",
+    SENTENCE_PAIRS: "the sentence's retrieved pairs",
 }
 
 
@@ -138,6 +143,7 @@ class Mode:
     joint: Tuple[TermOf, ...] = ()
     steps: Tuple[Step, ...] = ()
     defaults: Mapping[str, object] = {}  # values of options left unset (None) that are the mode's own
+    flag_defaults: Mapping[str, object] = {}  # values of flags not given, instead of the fields' defaults
     axes: Tuple[str, ...] = ()  # trime-tune grids over these options
     decoding_axes: Tuple[str, ...] = ()  # trime-tune-mt grids over these options
     without_local: bool = False  # works where the scored sequence has no local memory (translation)
@@ -271,6 +277,7 @@ def register_mode(cls):
         raise ValueError(f"evaluation mode '{cls.name}' registered twice")
     mode = cls()
     unknown = set(mode.axes + mode.decoding_axes) - mode.options
+    unknown |= set(mode.flag_defaults) - mode.options
     if unknown:
         raise ValueError(f"mode '{cls.name}' tunes options it does not read: {sorted(unknown)}")
     REGISTRY[cls.name] = mode
