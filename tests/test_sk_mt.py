@@ -170,7 +170,7 @@ def naive_entries(setup, pair_ids):
     return torch.cat(keys), torch.cat(values)
 
 
-def naive_step(logits, query, keys, values, k, T, tau):
+def naive_step(logits, query, keys, values, k, T, tau, max_lambda=0.99):
     """(V,) float64: log((1 − λ)·p_MT + λ·p_kNN), p_kNN ∝ exp(−d_i/T) over the k nearest, λ = ReLU(1 − d_0/τ)."""
     p = torch.softmax(logits.double(), -1)
     if not len(values):
@@ -178,7 +178,7 @@ def naive_step(logits, query, keys, values, k, T, tau):
     d = ((keys - query.double()) ** 2).sum(-1)
     top = d.topk(min(k, len(d)), largest=False)
     knn = torch.zeros_like(p).scatter_add_(0, values[top.indices], torch.softmax(-top.values / T, -1))
-    lam = max(0.0, 1 - float(top.values[0]) / tau)
+    lam = min(max_lambda, max(0.0, 1 - float(top.values[0]) / tau))
     return ((1 - lam) * p + lam * knn).log()
 
 
@@ -382,3 +382,21 @@ def test_mismatched_or_stale_retrieval_files_are_refused(setup, tmp_path):
     with pytest.raises(ValueError, match="have no retrieved pairs"):
         beam_search(task, model, dataset.collater([dataset[0]]))
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_lambda_is_capped_so_that_every_token_stays_possible():
+    from trime_fairseq.memory.modes.sk_mt import DistanceLambda
+    from trime_fairseq.memory.options import MemoryOptions
+    from trime_fairseq.memory.sources import MemoryBatch
+
+    entries = MemoryBatch(torch.tensor([[0.0, -0.5], [-0.2, -3.0]]), torch.tensor([[5, 6], [7, 8]]),
+                          torch.ones(2, 2, dtype=torch.bool))  # row 0: d_0 = 0 (an exact repeat)
+    _, lam = DistanceLambda(10.0, 10.0, 0.99)(entries)
+    torch.testing.assert_close(lam, torch.tensor([0.99, 0.8]))
+    _, lam = DistanceLambda(10.0, 10.0, 1.0)(entries)
+    torch.testing.assert_close(lam, torch.tensor([1.0, 0.8]))
+    assert MemoryOptions.from_flags("sk_mt", {"sk_pairs": "f"}).sk_max_lambda == 0.99
+    with pytest.raises(ValueError, match="--sk-max-lambda must lie in"):
+        MemoryOptions.from_flags("sk_mt", {"sk_pairs": "f", "sk_max_lambda": 1.5})
+    with pytest.raises(ValueError, match="--sk-max-lambda has no effect"):
+        MemoryOptions.from_flags("knn", {"datastore": "d", "sk_max_lambda": 0.5})

@@ -17,6 +17,7 @@ other option is a field of :class:`MemoryOptions` with exactly one meaning:
 | ``interpolation_temperature``, ``interpolation_lambda`` | τ′, λ of Eq. 7-8 |
 | ``sk_pairs``, ``sk_m`` | SK-MT: the trime-retrieve-pairs file of the split, and how many of each sentence's retrieved training pairs form its memory (None: all m of the file) |
 | ``sk_lambda_temperature`` | τ of SK-MT's λ = ReLU(1 − d_0/τ) (None: T, as the paper) |
+| ``sk_max_lambda`` | SK-MT's λ is capped here (1: uncapped; see memory/modes/sk_mt.py) |
 | ``knn_skip_predictor``, ``knn_skip_threshold`` | adaptive retrieval (He et al. 2021): the predictor file, and the P(retrieval helps) below which a position skips the search (None: the file's) |
 | ``knn_adaptive_network`` | adaptive kNN-MT (Zheng et al. 2021): the Meta-k network file (``adaptive_knn``, which needs it) |
 
@@ -68,6 +69,7 @@ class MemoryOptions:
     sk_pairs: Optional[str] = None  # SK-MT: trime-retrieve-pairs file of the evaluated split
     sk_m: Optional[int] = None  # SK-MT: retrieved pairs per sentence in its memory (None: all of the file's m)
     sk_lambda_temperature: Optional[float] = None  # SK-MT: τ of λ = ReLU(1 − d_0/τ) (None: knn_temperature)
+    sk_max_lambda: float = 0.99  # SK-MT: λ <= this, so that every token stays possible (beam search must end)
 
     @classmethod
     def from_flags(cls, mode: str, given: Mapping[str, object], available: Optional[FrozenSet[str]] = None,
@@ -119,6 +121,8 @@ class MemoryOptions:
             raise ValueError(f"--sk-m must be >= 1, got {self.sk_m}")
         if self.sk_lambda_temperature is not None and not self.sk_lambda_temperature > 0:
             raise ValueError(f"--sk-lambda-temperature must be > 0, got {self.sk_lambda_temperature}")
+        if not 0.0 < self.sk_max_lambda <= 1.0:
+            raise ValueError(f"--sk-max-lambda must lie in (0, 1], got {self.sk_max_lambda}")
         if self.uses_sentence_pairs != (self.sk_pairs is not None):
             raise ValueError(f"--eval-memory {self.mode} needs --sk-pairs (a trime-retrieve-pairs file)"
                              if self.uses_sentence_pairs else f"--sk-pairs is not used by --eval-memory {self.mode}")

@@ -81,6 +81,10 @@ class RetrievalMemoryConfig(FairseqDataclass):
         default=None, metadata={"help": "sk_mt: τ of λ = ReLU(1 - d_0/τ), d_0 the nearest entry's squared L2 "
                                 "distance (default: --knn-temperature, as the paper)"},
     )
+    sk_max_lambda: Optional[float] = field(
+        default=None, metadata={"help": "sk_mt: λ is capped here (default 0.99; 1: the formula uncapped, where λ = 1 "
+                                "leaves beam search hypotheses that cannot end)"},
+    )
 
 
 @dataclass

@@ -13,6 +13,12 @@ with d_0 the nearest entry's distance (the distance-aware adapter; τ = ``--sk-l
 by default T as in the paper and knn-box, whose defaults K = 2, T = 100 are this mode's). A sentence
 whose pairs hold no entry keeps p_MT.
 
+λ is capped at ``--sk-max-lambda`` (default 0.99; 1 = the formula as written). At λ = 1 (d_0 = 0: the
+hypothesis repeats a retrieved pair's state exactly, which Multi30k's duplicate sentences do) every token
+outside the K retrieved values gets probability 0, EOS included; fairseq's beam search then carries
+hypotheses of score −inf that can never end and stops with ``assert step < max_len`` (measured on
+Multi30k valid with K = 1, T = τ = 10). The cap keeps every token possible.
+
 Commands (a language pair binarized by fairseq-preprocess; one retrieval file per evaluated split)::
 
     trime-retrieve-pairs --data data-bin/multi30k --source-lang de --target-lang en --split test \\
@@ -45,13 +51,14 @@ class DistanceLambda:
 
     temperature: float  # T: the entries' scores are −d/T
     lambda_temperature: float  # τ
+    max_lambda: float = 1.0  # λ is capped here (--sk-max-lambda)
 
     def __call__(self, entries: MemoryBatch) -> Tuple[MemoryBatch, Tensor]:
         scores = entries.scores.masked_fill(~entries.mask, float("-inf"))  # (Q, M)
         best = scores.max(-1).values if scores.size(-1) else scores.new_full(scores.shape[:1], float("-inf"))
         has = torch.isfinite(best)  # (Q,)
         d0 = torch.where(has, -best * self.temperature, torch.zeros_like(best))
-        lam = torch.relu(1.0 - d0 / self.lambda_temperature).clamp(max=1.0)
+        lam = torch.relu(1.0 - d0 / self.lambda_temperature).clamp(max=self.max_lambda)
         return entries, torch.where(has, lam, torch.zeros_like(lam))
 
 
@@ -64,9 +71,10 @@ class SkMt(Mode):
     flag_defaults = {"knn_k": 2, "knn_temperature": 100.0}  # the paper's / knn-box's
     decoding_axes = ("knn_k", "knn_temperature", "sk_lambda_temperature")
     without_local = True
-    own_options = ("sk_lambda_temperature",)
+    own_options = ("sk_lambda_temperature", "sk_max_lambda")
     rule_text = "λ = ReLU(1 − d_0/τ_λ), d_0 the nearest entry's squared L2 distance (τ_λ: T unless given)"
 
     def step_rule(self, options, dim):
         tau = options.sk_lambda_temperature
-        return DistanceLambda(options.knn_temperature, options.knn_temperature if tau is None else tau)
+        return DistanceLambda(options.knn_temperature, options.knn_temperature if tau is None else tau,
+                              options.sk_max_lambda)
