@@ -368,7 +368,7 @@ def test_mismatched_or_stale_retrieval_files_are_refused(setup, tmp_path):
         load(setup, pairs=tmp_path / "bad.npz")
     with pytest.raises(FileNotFoundError, match="trime-retrieve-pairs"):
         load(setup, pairs=tmp_path / "missing.npz")
-    with pytest.raises(RetrievedPairsError, match="--sk-m 5 asks for more pairs"):
+    with pytest.raises(ValueError, match="--sk-m 5 asks for more pairs"):
         load(setup, sk_m=5)
     with pytest.raises(ValueError, match="needs --sk-pairs"):
         MemoryOptions.from_flags("sk_mt", {})

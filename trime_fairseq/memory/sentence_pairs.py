@@ -37,7 +37,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from trime_fairseq.data.retrieved_pairs import RetrievedPairs, RetrievedPairsError
 from trime_fairseq.memory.keys import TRIME_FEATURE, get_keys
 from trime_fairseq.memory.mixing import fp32
 from trime_fairseq.memory.sources import MemoryBatch
@@ -70,12 +69,12 @@ class SentencePairMemory:
 
     key_type = TRIME_FEATURE
 
-    def __init__(self, pairs: RetrievedPairs, train, m: Optional[int] = None, path: str = "the retrieval file",
+    def __init__(self, pairs, train, m: Optional[int] = None, path: str = "the retrieval file",
                  chunk_pairs: int = 128, chunk_entries: int = 1 << 24):
-        """``pairs``: the split's retrieval file (checked by the caller against the split); ``train``: the
+        """``pairs``: the split's retrieval file (a :class:`~trime_fairseq.data.retrieved_pairs.RetrievedPairs`, read and checked by the caller against the split); ``train``: the
         training split's LanguagePairDataset (its ids are the file's); ``m``: pairs per sentence (None: all)."""
         if m is not None and m > pairs.m:
-            raise RetrievedPairsError(f"--sk-m {m} asks for more pairs than {path} retrieved per sentence "
+            raise ValueError(f"--sk-m {m} asks for more pairs than {path} retrieved per sentence "
                                       f"({pairs.m}): rebuild it with trime-retrieve-pairs --m {m}")
         pairs.check_training(train.src, path)
         self.pairs, self.train, self.path = pairs, train, path
@@ -96,7 +95,7 @@ class SentencePairMemory:
         """(B, m) retrieved training pair ids of split sentences ``ids`` (B,), -1: none."""
         ids = ids.cpu().numpy()
         if ids.size and (ids.min() < 0 or ids.max() >= len(self.pairs.ids)):
-            raise RetrievedPairsError(f"sentence ids {ids.min()}..{ids.max()} outside the {len(self.pairs.ids)} "
+            raise ValueError(f"sentence ids {ids.min()}..{ids.max()} outside the {len(self.pairs.ids)} "
                                       f"sentences of {self.path}")
         return self.pairs.ids[ids, :self.m]
 
