@@ -40,20 +40,24 @@ def toy_mode():
 
 def naive_interpolation(logits, keys, src, pad, tau, lam):
     """(B, T, V) float64: log((1 − λ)·softmax(logits) + λ·q), q over the row's earlier positions j
-    (value src[j+1]) with weights exp(g_t·g_j / (√d·τ)); the model's own where nothing is visible."""
+    (value src[j+1]) with weights exp(g_t·g_j / (√d·τ)); the model's own where nothing is visible.
+    ``lam``: a number, or a function of the position's best score giving its λ (an adaptive step)."""
     bsz, tsz, vocab = logits.shape
     out = torch.zeros(bsz, tsz, vocab, dtype=torch.float64)
     for b in range(bsz):
         for t in range(tsz):
             p = torch.softmax(logits[b, t].double(), -1)
             mem = torch.zeros(vocab, dtype=torch.float64)
+            best = None
             for j in range(t):
                 value = int(src[b, j + 1])
                 if value != pad:
-                    mem[value] += torch.exp(torch.dot(keys[b, t].double(), keys[b, j].double())
-                                            / (math.sqrt(keys.size(-1)) * tau))
+                    score = torch.dot(keys[b, t].double(), keys[b, j].double()) / (math.sqrt(keys.size(-1)) * tau)
+                    mem[value] += torch.exp(score)
+                    best = score if best is None else max(best, score)
             if mem.sum() > 0:
-                p = (1 - lam) * p + lam * mem / mem.sum()
+                weight = lam(best) if callable(lam) else lam
+                p = (1 - weight) * p + weight * mem / mem.sum()
             out[b, t] = p.log()
     return out
 
@@ -217,28 +221,6 @@ def toy_adaptive_mode():
     del REGISTRY["local_adaptive"]
 
 
-def naive_adaptive(logits, keys, src, pad, tau):
-    """(B, T, V) float64: like naive_interpolation with λ_t = σ(max_j g_t·g_j / (√d·τ)) per position."""
-    bsz, tsz, vocab = logits.shape
-    out = torch.zeros(bsz, tsz, vocab, dtype=torch.float64)
-    for b in range(bsz):
-        for t in range(tsz):
-            p = torch.softmax(logits[b, t].double(), -1)
-            mem = torch.zeros(vocab, dtype=torch.float64)
-            best = None
-            for j in range(t):
-                value = int(src[b, j + 1])
-                if value != pad:
-                    s = torch.dot(keys[b, t].double(), keys[b, j].double()) / (math.sqrt(keys.size(-1)) * tau)
-                    mem[value] += torch.exp(s)
-                    best = s if best is None else max(best, s)
-            if mem.sum() > 0:
-                lam = torch.sigmoid(best)
-                p = (1 - lam) * p + lam * mem / mem.sum()
-            out[b, t] = p.log()
-    return out
-
-
 def test_an_adaptive_step_gives_lambda_per_row_in_every_driver(toy_adaptive_mode):
     options = MemoryOptions.from_flags("local_adaptive", {"interpolation_temperature": 0.5})
     with pytest.raises(ValueError, match="--interpolation-lambda has no effect"):
@@ -252,7 +234,8 @@ def test_an_adaptive_step_gives_lambda_per_row_in_every_driver(toy_adaptive_mode
     with torch.no_grad():
         net_output = model(**sample["net_input"])
     pad = task.dictionary.pad()
-    reference = naive_adaptive(net_output[0], net_output[1][TRIME_KEY], sample["net_input"]["src_tokens"], pad, 0.5)
+    reference = naive_interpolation(net_output[0], net_output[1][TRIME_KEY], sample["net_input"]["src_tokens"], pad,
+                                    0.5, torch.sigmoid)
     target = sample["target"]
     expected = reference.gather(2, target.unsqueeze(-1)).squeeze(-1)
     scored = target.ne(pad)

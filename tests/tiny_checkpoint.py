@@ -32,13 +32,9 @@ def tiny_corpus(folder, words: int = 30, lines=(("train", 120), ("valid", 40)), 
     return folder
 
 
-def tiny_lm_checkpoint(path, data, seed: int = 1):
-    """A random-weight transformer_lm (1 layer, d = 16) checkpoint for ``data``, as fairseq-train saves one."""
-    argv = [str(data), "--user-dir", str(ROOT / "trime_fairseq"), "--task", "trime_lm", "--arch", "transformer_lm",
-            "--decoder-layers", "1", "--decoder-embed-dim", "16", "--decoder-input-dim", "16",
-            "--decoder-output-dim", "16", "--decoder-ffn-embed-dim", "32", "--decoder-attention-heads", "2",
-            "--share-decoder-input-output-embed", "--tokens-per-sample", "32", "--criterion", "cross_entropy",
-            "--optimizer", "adam", "--lr", "0.01", "--cpu", "--seed", str(seed)]
+def save_random_checkpoint(argv, path, seed: int):
+    """The model fairseq-train's ``argv`` builds, with random weights (``seed``), saved at ``path`` as
+    fairseq-train saves a checkpoint (no update made)."""
     cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), argv))
     torch.manual_seed(seed)
     task = tasks.setup_task(cfg.task)
@@ -51,6 +47,16 @@ def tiny_lm_checkpoint(path, data, seed: int = 1):
         "extra_state": {"train_iterator": {"epoch": 1}},
     }, path)
     return path
+
+
+def tiny_lm_checkpoint(path, data, seed: int = 1):
+    """A random-weight transformer_lm (1 layer, d = 16) checkpoint for ``data``, as fairseq-train saves one."""
+    argv = [str(data), "--user-dir", str(ROOT / "trime_fairseq"), "--task", "trime_lm", "--arch", "transformer_lm",
+            "--decoder-layers", "1", "--decoder-embed-dim", "16", "--decoder-input-dim", "16",
+            "--decoder-output-dim", "16", "--decoder-ffn-embed-dim", "32", "--decoder-attention-heads", "2",
+            "--share-decoder-input-output-embed", "--tokens-per-sample", "32", "--criterion", "cross_entropy",
+            "--optimizer", "adam", "--lr", "0.01", "--cpu", "--seed", str(seed)]
+    return save_random_checkpoint(argv, path, seed)
 
 
 def tiny_mt_corpus(folder, words: int = 20, lines=(("train", 150), ("valid", 60)), seed: int = 0):
@@ -84,15 +90,4 @@ def tiny_mt_checkpoint(path, data, seed: int = 1):
             "--encoder-attention-heads", "2", "--decoder-attention-heads", "2", "--share-all-embeddings",
             "--dropout", "0", "--criterion", "cross_entropy", "--optimizer", "adam", "--lr", "0.01", "--cpu",
             "--seed", str(seed)]
-    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), argv))
-    torch.manual_seed(seed)
-    task = tasks.setup_task(cfg.task)
-    model = task.build_model(cfg.model)
-    torch.save({
-        "cfg": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-        "model": model.state_dict(),
-        "optimizer_history": [{"criterion_name": "CrossEntropyCriterion", "optimizer_name": "Adam",
-                               "lr_scheduler_state": {}, "num_updates": 0}],
-        "extra_state": {"train_iterator": {"epoch": 1}},
-    }, path)
-    return path
+    return save_random_checkpoint(argv, path, seed)
