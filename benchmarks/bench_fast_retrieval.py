@@ -66,12 +66,12 @@ def build(args, out: str, split: str, factory: str) -> str:
     if not os.path.exists(os.path.join(out, "datastore.json")):
         build_datastore.main(build_datastore.get_parser().parse_args(
             ["--path", args.path, "--data", args.data, "--gen-subset", split, "--output", out, "--index-factory",
-             factory, "--metric", "l2", "--nprobe", str(args.nprobe), "--ntrain", str(args.ntrain),
+             factory, "--metric", "l2", "--nprobe", str(args.nprobes[0]), "--ntrain", str(args.ntrain),
              "--no-progress-bar"] + (["--cpu"] if not args.knn_gpu else []) + args.build_args.split()))
     return out
 
 
-def recall_table(stores: Dict[str, str], queries_store: str, k: int, n: int, nprobe: int) -> List[dict]:
+def recall_table(stores: Dict[str, str], queries_store: str, k: int, n: int, nprobes: List[int]) -> List[dict]:
     from trime_fairseq.memory.datastore import Datastore
 
     keys = Datastore.load(queries_store).keys
@@ -84,10 +84,11 @@ def recall_table(stores: Dict[str, str], queries_store: str, k: int, n: int, npr
     for name, path in stores.items():
         if name == "Flat":
             continue
-        store = Datastore.load(path, nprobe=nprobe if "IVF" in name else None)
-        _, ids = store.search_ids(queries, kk)
-        out.append(dict(index=name, nprobe=nprobe if "IVF" in name else None, recall=recall_at_k(exact_ids, ids),
-                        disk_mb=os.path.getsize(os.path.join(path, "index.faiss")) / 2 ** 20))
+        for nprobe in (nprobes if "IVF" in name else [None]):
+            store = Datastore.load(path, nprobe=nprobe)
+            _, ids = store.search_ids(queries, kk)
+            out.append(dict(index=name, nprobe=nprobe, recall=recall_at_k(exact_ids, ids),
+                            disk_mb=os.path.getsize(os.path.join(path, "index.faiss")) / 2 ** 20))
     return out
 
 
@@ -98,15 +99,21 @@ def settings(args, stores, skip_file) -> Dict[str, List[str]]:
         ["--knn-gpu"] if args.knn_gpu else [])
     skip = ["--knn-skip-predictor", skip_file]
     out["kNN exact (Flat)"] = knn + ["--datastore", stores["Flat"]]
+    approximate = []
     for name, path in stores.items():
-        if name != "Flat":
-            out[f"kNN {name}"] = knn + ["--datastore", path] + (
-                ["--knn-nprobe", str(args.nprobe)] if "IVF" in name else [])
+        if name == "Flat":
+            continue
+        for nprobe in (args.nprobes if "IVF" in name else [None]):
+            label = f"kNN {name}" + (f" nprobe {nprobe}" if nprobe is not None and len(args.nprobes) > 1 else "")
+            out[label] = knn + ["--datastore", path] + (["--knn-nprobe", str(nprobe)] if nprobe is not None else [])
+            approximate.append(label)
+    if args.rescore:  # the same hits, re-ranked (and their weights computed) with the exact float16 keys
+        for label in approximate:
+            out[f"{label} + rescore"] = out[label] + ["--knn-rescore"]
     if skip_file:
         out["kNN exact + skip"] = out["kNN exact (Flat)"] + skip
-        for name in stores:
-            if name != "Flat":
-                out[f"kNN {name} + skip"] = out[f"kNN {name}"] + skip
+        for label in approximate:
+            out[f"{label} + skip"] = out[label] + skip
     return out
 
 
@@ -261,7 +268,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--datastore-split", default="train")
     p.add_argument("--indexes", default=DEFAULT_INDEXES, help="';'-separated FAISS factories of the approximate "
                    "(compressed) datastores")
-    p.add_argument("--nprobe", type=int, default=8)
+    p.add_argument("--nprobe", default="8", help="inverted lists probed by the IVF indexes; a comma-separated list "
+                   "evaluates each (the datastores are built with the first)")
+    p.add_argument("--rescore", action="store_true", help="also evaluate every approximate index with --knn-rescore "
+                   "(its hits re-ranked and weighted with the exact stored keys)")
     p.add_argument("--ntrain", type=int, default=100_000)
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--knn-args", default="", help="further kNN flags, e.g. '--knn-temperature 10 --knn-lambda 0.5'")
@@ -283,6 +293,9 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
+    args.nprobes = [int(p) for p in args.nprobe.split(",") if p]
+    if not args.nprobes or min(args.nprobes) < 1:
+        raise SystemExit(f"--nprobe: one or more positive integers, got {args.nprobe!r}")
     translation = translation_checkpoint(args.path)
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or tmp
@@ -290,7 +303,7 @@ def main(argv=None):
         for i, factory in enumerate(f for f in args.indexes.split(";") if f):
             stores[factory] = build(args, os.path.join(work, f"index{i}"), args.datastore_split, factory)
         queries = build(args, os.path.join(work, f"queries-{args.split}"), args.split, "Flat")
-        recalls = recall_table(stores, queries, args.k, args.recall_queries, args.nprobe)
+        recalls = recall_table(stores, queries, args.k, args.recall_queries, args.nprobes)
         skip_file = None
         if not args.no_skip:
             from trime_fairseq.cli import train_skip_predictor

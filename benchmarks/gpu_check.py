@@ -11,6 +11,10 @@
 3. ``--knn-gpu``: a flat datastore of a small LM's keys searched on the GPU (torch queries, as the
    evaluation does) equals the CPU search, and kNN-LM log-probabilities with ``knn_gpu`` equal those
    without.
+4. fast retrieval: compressed (OPQ / PCA) datastores searched with CUDA queries, and the retrieval-skip
+   predictor under ``--knn-gpu``, equal to the CPU.
+5. the translation modes (``knn``, ``adaptive_knn``, ``sk_mt``) decoding a tiny corpus with fairseq's
+   beam search on the GPU (``--knn-gpu`` where the mode searches a datastore) vs the same on the CPU.
 
 Without a CUDA GPU (or without faiss-gpu) the GPU parts are skipped with a clear message; part 1
 then runs 2 fp32 CPU steps of each criterion at a tiny size, and part 3 its CPU side, so the script
@@ -344,6 +348,83 @@ def fast_retrieval_check(gpu: bool, work: str):
     return result
 
 
+def mt_modes_check(gpu: bool, work: str, beam: int = 4):
+    """kNN-MT, adaptive kNN-MT (a Meta-k network trained on valid by trime-train-adaptive-knn) and SK-MT (pairs from
+    trime-retrieve-pairs) decoding the valid split of a tiny corpus with a random-weight transformer: the GPU run
+    (model on CUDA, ``--knn-gpu`` for the datastore modes) must give the CPU run's hypotheses (>= 90% identical:
+    near-ties of a random model may flip) with their scores within 1e-3. Without a GPU the CPU decodes alone."""
+    from pathlib import Path
+
+    from fairseq import checkpoint_utils, options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from tiny_checkpoint import ROOT, tiny_mt_checkpoint, tiny_mt_corpus
+
+    from trime_fairseq.cli import build_datastore, retrieve_pairs, train_adaptive_knn
+    from trime_fairseq.memory import faiss_index as fi
+
+    root = Path(work) / "mt_modes"
+    data = tiny_mt_corpus(root / "data")
+    checkpoint = str(tiny_mt_checkpoint(root / "mt.pt", data))
+    store, network, pairs = str(root / "ds"), str(root / "meta_k.json"), str(root / "valid.pairs.npz")
+    build_datastore.main(build_datastore.get_parser().parse_args(
+        ["--path", checkpoint, "--gen-subset", "train", "--output", store, "--index-factory", "Flat", "--metric", "l2",
+         "--cpu", "--no-progress-bar"]))
+    common = [str(data), "--user-dir", str(ROOT / "trime_fairseq"), "--task", "trime_translation", "-s", "de", "-t",
+              "en", "--path", checkpoint, "--gen-subset", "valid", "--max-tokens", "2000"]
+    knn = ["--datastore", store, "--knn-k", "8", "--knn-temperature", "10"]
+    train_adaptive_knn.main(common + ["--cpu", "--eval-memory", "knn", *knn, "--output", network, "--epochs", "3",
+                                      "--no-progress-bar"])
+    retrieve_pairs.main(retrieve_pairs.get_parser().parse_args(
+        ["--data", str(data), "--source-lang", "de", "--target-lang", "en", "--split", "valid", "--m", "4",
+         "--output", pairs, "--no-progress-bar"]))
+    modes = {"knn": (["--eval-memory", "knn", *knn, "--knn-lambda", "0.5"], True),
+             "adaptive_knn": (["--eval-memory", "adaptive_knn", *knn, "--knn-adaptive-network", network], True),
+             "sk_mt": (["--eval-memory", "sk_mt", "--sk-pairs", pairs], False)}
+
+    def decode(flags, cuda: bool):
+        argv = common + ["--beam", str(beam)] + flags + ([] if cuda else ["--cpu"])
+        cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_generation_parser(), argv))
+        task = tasks.setup_task(cfg.task)
+        task.load_dataset("valid")
+        models, _ = checkpoint_utils.load_model_ensemble([checkpoint], task=task)
+        model = models[0].eval()
+        if cuda:
+            model.cuda()
+        generator = task.build_generator([model], cfg.generation)
+        itr = task.get_batch_iterator(dataset=task.dataset("valid"), max_tokens=2000).next_epoch_itr(shuffle=False)
+        out = {}
+        with torch.no_grad():
+            for sample in itr:
+                if cuda:
+                    sample = utils.move_to_cuda(sample)
+                for i, hypos in zip(sample["id"].tolist(), task.inference_step(generator, [model], sample)):
+                    out[i] = (hypos[0]["tokens"].tolist(), float(hypos[0]["score"]))
+        return out
+
+    from fairseq import utils
+
+    result = {}
+    for mode, (flags, searches) in modes.items():
+        cpu = decode(flags, cuda=False)
+        entry = dict(sentences=len(cpu))
+        if not gpu:
+            entry["gpu"] = SKIP + ": no CUDA GPU (the CPU decoding ran)"
+            entry["ok"] = len(cpu) == 60
+        elif searches and not fi.gpu_available():
+            entry["gpu"] = SKIP + ": no faiss-gpu for --knn-gpu"
+            entry["ok"] = len(cpu) == 60
+        else:
+            on_gpu = decode(flags + (["--knn-gpu"] if searches else []), cuda=True)
+            same = [i for i in cpu if on_gpu[i][0] == cpu[i][0]]
+            diff = max((abs(on_gpu[i][1] - cpu[i][1]) for i in same), default=float("inf"))
+            entry.update(identical_share=len(same) / len(cpu), max_score_difference=diff,
+                         ok=len(same) >= 0.9 * len(cpu) and diff <= 1e-3)
+        result[mode] = entry
+    return result
+
+
 def markdown(results) -> str:
     env = results["environment"]
     lines = [f"# gpu_check ({env['date']}, {env['device']}, torch {env['torch']}, faiss {env['faiss']})", ""]
@@ -368,6 +449,8 @@ def markdown(results) -> str:
               f"* kNN-LM log-probs: {results['knn_gpu']['knn_lm_equal']}"]
     lines += ["", "## Fast retrieval: compressed indexes and the skip predictor on the GPU", ""]
     lines += [f"* {name}: {value}" for name, value in results["fast_retrieval"].items()]
+    lines += ["", "## Translation modes: beam search on the GPU vs the CPU (tiny corpus, random model)", ""]
+    lines += [f"* {name}: {value}" for name, value in results["mt_modes"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -396,7 +479,8 @@ def main():
     for part, fn in (("criteria", lambda: criteria_steps(args, gpu, work)),
                      ("faiss_gpu", lambda: faiss_gpu_build(args, work) if gpu else {SKIP: "no CUDA GPU"}),
                      ("knn_gpu", lambda: knn_gpu_check(gpu, work)),
-                     ("fast_retrieval", lambda: fast_retrieval_check(gpu, work))):
+                     ("fast_retrieval", lambda: fast_retrieval_check(gpu, work)),
+                     ("mt_modes", lambda: mt_modes_check(gpu, work))):
         print(f"== {part}", flush=True)
         try:
             results[part] = fn()
@@ -413,7 +497,7 @@ def main():
         print(text)
     crit = results.get("criteria", {}).get("criteria", {})
     bad = [name for name, r in crit.items() if not r.get("finite")]
-    for part in ("knn_gpu", "fast_retrieval"):
+    for part in ("knn_gpu", "fast_retrieval", "mt_modes"):
         bad += [k for k, v in results.get(part, {}).items() if isinstance(v, dict) and not v.get("ok")]
     if bad:
         print(f"FAILED checks: {bad}", flush=True)

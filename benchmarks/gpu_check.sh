@@ -7,7 +7,8 @@
 #   3. faiss-gpu: IVF4096,PQ64 datastore build of 1M synthetic d = 1024 keys + search vs nprobe;
 #   4. --knn-gpu: GPU search = CPU search on a flat datastore, kNN-LM log-probs equal;
 #   5. fast retrieval: OPQ / PCA-compressed datastores searched with CUDA queries (transforms in torch) vs the
-#      CPU search, and kNN-LM with the retrieval-skip predictor under --knn-gpu = the CPU run.
+#      CPU search, and kNN-LM with the retrieval-skip predictor under --knn-gpu = the CPU run;
+#   6. translation modes knn / adaptive_knn / sk_mt: beam search on the GPU (--knn-gpu) = the CPU's (tiny corpus).
 # On a machine without a CUDA GPU (or without faiss-gpu) the GPU parts are skipped with a message and
 # part 1 runs 2 fp32 CPU steps per criterion at a tiny size (checks the script). Results: $OUT
 # (default runs/gpu_check): results.json, results.md, lamemo_vs_txl.md, gpu_check.log.

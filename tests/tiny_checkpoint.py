@@ -2,6 +2,8 @@
 for end-to-end tests of the command-line tools (trime-build-datastore, trime-train-skip-predictor, benchmarks)
 without shared data and without training."""
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from fairseq import options, tasks
@@ -10,7 +12,8 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from omegaconf import OmegaConf
 
 import trime_fairseq  # noqa: F401  (registers the plugin)
-from conftest import ROOT
+
+ROOT = Path(__file__).resolve().parents[1]  # (no conftest import: benchmarks/gpu_check.py uses these without pytest)
 
 
 def tiny_corpus(folder, words: int = 30, lines=(("train", 120), ("valid", 40)), seed: int = 0):
