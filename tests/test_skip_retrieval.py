@@ -47,11 +47,12 @@ def setup(tmp_path):
     return task, model, sample, entropy >= cut, tmp_path
 
 
-def own(model, x):
-    """The model's own log-probabilities (…, V), as the evaluation memory computes them (logits − logsumexp)."""
+def own(model, x, partition=True):
+    """The model's own log-probabilities (…, V), as the evaluation memory computes them (logits − logsumexp; the
+    per-step driver of an interpolation-only mode: the fused log-softmax, partition=False)."""
     from trime_fairseq.memory.token_scores import all_token_log_probs
 
-    return all_token_log_probs(model.decoder, x)[0].view(*x.shape[:-1], -1)
+    return all_token_log_probs(model.decoder, x, partition=partition)[0].view(*x.shape[:-1], -1)
 
 
 def memories(task, path, **extra):
@@ -75,6 +76,25 @@ def test_skip_features_are_what_they_say():
     with_zero = torch.log_softmax(logits, -1)
     with_zero[:, 0] = float("-inf")  # a token of probability 0 adds nothing (0·log 0 = 0)
     assert torch.isfinite(skip_features(with_zero, queries)).all()
+
+
+def test_log_probs_without_the_partition_are_the_same_distribution():
+    """The per-step driver's fused log-softmax (partition=False, for interpolation-only modes) gives the
+    log-probabilities of logits − logsumexp; a joint composition without the partition is refused."""
+    import types
+
+    from trime_fairseq.memory.compose import full_log_probs
+    from trime_fairseq.memory.token_scores import all_token_log_probs
+
+    logits = torch.randn(6, 13) * 4
+    with_lse, lse = all_token_log_probs(types.SimpleNamespace(), logits)
+    fused, none = all_token_log_probs(types.SimpleNamespace(), logits, partition=False)
+    assert none is None and lse.shape == (6,)
+    torch.testing.assert_close(fused, with_lse, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fused, torch.log_softmax(logits.double(), -1).float(), rtol=0, atol=1e-5)
+    joint = types.SimpleNamespace(joint=(object(),), interpolations=())
+    with pytest.raises(ValueError, match="log-partition"):
+        full_log_probs(joint, fused, None, {})
 
 
 @pytest.mark.parametrize("softmax_batch", [None, 7])
@@ -133,7 +153,7 @@ def test_per_step_driver_skips_exactly(setup):
     net_output = forward(model, sample)
     knn = exact.step_log_probs(model.decoder, net_output)  # (B, 1, V)
     got = skipping.step_log_probs(model.decoder, net_output)
-    plain = own(model, net_output[0][:, -1:])
+    plain = own(model, net_output[0][:, -1:], partition=False)
     last = search[:, -1]  # (B,)
     assert torch.equal(got[~last], plain[~last]) and bool((~last).any() or last.any())
     torch.testing.assert_close(got[last], knn[last])

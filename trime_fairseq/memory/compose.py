@@ -80,17 +80,20 @@ def _entries(terms: Tuple[Term, ...], parts: Mapping[str, MemoryBatch]) -> Memor
     return concat_memory([parts[t.part].scaled(t.scale) for t in terms])
 
 
-def full_log_probs(comp: Composition, token_log_probs: Tensor, token_lse: Tensor,
+def full_log_probs(comp: Composition, token_log_probs: Tensor, token_lse: Optional[Tensor],
                    parts: Mapping[str, MemoryBatch]) -> Tensor:
     """(Q, V) float32 log-probabilities, computed in place.
 
     ``token_log_probs`` (Q, V) float32: the model's own token distribution (log-softmax of
     the token scores, exact where it is read; a view is fine), overwritten and returned;
-    ``token_lse`` (Q,) the log-partition of the token scores (scores = log-probs + lse);
+    ``token_lse`` (Q,) the log-partition of the token scores (scores = log-probs + lse; only a
+    composition with joint terms reads it, None otherwise);
     ``parts``: name -> raw MemoryBatch (Q, M).
     """
     out = token_log_probs
     if comp.joint:
+        if token_lse is None:
+            raise ValueError("a composition with joint terms (Eq. 5/6) needs the token scores' log-partition")
         out = joint_log_probs_(out, token_lse, *_entries(comp.joint, parts))  # Eq. 5/6
     for step in comp.interpolations:  # Eq. 7-8, kNN-LM, cache; adaptive steps: λ per row
         entries, lam = step.apply(_entries(step.terms, parts))

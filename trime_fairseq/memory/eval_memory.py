@@ -293,7 +293,7 @@ class EvalMemory:
                 "step does not have: evaluate it with fairseq-eval-lm (or use --eval-memory knn without a cache)"
             )
         x = net_output[0][:, -1:]  # (B', 1, ·): EnsembleModel passes the last step already
-        log_probs, lse = all_token_log_probs(decoder, x)  # (B', V), (B',)
+        log_probs, lse = all_token_log_probs(decoder, x, partition=bool(comp.joint))  # (B', V), (B',) or None
         parts = {}
         if DATASTORE in comp.parts:
             keys = get_keys((None, extra), self.external.key_type)[:, -1]  # (B', d) the live queries

@@ -312,7 +312,7 @@ class ForwardState:
         if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= x.size(0)):
             raise RuntimeError("skip features asked for positions outside the outputs being scored")
         if log_probs is None:
-            log_probs = all_token_log_probs(decoder, x[rows])[0]  # (n, V), no target: the decision never reads it
+            log_probs = all_token_log_probs(decoder, x[rows], partition=False)[0]  # (n, V), no target: the decision never reads it
         else:
             log_probs = log_probs[rows]
         keys = self.keys(self.memory.external.key_type)

@@ -47,7 +47,7 @@ def skip_features(token_log_probs: Tensor, queries: Tensor) -> Tensor:
     """(Q, 3) float32 features (:data:`SKIP_FEATURES`) from the model's token log-probabilities (Q, V)
     -- computed without the target -- and the positions' queries (Q, d)."""
     lp = fp32(token_log_probs)
-    p_log_p = torch.where(torch.isfinite(lp), lp.exp() * lp, lp.new_zeros(()))  # (Q, V), 0·log 0 = 0
+    p_log_p = (lp.exp() * lp).nan_to_num_(nan=0.0)  # (Q, V), 0·log 0 = 0 (exp(-inf)·-inf is NaN; p > 0 is finite)
     entropy = -p_log_p.sum(-1)  # (Q,)
     return torch.stack([entropy, lp.max(-1).values, fp32(queries).norm(dim=-1)], -1).float()  # (Q, 3)
 

@@ -65,10 +65,11 @@ def fills_every_token(decoder) -> bool:
 
 
 def all_token_log_probs(decoder, x: Tensor, target: Optional[Tensor] = None,
-                        rows: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                        rows: Optional[Tensor] = None, partition: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
     """(N, V) float32 token log-probabilities (a new tensor) for flat rows of ``x``, and the
     log-partition of the token term for ``rows`` (k,) (default: all rows): the token scores
-    of those rows are ``log_probs[rows] + lse``.
+    of those rows are ``log_probs[rows] + lse``. ``partition=False``: no log-partition (None), for
+    compositions that only interpolate the model's distribution (one fused log-softmax, as fairseq's).
 
     ``x`` is (..., V) logits or (..., d) features. With an adaptive softmax and a
     ``target``, only the target's cluster is filled (as fairseq does); the
@@ -80,11 +81,15 @@ def all_token_log_probs(decoder, x: Tensor, target: Optional[Tensor] = None,
     if asm is not None:
         tgt = target.reshape(1, -1) if target is not None else None
         log_probs = fp32(asm.get_log_prob(flat.unsqueeze(0), tgt).reshape(-1, asm.vocab_size))
+        if not partition:
+            return log_probs, None
         head_rows = flat if rows is None else flat[rows]
         if head_rows.size(0) == 0:  # nothing scored (e.g. an ended stream's padding row): the tied head
             return log_probs, log_probs.new_empty(0)  # cannot view an empty batch
         head_lse = torch.logsumexp(fp32(asm.head(head_rows)), dim=-1)
         return log_probs, head_lse
     logits = fp32(flat)
+    if not partition:
+        return torch.log_softmax(logits, dim=-1), None
     lse = torch.logsumexp(logits, dim=-1)
     return logits - lse.unsqueeze(-1), lse if rows is None else lse[rows]
