@@ -7,7 +7,7 @@ Extraction (:func:`doc_commands`), in document order per file:
   for the rest of the file, and so do inline spans that are only an assignment (``R=runs/x``) and the
   ``NAME=value`` prefixes of a command; ``$NAME`` / ``${NAME}`` are expanded (a variable the docs use
   without defining it must be in :data:`LOOP_DEFAULTS`, else the command fails); ``for X in a b; do``
-  sets X to its first value; ``&&`` / ``;`` separate commands; a trailing ``&``, ``/usr/bin/time -v`` and
+  sets X to its first value; ``&&`` / ``;`` outside quotes separate commands; a trailing ``&``, ``/usr/bin/time -v`` and
   ``nice -n N`` are dropped; ``# comments`` are dropped, except ``#   = PROGRAM ...`` lines (an equivalent
   command line, checked as a fragment);
 * inline code spans (prose and table cells, joined across line breaks, ``\\|`` = ``|``) that start with a
@@ -99,6 +99,27 @@ PROGRAM = re.compile(
 ASSIGNMENT = re.compile(r"^(?:export\s+)?([A-Za-z_]\w*)=(.*)$")
 ENV_PREFIX = re.compile(r"^([A-Za-z_]\w*)=(\"[^\"]*\"|'[^']*'|\S*)\s+")
 WRAPPERS = re.compile(r"^(?:/usr/bin/time -v\s+|nice -n \d+\s+)+")
+def split_commands(text: str):
+    """The commands of a shell line separated by ``&&`` or ``;`` outside quotes (a quoted ``;``, e.g. a
+    ';'-separated list of FAISS factories, stays inside its argument), each stripped."""
+    parts, current, quote, i = [], [], None, 0
+    while i < len(text):
+        c = text[i]
+        if quote:
+            quote = None if c == quote else quote
+        elif c in "'\"":
+            quote = c
+        elif c == ";" or text.startswith("&&", i):
+            parts.append("".join(current).strip())
+            current = []
+            i += 1 if c == ";" else 2
+            continue
+        current.append(c)
+        i += 1
+    parts.append("".join(current).strip())
+    return parts
+
+
 LOOP = re.compile(r"^for (\w+) in ([^;]+); do\b\s*(.*)$")
 
 
@@ -332,7 +353,7 @@ def doc_commands(path: Path) -> List[DocCommand]:
             if loop:  # the loop variable takes its first value
                 env[loop.group(1)] = shlex.split(_expand(loop.group(2), env))[0]
                 text = loop.group(3)
-            for part in re.split(r"\s*(?:&&|;)\s*", text):
+            for part in split_commands(text):
                 if part.startswith("do "):
                     part = part[3:]
                 if part in ("", "do", "done", "wait") or part.startswith("#"):
