@@ -20,7 +20,10 @@
 # BANK_SIZES (LongMem, "4096 16384"), TXL_MEMS (Transformer-XL / LaMemo memory at evaluation, "64 1024"),
 # K (datastore neighbours, 64), SPALM_K (4), INDEX (the training datastore's FAISS factory, IVF1024,PQ32),
 # CACHE_FLAGS, TRIME_FLAGS, KNN_FLAGS, EXT_FLAGS (fixed memory options, not tuned), JOBS (2), DOCS (0),
-# SMOKE (0; 1: the first 300 / 200 lines, gaps 0,8,64,300, memories 512/1024, one-layer-sized runs).
+# SMOKE (0; 1: the first 300 / 200 lines, gaps 0,8,64,300, memories 512/1024, one-layer-sized runs),
+# SYSTEMS (all; a subset of "vanilla trime trime_long trime_ext transformer_xl lamemo spalm longmem" trains and
+# scores only those -- spalm needs vanilla; the report then covers them alone and DOCS=1 is refused),
+# TXL_TRAIN_FLAGS (extra hydra overrides of the transformer_xl / lamemo trainings, e.g. model.mem_len=512).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -33,6 +36,15 @@ SEED=${SEED:-1}
 SPLIT=${SPLIT:-test}
 JOBS=${JOBS:-2}
 DOCS=${DOCS:-0}
+SYSTEMS=${SYSTEMS:-}
+TXL_TRAIN_FLAGS=${TXL_TRAIN_FLAGS:-}
+want() { [ -z "$SYSTEMS" ] || [[ " $SYSTEMS " == *" $1 "* ]]; }
+for name in $SYSTEMS; do
+  case "$name" in vanilla|trime|trime_long|trime_ext|transformer_xl|lamemo|spalm|longmem) ;;
+    *) echo "SYSTEMS: unknown system '$name'" >&2; exit 2 ;; esac
+done
+if [ -n "$SYSTEMS" ] && [ "$DOCS" = 1 ]; then echo "DOCS=1 writes the full report: unset SYSTEMS" >&2; exit 2; fi
+if want spalm && ! want vanilla; then echo "SYSTEMS: spalm needs vanilla (its neighbours' datastore)" >&2; exit 2; fi
 K=${K:-64}
 SPALM_K=${SPALM_K:-4}
 INDEX=${INDEX:-IVF1024,PQ32}
@@ -84,6 +96,7 @@ small_vocabulary() {  # config-dir config-name: SMOKE's corpus has < 10k words, 
 }
 train() {  # name config-dir config-name overrides...
   trained "$1" && return 0
+  want "${1/backbone/longmem}" || return 0
   say "training $1 ($3, $UPDATES updates) -> $OUT/train_$1.log"
   fairseq-hydra-train --config-dir "$2" --config-name "$3" task.data="$DATA" checkpoint.save_dir="$OUT/$1" \
     hydra.run.dir="$OUT/hydra_$1" optimization.max_update="$UPDATES" $(small_vocabulary "$2" "$3") "${@:4}" \
@@ -95,20 +108,20 @@ background() {  # command...: run in the background, at most $JOBS at a time
 }
 finish() {  # wait for the background jobs, then check that the named runs finished
   wait || true
-  for name in "$@"; do trained "$name" || { echo "training $name failed: see $OUT/train_$name.log" >&2; exit 1; }; done
+  for name in "$@"; do want "${name/backbone/longmem}" || continue; trained "$name" || { echo "training $name failed: see $OUT/train_$name.log" >&2; exit 1; }; done
 }
 NOVALID=(dataset.validate_interval_updates=0 checkpoint.save_interval_updates=0)
 SHUFFLED=(task.batching=shuffled task.consecutive_segments=1 '~criterion.memory_block_size')
 
 order="$OUT/bm25-256.order"
-[ -f "$order" ] || python -m trime_fairseq.cli.bm25_batches --data "$DATA" --tokens-per-sample 256 --output "$order" \
+! want trime_ext || [ -f "$order" ] || python -m trime_fairseq.cli.bm25_batches --data "$DATA" --tokens-per-sample 256 --output "$order" \
   --workers 1 --no-progress-bar > "$OUT/bm25.log" 2>&1
 background train vanilla configs/trime wikitext2_small criterion._name=adaptive_loss "${NOVALID[@]}"
 background train trime configs/trime wikitext2_small criterion._name=trime_loss "${NOVALID[@]}"
 background train trime_long configs/trime_long wikitext2_small "${NOVALID[@]}"
 background train trime_ext configs/trime_ext wikitext2_small task.bm25_order="$order" "${NOVALID[@]}"
-background train transformer_xl configs/transformer_xl wikitext2_small "${NOVALID[@]}"
-background train lamemo configs/lamemo wikitext2_small "${NOVALID[@]}"
+background train transformer_xl configs/transformer_xl wikitext2_small "${NOVALID[@]}" $TXL_TRAIN_FLAGS
+background train lamemo configs/lamemo wikitext2_small "${NOVALID[@]}" $TXL_TRAIN_FLAGS
 UPDATES=$BACKBONE_UPDATES background train backbone configs/longmem alibi_wikitext2_small
 finish vanilla trime trime_long trime_ext transformer_xl lamemo backbone
 background train longmem configs/longmem wikitext2_small model.backbone_path="$OUT/backbone/checkpoint_last.pt" \
@@ -128,12 +141,14 @@ neighbours() {  # datastore output split
   python -m trime_fairseq.cli.neighbours --datastore "$OUT/$1" --gen-subset "$3" --output "$OUT/$2" --k "$SPALM_K" \
     --cpu --no-progress-bar > "$OUT/$2_$3.log" 2>&1
 }
-datastore dstore_knn "$(ckpt vanilla)" "${SPLIT}_memory" l2 trime_key Flat
-datastore dstore_ext "$(ckpt trime_ext)" "${SPLIT}_memory" ip trime_key Flat
-datastore dstore_spalm_memory "$(ckpt vanilla)" "${SPLIT}_memory" ip trime_feature Flat
-datastore dstore_spalm_train "$(ckpt vanilla)" train ip trime_feature "$INDEX"
-for split in train valid "$SPLIT"; do neighbours dstore_spalm_train neighbours_train "$split"; done
-neighbours dstore_spalm_memory neighbours_memory "$SPLIT"
+if want vanilla; then datastore dstore_knn "$(ckpt vanilla)" "${SPLIT}_memory" l2 trime_key Flat; fi
+if want trime_ext; then datastore dstore_ext "$(ckpt trime_ext)" "${SPLIT}_memory" ip trime_key Flat; fi
+if want spalm; then
+  datastore dstore_spalm_memory "$(ckpt vanilla)" "${SPLIT}_memory" ip trime_feature Flat
+  datastore dstore_spalm_train "$(ckpt vanilla)" train ip trime_feature "$INDEX"
+  for split in train valid "$SPLIT"; do neighbours dstore_spalm_train neighbours_train "$split"; done
+  neighbours dstore_spalm_memory neighbours_memory "$SPLIT"
+fi
 background train spalm configs/spalm wikitext2_small task.neighbours="$OUT/neighbours_train" "${NOVALID[@]}"
 finish longmem spalm
 
@@ -141,8 +156,9 @@ finish longmem spalm
 SCORES="$OUT/scores_$SPLIT"
 mkdir -p "$SCORES"
 FAILED=0
-score() {
+score() {  # skipped unless $SYSTEM (set before each system's rows) is wanted
   local out="$SCORES/$1.json"
+  want "$SYSTEM" || return 0
   [ -s "$out" ] && return 0
   say "scoring $1"
   $RECALL score "$DATA" "${EVAL[@]}" --path "$4" --gen-subset "$SPLIT" --recall-index "$DATA/$SPLIT.recall.json" \
@@ -150,6 +166,7 @@ score() {
     || { say "  scoring $1 failed: see $SCORES/$1.log"; FAILED=1; }
 }
 # transformer LMs: 256-token rows, 128 of context
+SYSTEM=vanilla
 score vanilla "" "$LOCAL:$LOCAL_HI" "$(ckpt vanilla)" "${ROWS[@]}"
 score vanilla+cache vanilla "$LOCAL:$LOCAL_HI" "$(ckpt vanilla)" "${ROWS[@]}" --eval-memory cache $CACHE_FLAGS
 for n in $LONG_SIZES; do
@@ -158,19 +175,23 @@ for n in $LONG_SIZES; do
 done
 score kNN-LM vanilla inf "$(ckpt vanilla)" "${ROWS[@]}" --eval-memory knn --datastore "$OUT/dstore_knn" \
   --knn-k "$K" $KNN_FLAGS
+SYSTEM=trime
 score TRIMELM-none "" "$LOCAL:$LOCAL_HI" "$(ckpt trime)" "${ROWS[@]}"
 score TRIMELM TRIMELM-none "$LOCAL:$LOCAL_HI" "$(ckpt trime)" "${ROWS[@]}" --eval-memory trime $TRIME_FLAGS
+SYSTEM=trime_long
 score TRIMELM_long-none "" "$LOCAL:$LOCAL_HI" "$(ckpt trime_long)" "${ROWS[@]}"
 for n in $LONG_SIZES; do
   score "TRIMELM_long-$n" TRIMELM_long-none "$n:$((n + LOCAL_HI))" "$(ckpt trime_long)" "${ROWS[@]}" \
     --eval-memory trime $TRIME_FLAGS --long-memory-size "$n"
 done
+SYSTEM=trime_ext
 score TRIMELM_ext-none "" "$LOCAL:$LOCAL_HI" "$(ckpt trime_ext)" "${ROWS[@]}"
 score TRIMELM_ext TRIMELM_ext-none inf "$(ckpt trime_ext)" "${ROWS[@]}" --eval-memory trime_ext \
   --datastore "$OUT/dstore_ext" --knn-k "$K" $EXT_FLAGS
 # recurrence models in stream order, one stream (a row per stream would cut episodes at the stream ends)
 STREAM=(--batching stream --tokens-per-sample 64 --batch-size 1)
 for model in transformer_xl lamemo; do
+  SYSTEM=$model
   score "$model-mem0" "" "0:63" "$(ckpt $model)" "${STREAM[@]}" --model-overrides "{'mem_len': 0}"
   for m in $TXL_MEMS; do
     score "$model-mem$m" "$model-mem0" "$m:$((m + 63))" "$(ckpt $model)" "${STREAM[@]}" \
@@ -178,10 +199,12 @@ for model in transformer_xl lamemo; do
   done
 done
 # SPALM: neighbours from the first occurrences (memory) vs from its training datastore (control)
+SYSTEM=spalm
 score SPALM-train-neighbours "" "64:127" "$(ckpt spalm)" "${STREAM[@]}" --neighbours "$OUT/neighbours_train"
 score SPALM SPALM-train-neighbours inf "$(ckpt spalm)" "${STREAM[@]}" --neighbours "$OUT/neighbours_memory"
 # LongMem: bank sizes vs no bank, same model (bank never reset: episodes cross article ends)
 LONGMEM=(--batching stream --tokens-per-sample 256 --batch-size 1)
+SYSTEM=longmem
 score LongMem-M0 "" "0:255" "$(ckpt longmem)" "${LONGMEM[@]}" --model-overrides "{'memory_size': 0}"
 for m in $BANK_SIZES; do
   score "LongMem-M$m" LongMem-M0 "$m:$((m + 259))" "$(ckpt longmem)" "${LONGMEM[@]}" \

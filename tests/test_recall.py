@@ -4,6 +4,8 @@ the refusal of a datastore built from the scored split, and the report's verdict
 
 import json
 import math
+import os
+import subprocess
 import shutil
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from conftest import PYTHON, ROOT, perplexity, run_cli
 
 from trime_fairseq.recall.corpus import EOS, line_tokens, make_corpus, read_lines
 from trime_fairseq.recall.index import RecallIndex, split_tokens
-from trime_fairseq.recall.report import report_markdown, verdict
+from trime_fairseq.recall.report import plot, report_markdown, verdict
 from trime_fairseq.recall.stats import bucket_stats
 
 SMALL = dict(train_lines=300, eval_lines=200, gaps="0,8,64,300", episodes=2, train_gaps="8,64", train_rate=2.0)
@@ -229,7 +231,44 @@ def test_report_verdicts():
     assert "gain ✓" in text and "0 verdict(s) failed" in text
 
 
-def test_pipeline_script_is_executable():
+def test_plot_draws_a_panel_per_control_with_each_memory_s_gain(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    control = fake_score("vanilla", None, [32, 63], -5.0, -5.0)
+    cache = fake_score("cache", "vanilla", [512, 600], -2.0, -4.9)
+    txl0 = fake_score("txl-mem0", None, [0, 63], -6.0, -6.0)
+    txl = fake_score("txl-mem64", "txl-mem0", [64, 127], -5.5, -6.0)
+    drawn = {}
+    real_savefig = plt.Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        drawn["axes"] = [ax for ax in fig.axes if ax.lines]
+        return real_savefig(fig, *args, **kwargs)
+
+    plt.Figure.savefig = spy
+    try:
+        plot([control, cache, txl0, txl], tmp_path / "recall.png")
+    finally:
+        plt.Figure.savefig = real_savefig
+    assert (tmp_path / "recall.png").read_bytes()[:4] == b"\x89PNG"
+    titles = sorted(ax.get_title() for ax in drawn["axes"])
+    assert titles == ["memories of txl-mem0", "memories of vanilla"]
+    gains = {ax.get_title(): ax.lines[0].get_ydata() for ax in drawn["axes"]}
+    assert gains["memories of vanilla"] == pytest.approx([3.0])  # -2.0 - (-5.0) on the second occurrence
+    assert gains["memories of txl-mem0"] == pytest.approx([0.5])
+
+
+def test_pipeline_script_is_executable_and_checks_its_systems(tmp_path):
     script = ROOT / "scripts" / "recall_benchmark.sh"
     assert script.stat().st_mode & 0o111
-    shutil.which("bash") and run_cli(["bash", "-n", script])
+    if not shutil.which("bash"):
+        return
+    run_cli(["bash", "-n", script])
+    for systems, message in (("vanilla cachex", "unknown system 'cachex'"), ("spalm", "spalm needs vanilla")):
+        done = subprocess.run(["bash", str(script)], env={**os.environ, "SYSTEMS": systems,
+                              "OUT": str(tmp_path / "out")}, capture_output=True, text=True)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists()

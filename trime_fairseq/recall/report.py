@@ -121,41 +121,57 @@ def _reach(reach) -> str:
 
 
 def plot(scores: List[Dict], path) -> None:
-    """Perplexity of the second occurrences vs gap (log-log), a panel per variant; memories solid, every control
-    dashed in the colour of the first memory that names it."""
+    """The gain of every memory over its control on the second occurrences (nats per token) vs gap, a panel per
+    control (the memories of one model): spans solid, pass keys dashed, a dotted line at the gap where the copy
+    leaves the memory's reach (distance S + gap > hi). Without memories (controls alone): their perplexities."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    by_label = {s["label"]: s for s in scores}
     variants = [v for v in ("span", "passkey") if any(b["variant"] == v for s in scores for b in s["buckets"])]
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    controls = {s["control"] for s in scores if s.get("control")}
-    colour_of, k = {}, 0
+    families: Dict[str, List[Dict]] = {}
     for s in scores:
-        if s["label"] in controls and s["label"] not in colour_of:
-            continue
-        colour_of.setdefault(s["label"], colours[k % len(colours)])
-        k += 1
         if s.get("control"):
-            colour_of.setdefault(s["control"], colour_of[s["label"]])
-    fig, axes = plt.subplots(1, len(variants), figsize=(6 * len(variants), 4.5), squeeze=False)
-    for ax, variant in zip(axes[0], variants):
-        for s in scores:
-            rows = sorted((b for b in s["buckets"] if b["variant"] == variant and b["occurrence"] == "second"),
-                          key=lambda b: b["gap"])
-            dashed = s["label"] in controls
-            ax.plot([max(b["gap"], 1) for b in rows], [b["ppl"] for b in rows], marker="o", markersize=3,
-                    linestyle="--" if dashed else "-", color=colour_of.get(s["label"], "gray"),
-                    label=s["label"] + (" (control)" if dashed else ""))
+            families.setdefault(s["control"], []).append(s)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if not families:  # controls alone: nothing to compare, show what they score
+        families = {s["label"]: [s] for s in scores}
+    n = len(families)
+    cols = min(n, 4)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, (control, members) in zip(axes.flat, families.items()):
+        for k, s in enumerate(members):
+            colour = colours[k % len(colours)]
+            for variant, style in zip(variants, ("-", "--")):
+                gaps = sorted({b["gap"] for b in s["buckets"] if b["variant"] == variant})
+                if control in by_label and control != s["label"]:
+                    base = by_label[control]["buckets"]
+                    ys = [find(s["buckets"], variant, g, "second")["mean_log_prob"]
+                          - find(base, variant, g, "second")["mean_log_prob"] for g in gaps]
+                else:
+                    ys = [math.log(find(s["buckets"], variant, g, "second")["ppl"]) for g in gaps]
+                ax.plot([max(g, 1) for g in gaps], ys, linestyle=style, marker="o", markersize=3, color=colour,
+                        label=f"{s['label']} ({variant})")
+            reach = s.get("reach")
+            if reach is not None and not math.isinf(reach[1]):
+                edge = reach[1] - min(s["lengths"].values())  # the largest gap whose copy can still be inside
+                if edge > 0:
+                    ax.axvline(edge, color=colour, linestyle=":", linewidth=1)
+        ax.axhline(0.0, color="black", linewidth=0.6)
         ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("gap between the occurrences (tokens)")
-        ax.set_ylabel("perplexity of the second occurrence")
-        ax.set_title(f"recall: {variant}")
+        ax.set_title(f"memories of {control}" if control in by_label and members[0]["label"] != control
+                     else control, fontsize=9)
+        ax.set_xlabel("gap (tokens)", fontsize=8)
+        ax.set_ylabel("gain over the control (nats/token)" if members[0]["label"] != control
+                      else "log perplexity", fontsize=8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
