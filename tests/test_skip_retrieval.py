@@ -47,9 +47,10 @@ def setup(tmp_path):
     return task, model, sample, entropy >= cut, tmp_path
 
 
-def own(model, x, partition=True):
-    """The model's own log-probabilities (…, V), as the evaluation memory computes them (logits − logsumexp; the
-    per-step driver of an interpolation-only mode: the fused log-softmax, partition=False)."""
+def own(model, x, partition=False):
+    """The model's own log-probabilities (…, V), as the evaluation memory computes them: for an interpolation-only
+    mode (kNN-LM here) both drivers use the fused log-softmax (partition=False); joint (Eq. 5/6) compositions
+    logits − logsumexp (partition=True)."""
     from trime_fairseq.memory.token_scores import all_token_log_probs
 
     return all_token_log_probs(model.decoder, x, partition=partition)[0].view(*x.shape[:-1], -1)
@@ -134,7 +135,7 @@ def test_target_only_driver_skips_exactly(setup):
     scored = target.ne(task.dictionary.pad())
     knn = exact.target_log_probs(model.decoder, net_output, sample, exact.options)
     got = skipping.target_log_probs(model.decoder, net_output, sample, skipping.options)
-    plain = own(model, net_output[0]).gather(2, target.unsqueeze(-1)).squeeze(-1)
+    plain = own(model, net_output[0], partition=True).gather(2, target.unsqueeze(-1)).squeeze(-1)
     assert torch.equal(got[scored & ~search], plain[scored & ~search])
     torch.testing.assert_close(got[scored & search], knn[scored & search])
     # a tuning grid point with another λ / T reuses the same (skipped) search

@@ -220,14 +220,16 @@ class EvalMemory:
             raise ValueError("the evaluation memory scores the positions of a sample with targets (the chunk's)")
         flat_target = target.reshape(-1)
         scored = flat_target.ne(self.pad).nonzero().squeeze(1)  # (k,) the rest is not scored by fairseq
-        out, lse = all_token_log_probs(decoder, x, flat_target, rows=scored)  # (n, V) the model's own, (k,)
+        comp = self.composition(self.options, state.extra) if scored.numel() else None
+        # (n, V) the model's own; (k,) its log-partition, for joint (Eq. 5/6) compositions only
+        out, lse = all_token_log_probs(decoder, x, flat_target, rows=scored,
+                                       partition=comp is not None and bool(comp.joint))
         state.offer_outputs(decoder, start, x, out if fills_every_token(decoder) else None)  # before mixing
-        if scored.numel():
-            comp = self.composition(self.options, state.extra)
+        if comp is not None:
             parts = {part: concat_memory(state.gather(part, self.options, start + scored)) for part in comp.parts}
             # mix in place, on views of out: the scored rows form a few runs (one per input row)
             for a, b in _runs(scored):
-                full_log_probs(comp, out[int(scored[a]): int(scored[b - 1]) + 1], lse[a:b],
+                full_log_probs(comp, out[int(scored[a]): int(scored[b - 1]) + 1], None if lse is None else lse[a:b],
                                {name: part.span(a, b) for name, part in parts.items()})
         state.record_targets(start, flat_target)
         if state.done:
