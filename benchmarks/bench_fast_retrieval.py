@@ -159,6 +159,25 @@ def lm_measure(args, runs):
     return out, "scored tokens/s", "perplexity"
 
 
+def lm_profile(runs, top: int) -> None:
+    """cProfile of one pass over every setting's batches (after the timed passes), the ``top`` functions by own
+    time per setting: where a setting's time goes (docs/results_datastore.md)."""
+    import cProfile
+    import pstats
+
+    reset(runs)
+    with torch.no_grad():
+        for name, (models, scorer, batches) in runs.items():
+            profiler = cProfile.Profile()
+            start = time.perf_counter()
+            profiler.enable()
+            for batch in batches:
+                scorer.generate(models, batch)
+            profiler.disable()
+            print(f"\n## profile: {name} ({len(batches)} batches, {time.perf_counter() - start:.2f} s)")
+            pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(top)
+
+
 # -- translation ------------------------------------------------------------------------------------------------------
 
 def mt_runs(args, flags: Dict[str, List[str]]):
@@ -288,6 +307,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--knn-gpu", action="store_true", help="run the model on CUDA and search with faiss-gpu")
     p.add_argument("--work", default=None, help="keep the datastores and the predictor here (default: a temp dir)")
     p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="LM: after the measurement, cProfile one "
+                   "pass of every setting and print its N most expensive functions (own time)")
     return p
 
 
@@ -297,6 +318,8 @@ def main(argv=None):
     if not args.nprobes or min(args.nprobes) < 1:
         raise SystemExit(f"--nprobe: one or more positive integers, got {args.nprobe!r}")
     translation = translation_checkpoint(args.path)
+    if args.profile and translation:
+        raise SystemExit("--profile: language models only")
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or tmp
         stores = {"Flat": build(args, os.path.join(work, "flat"), args.datastore_split, "Flat")}
@@ -319,7 +342,10 @@ def main(argv=None):
         if translation:
             results, rate_name, quality_name = mt_measure(args, mt_runs(args, flags))
         else:
-            results, rate_name, quality_name = lm_measure(args, lm_runs(args, flags))
+            runs = lm_runs(args, flags)
+            results, rate_name, quality_name = lm_measure(args, runs)
+            if args.profile:
+                lm_profile(runs, args.profile)
     report(args, results, rate_name, quality_name, recalls, translation)
     if args.json:
         with open(args.json, "w") as f:

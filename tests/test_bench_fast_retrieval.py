@@ -44,7 +44,7 @@ def test_benchmark_runs_end_to_end_on_a_tiny_lm(tmp_path, capsys):
     results, recalls = bench().main([
         str(data), "--path", str(checkpoint), "--indexes", "IVF4,Flat;PCA8,IVF4,Flat", "--nprobe", "2", "--k", "8",
         "--batches", "2", "--recall-queries", "50", "--eval-args", "--tokens-per-sample 32 --batch-size 4",
-        "--skip-args", "--epochs 30", "--work", str(tmp_path / "work")])
+        "--skip-args", "--epochs 30", "--work", str(tmp_path / "work"), "--profile", "3"])
     out = capsys.readouterr().out
     assert set(results) == {"plain", "kNN exact (Flat)", "kNN IVF4,Flat", "kNN PCA8,IVF4,Flat", "kNN exact + skip",
                             "kNN IVF4,Flat + skip", "kNN PCA8,IVF4,Flat + skip"}
@@ -53,3 +53,4 @@ def test_benchmark_runs_end_to_end_on_a_tiny_lm(tmp_path, capsys):
     assert [r["index"] for r in recalls] == ["IVF4,Flat", "PCA8,IVF4,Flat"]
     assert all(0.0 <= r["recall"] <= 1.0 for r in recalls)
     assert "| kNN exact + skip |" in out and "recall@8" in out and "vs plain" in out
+    assert all(f"## profile: {name} (2 batches" in out for name in results)  # --profile: one pass per setting

@@ -99,6 +99,8 @@ PROGRAM = re.compile(
 ASSIGNMENT = re.compile(r"^(?:export\s+)?([A-Za-z_]\w*)=(.*)$")
 ENV_PREFIX = re.compile(r"^([A-Za-z_]\w*)=(\"[^\"]*\"|'[^']*'|\S*)\s+")
 WRAPPERS = re.compile(r"^(?:/usr/bin/time -v\s+|nice -n \d+\s+)+")
+
+
 def split_commands(text: str):
     """The commands of a shell line separated by ``&&`` or ``;`` outside quotes (a quoted ``;``, e.g. a
     ';'-separated list of FAISS factories, stays inside its argument), each stripped."""

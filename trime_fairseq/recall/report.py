@@ -41,13 +41,18 @@ def region(distance: float, reach: Optional[List[float]]) -> str:
     return "inside" if distance <= lo else "beyond" if distance > hi else "edge"
 
 
+def gain(memory: Dict, control: Dict, variant: str, gap: int, occurrence: str) -> float:
+    """Mean log-probability of ``memory`` minus its control's on one bucket (nats per token)."""
+    return (find(memory["buckets"], variant, gap, occurrence)["mean_log_prob"]
+            - find(control["buckets"], variant, gap, occurrence)["mean_log_prob"])
+
+
 def verdict(memory: Dict, control: Dict, variant: str, gap: int, tolerance: float) -> Dict:
     d = memory["lengths"][variant] + gap  # from a token of the second occurrence back to its copy
     mine, theirs = region(d, memory.get("reach")), region(d, control.get("reach"))
     m2, c2 = find(memory["buckets"], variant, gap, "second"), find(control["buckets"], variant, gap, "second")
     m1, c1 = find(memory["buckets"], variant, gap, "first"), find(control["buckets"], variant, gap, "first")
-    gain2 = m2["mean_log_prob"] - c2["mean_log_prob"]
-    gain1 = m1["mean_log_prob"] - c1["mean_log_prob"]
+    gain2, gain1 = gain(memory, control, variant, gap, "second"), gain(memory, control, variant, gap, "first")
     se2 = _standard_error(m2, c2)
     se_diff = _standard_error(m2, c2, m1, c1)
     unbounded = memory.get("reach") is not None and math.isinf(memory["reach"][1])
@@ -135,9 +140,10 @@ def plot(scores: List[Dict], path) -> None:
     for s in scores:
         if s.get("control"):
             families.setdefault(s["control"], []).append(s)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    if not families:  # controls alone: nothing to compare, show what they score
+    compared = bool(families)
+    if not compared:  # controls alone: nothing to compare, show what they score
         families = {s["label"]: [s] for s in scores}
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     n = len(families)
     cols = min(n, 4)
     rows = -(-n // cols)
@@ -147,12 +153,8 @@ def plot(scores: List[Dict], path) -> None:
             colour = colours[k % len(colours)]
             for variant, style in zip(variants, ("-", "--")):
                 gaps = sorted({b["gap"] for b in s["buckets"] if b["variant"] == variant})
-                if control in by_label and control != s["label"]:
-                    base = by_label[control]["buckets"]
-                    ys = [find(s["buckets"], variant, g, "second")["mean_log_prob"]
-                          - find(base, variant, g, "second")["mean_log_prob"] for g in gaps]
-                else:
-                    ys = [math.log(find(s["buckets"], variant, g, "second")["ppl"]) for g in gaps]
+                ys = [gain(s, by_label[control], variant, g, "second") if compared
+                      else math.log(find(s["buckets"], variant, g, "second")["ppl"]) for g in gaps]
                 ax.plot([max(g, 1) for g in gaps], ys, linestyle=style, marker="o", markersize=3, color=colour,
                         label=f"{s['label']} ({variant})")
             reach = s.get("reach")
@@ -162,11 +164,9 @@ def plot(scores: List[Dict], path) -> None:
                     ax.axvline(edge, color=colour, linestyle=":", linewidth=1)
         ax.axhline(0.0, color="black", linewidth=0.6)
         ax.set_xscale("log")
-        ax.set_title(f"memories of {control}" if control in by_label and members[0]["label"] != control
-                     else control, fontsize=9)
+        ax.set_title(f"memories of {control}" if compared else control, fontsize=9)
         ax.set_xlabel("gap (tokens)", fontsize=8)
-        ax.set_ylabel("gain over the control (nats/token)" if members[0]["label"] != control
-                      else "log perplexity", fontsize=8)
+        ax.set_ylabel("gain over the control (nats/token)" if compared else "log perplexity", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[n:]:
