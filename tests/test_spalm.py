@@ -1,6 +1,10 @@
 """SPALM (``spalm``): the gated fusion against a naive loop, equivalence with Transformer-XL, gradients,
 causality, and the neighbours' way through fairseq's data (stream batches, context windows, checks)."""
 
+import os
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -443,9 +447,8 @@ def test_spalm_configs_build_their_architecture_with_the_papers_sizes(name):
 @pytest.mark.parametrize("name", sorted(SPALM_CONFIGS))
 def test_spalm_configs_take_the_options_the_pipeline_overrides(name):
     """``fairseq-hydra-train`` refuses to override a model key its file lacks (the yaml's model section
-    is a plain struct dict): scripts/wikitext2_spalm.sh sets ``model.spalm_scale_values=true``."""
-    from pathlib import Path
-
+    is a plain struct dict): scripts/wikitext2_spalm.sh sets ``model.spalm_scale_values=true`` and
+    ``model.spalm_detach_values=true``."""
     from fairseq.dataclass.initialize import hydra_init
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -455,9 +458,11 @@ def test_spalm_configs_take_the_options_the_pipeline_overrides(name):
     config_dir = Path(__file__).resolve().parents[1] / "configs" / "spalm"
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.1"):
         cfg = compose(config_name=name, overrides=["task.data=/nonexistent", "task.neighbours=/nonexistent",
-                                                   "model.spalm_scale_values=true", "model.spalm_k=2"])
+                                                   "model.spalm_scale_values=true", "model.spalm_detach_values=true",
+                                                   "model.spalm_k=2"])
     GlobalHydra.instance().clear()
-    assert cfg.model.spalm_scale_values is True and cfg.model.spalm_k == 2
+    assert cfg.model.spalm_scale_values is True and cfg.model.spalm_detach_values is True
+    assert cfg.model.spalm_k == 2
 
 
 def test_rows_without_scored_positions_with_a_tied_adaptive_softmax():
@@ -503,3 +508,15 @@ def test_detached_values_stop_only_the_memory_gradient_of_the_embeddings():
     onehot = torch.nn.functional.one_hot(targets.reshape(-1), VOCAB).to(probs.dtype) / targets.numel()
     output_grad = (probs - onehot).t() @ z.reshape(-1, z.size(-1))  # (V, d)
     torch.testing.assert_close(grads[True][1][30:34], output_grad[30:34])
+
+
+@pytest.mark.parametrize("env,message", [({"VARIANTS": "spalm spalm_detachd"}, "unknown SPALM variant 'spalm_detachd'"),
+                                         ({"VANILLA": "/nonexistent/checkpoint.pt"}, "no such checkpoint")])
+def test_pipeline_script_refuses_bad_options_before_writing(tmp_path, env, message):
+    """scripts/wikitext2_spalm.sh: a misspelt variant or a missing key encoder stops it before any step runs."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "wikitext2_spalm.sh"
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", str(script)], env={**os.environ, **env, "OUT": str(out)}, capture_output=True,
+                          text=True)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert not out.exists()
