@@ -4,6 +4,10 @@ say() {  # message -> stderr, with the time
   echo "[$(date +%H:%M:%S)] $*" >&2
 }
 
+perplexity() {  # [log] : the perplexity fairseq-eval-lm reports (its last "Perplexity:" line), from a log or stdin
+  grep -o "Perplexity: [0-9.]*" "$@" | tail -1 | cut -d' ' -f2
+}
+
 watch_training() {  # updates log... : while trainings write their logs, report their last update every minute
   local total=$1
   shift

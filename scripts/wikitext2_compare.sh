@@ -35,7 +35,7 @@ train() {  # name criterion
 
 eval_ppl() {  # checkpoint split extra-args... -> perplexity
   fairseq-eval-lm "$DATA" --user-dir trime_fairseq --task trime_lm --path "$1" --gen-subset "$2" \
-    --cpu $EVAL_ARGS "${@:3}" 2>&1 | grep -o "Perplexity: [0-9.]*" | cut -d' ' -f2
+    --cpu $EVAL_ARGS "${@:3}" 2>&1 | perplexity
 }
 
 best_flags() {  # checkpoint mode grid-args... -> best eval-memory flags on valid (grids widened off their edges)

@@ -107,7 +107,7 @@ eval_ppl() {  # name checkpoint split args...
   [ -s "$OUT/ppl_$1_$3" ] || say "  evaluating $1 on $3"
   [ -s "$OUT/ppl_$1_$3" ] || fairseq-eval-lm "$DATA" --user-dir trime_fairseq --task trime_lm --path "$2" \
     --gen-subset "$3" --cpu $EVAL_ARGS "${@:4}" 2>&1 | tee "$OUT/eval_$1_$3.log" \
-    | grep -o "Perplexity: [0-9.]*" | cut -d' ' -f2 > "$OUT/ppl_$1_$3"
+    | perplexity > "$OUT/ppl_$1_$3"
 }
 for split in valid test; do
   eval_ppl vanilla "$VANILLA" $split & p1=$!

@@ -73,7 +73,7 @@ done
 
 eval_ppl() {  # checkpoint split extra-args... -> perplexity (fairseq-eval-lm)
   fairseq-eval-lm "$DATA" --user-dir trime_fairseq --task trime_lm --path "$1" --gen-subset "$2" \
-    --cpu --no-progress-bar $EVAL_ARGS "${@:3}" 2>&1 | grep -o "Perplexity: [0-9.]*" | cut -d' ' -f2
+    --cpu --no-progress-bar $EVAL_ARGS "${@:3}" 2>&1 | perplexity
 }
 
 {

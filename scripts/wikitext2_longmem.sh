@@ -22,6 +22,7 @@ SIZES=${SIZES:-0 1024 2048 4096}
 TUNE_SIZE=4096
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
+source scripts/lib.sh
 scripts/ensure_wikitext2.sh "$DATA" "${RAW:-${TRIME_DATA:-../shared/data}/wikitext-2}"
 EVAL="--user-dir trime_fairseq --task trime_lm --tokens-per-sample 256 --cpu --no-progress-bar"
 
@@ -39,7 +40,7 @@ ppl() {  # result-file fairseq-eval-lm-args... -> perplexity, computed once and 
   mkdir -p "$OUT/ppl"
   if [ ! -s "$file" ]; then
     fairseq-eval-lm "$DATA" $EVAL "${@:2}" > "$OUT/ppl/$1.log" 2>&1
-    grep -o "Perplexity: [0-9.]*" "$OUT/ppl/$1.log" | cut -d' ' -f2 > "$file"
+    perplexity "$OUT/ppl/$1.log" > "$file"
   fi
   cat "$file"
 }

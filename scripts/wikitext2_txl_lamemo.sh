@@ -40,7 +40,7 @@ evaluate() {  # model seed split: the perplexity into $OUT/ppl/<model>_s<seed>.<
     --gen-subset "$3" --tokens-per-sample 64 --batch-size 8 --batching stream --cpu --no-progress-bar \
     > "$out.log" 2>&1
   local ppl
-  ppl=$(grep -o "Perplexity: [0-9.]*" "$out.log" | tail -1 | cut -d' ' -f2)
+  ppl=$(perplexity "$out.log")
   [ -n "$ppl" ] || { say "no perplexity in $out.log"; exit 1; }
   echo "$ppl" > "$out.tmp" && mv "$out.tmp" "$out"
 }
