@@ -50,6 +50,8 @@ from trime_fairseq.cli import build_datastore  # noqa: E402
 DEFAULT_INDEXES = "IVF256,PQ32;OPQ32_128,IVF256,PQ32;PCA64,IVF256,Flat"
 
 
+EXACT = "kNN exact (Flat)"  # the setting every approximate one is compared with
+
 def recall_at_k(exact_ids: np.ndarray, approx_ids: np.ndarray) -> float:
     """Mean over queries of |exact top K ∩ approximate top K| / |exact top K|: ids (Q, K) int, -1 = no hit."""
     if exact_ids.shape[0] != approx_ids.shape[0]:
@@ -98,7 +100,7 @@ def settings(args, stores, skip_file) -> Dict[str, List[str]]:
     knn = ["--eval-memory", "knn", "--knn-k", str(args.k)] + args.knn_args.split() + (
         ["--knn-gpu"] if args.knn_gpu else [])
     skip = ["--knn-skip-predictor", skip_file]
-    out["kNN exact (Flat)"] = knn + ["--datastore", stores["Flat"]]
+    out[EXACT] = knn + ["--datastore", stores["Flat"]]
     approximate = []
     for name, path in stores.items():
         if name == "Flat":
@@ -111,7 +113,7 @@ def settings(args, stores, skip_file) -> Dict[str, List[str]]:
         for label in approximate:
             out[f"{label} + rescore"] = out[label] + ["--knn-rescore"]
     if skip_file:
-        out["kNN exact + skip"] = out["kNN exact (Flat)"] + skip
+        out["kNN exact + skip"] = out[EXACT] + skip
         for label in approximate:
             out[f"{label} + skip"] = out[label] + skip
     return out
@@ -137,25 +139,26 @@ def lm_runs(args, flags: Dict[str, List[str]]):
 
 
 def lm_measure(args, runs):
-    seconds = {name: 0.0 for name in runs}
     scores = {name: [] for name in runs}
+
+    def score(name, i):
+        models, scorer, batches = runs[name]
+        return scorer.generate(models, batches[i]) if i < len(batches) else None
+
+    def record(name, hypos):
+        scores[name] += [h[0]["positional_scores"].float().cpu() for h in hypos]
+
     with torch.no_grad():
-        for models, scorer, batches in runs.values():  # warm-up (first search checks the model), untimed
+        for name, (models, scorer, batches) in runs.items():  # warm-up (first search checks the model), untimed
             scorer.generate(models, batches[0])
         reset(runs)
-        for i in range(max(len(b) for _, _, b in runs.values())):
-            for name, (models, scorer, batches) in runs.items():
-                if i >= len(batches):
-                    continue
-                t = time.perf_counter()
-                hypos = scorer.generate(models, batches[i])
-                seconds[name] += time.perf_counter() - t
-                scores[name] += [h[0]["positional_scores"].float().cpu() for h in hypos]
+        seconds = interleaved(list(runs), max(len(b) for _, _, b in runs.values()), args.repeats, score, record)
     out = {}
     for name in runs:
         lp = torch.cat(scores[name])
-        out[name] = dict(rate=lp.numel() / seconds[name], quality=math.exp(-float(lp.double().mean())),
-                         skipped=skipped_share(runs[name][0][0]))
+        out[name] = dict(rate=lp.numel() * len(seconds[name]) / sum(seconds[name]),
+                         quality=math.exp(-float(lp.double().mean())), skipped=skipped_share(runs[name][0][0]),
+                         ratios=ratios(seconds, name))
     return out, "scored tokens/s", "perplexity"
 
 
@@ -207,25 +210,55 @@ def mt_measure(args, runs):
     samples = decoding_samples(runs["plain"][1], args.split, args.sentences, args.max_tokens)
     if args.knn_gpu:
         samples = [utils.move_to_cuda(s) for s in samples]
-    seconds = {name: 0.0 for name in runs}
+
+    def decode(name, i):
+        _, t, model, generator = runs[name]
+        return t.inference_step(generator, [model], samples[i])
+
     with torch.no_grad():
         for _, t, model, generator in runs.values():  # warm-up, untimed
             t.inference_step(generator, [model], samples[0])
         reset(runs)
-        for sample in samples:
-            for name, (_, t, model, generator) in runs.items():
-                start = time.perf_counter()
-                t.inference_step(generator, [model], sample)
-                seconds[name] += time.perf_counter() - start
+        seconds = interleaved(list(runs), len(samples), args.repeats, decode, lambda name, out: None)
     n = sum(len(s["id"]) for s in samples)
     out = {}
     for name, (c, t, model, generator) in runs.items():
-        skipped = skipped_share(model)  # of the timed pass (BLEU decodes once more)
-        out[name] = dict(rate=n / seconds[name], quality=bleu(c, t, model, samples, generator), skipped=skipped)
+        skipped = skipped_share(model)  # of the timed passes (BLEU decodes once more)
+        out[name] = dict(rate=n * len(seconds[name]) / sum(seconds[name]),
+                         quality=bleu(c, t, model, samples, generator), skipped=skipped, ratios=ratios(seconds, name))
     return out, "sentences/s", "BLEU"
 
 
 # -- both ---------------------------------------------------------------------------------------------------------------
+
+def interleaved(names: List[str], count: int, repeats: int, call, record) -> Dict[str, List[float]]:
+    """Seconds of every setting in each of ``repeats`` timed passes over items 0..count-1, the settings alternated
+    item by item (load hits them alike). ``call(name, i)`` runs item i (None: the setting has no item i, untimed);
+    ``record(name, result)`` keeps the first pass's results. Exact search is timed in the first pass only (its rate
+    is no target and it is the slowest by far)."""
+    seconds = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names:
+            if r == 0 or name != EXACT:
+                seconds[name].append(0.0)
+        for i in range(count):
+            for name in names:
+                if r and name == EXACT:
+                    continue
+                start = time.perf_counter()
+                result = call(name, i)
+                if result is None:
+                    continue
+                seconds[name][r] += time.perf_counter() - start
+                if r == 0:
+                    record(name, result)
+    return seconds
+
+
+def ratios(seconds: Dict[str, List[float]], name: str) -> List[float]:
+    """The setting's rate over plain's in each timed pass it took part in."""
+    return [plain / own for plain, own in zip(seconds["plain"], seconds[name])]
+
 
 def external_of(model_or_run):
     memory = getattr(model_or_run, "trime_eval_memory", None)
@@ -250,11 +283,12 @@ def skipped_share(model):
 
 def report(args, results, rate_name, quality_name, recalls, translation: bool):
     base = results["plain"]["rate"]
-    exact = results["kNN exact (Flat)"]["quality"]
+    exact = results[EXACT]["quality"]
     unit = "ΔBLEU vs exact" if translation else "vs exact"
     print(f"{'translation' if translation else 'language model'} {args.path}; {args.split}; K = {args.k}; "
           f"nprobe {args.nprobe}; datastore of {args.datastore_split} (float16 keys); skip predictor trained on "
-          f"{args.skip_split}; torch threads {torch.get_num_threads()}; settings alternated batch by batch")
+          f"{args.skip_split}; torch threads {torch.get_num_threads()}; settings alternated batch by batch; "
+          f"{args.repeats} timed pass(es), vs plain: over all passes (min-max of the passes)")
     print()
     print(f"| setting | {rate_name} | vs plain | {quality_name} | {unit} | skipped |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -262,7 +296,9 @@ def report(args, results, rate_name, quality_name, recalls, translation: bool):
         diff = r["quality"] - exact if translation else r["quality"] / exact - 1
         shown = f"{diff:+.2f}" if translation else f"{diff:+.2%}"
         skipped = "—" if r["skipped"] is None else f"{r['skipped']:.3f}"
-        print(f"| {name} | {r['rate']:,.1f} | {r['rate'] / base:.3f} | {r['quality']:.3f} | {shown} | {skipped} |")
+        spread = f" ({min(r['ratios']):.3f}-{max(r['ratios']):.3f})" if len(r["ratios"]) > 1 else ""
+        print(f"| {name} | {r['rate']:,.1f} | {r['rate'] / base:.3f}{spread} | {r['quality']:.3f} | {shown} | "
+              f"{skipped} |")
     print()
     print(f"| index (vs exact Flat) | recall@{args.k} | index file (MiB) |")
     print("|---|---:|---:|")
@@ -307,6 +343,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--knn-gpu", action="store_true", help="run the model on CUDA and search with faiss-gpu")
     p.add_argument("--work", default=None, help="keep the datastores and the predictor here (default: a temp dir)")
     p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--repeats", type=int, default=1, help="timed passes over the batches / sentences (scores from "
+                   "the first); exact search is timed in the first only")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="LM: after the measurement, cProfile one "
                    "pass of every setting and print its N most expensive functions (own time)")
     return p
@@ -318,6 +356,8 @@ def main(argv=None):
     if not args.nprobes or min(args.nprobes) < 1:
         raise SystemExit(f"--nprobe: one or more positive integers, got {args.nprobe!r}")
     translation = translation_checkpoint(args.path)
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats: a positive integer, got {args.repeats}")
     if args.profile and translation:
         raise SystemExit("--profile: language models only")
     with tempfile.TemporaryDirectory() as tmp:

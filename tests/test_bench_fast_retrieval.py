@@ -44,7 +44,8 @@ def test_benchmark_runs_end_to_end_on_a_tiny_lm(tmp_path, capsys):
     results, recalls = bench().main([
         str(data), "--path", str(checkpoint), "--indexes", "IVF4,Flat;PCA8,IVF4,Flat", "--nprobe", "2", "--k", "8",
         "--batches", "2", "--recall-queries", "50", "--eval-args", "--tokens-per-sample 32 --batch-size 4",
-        "--skip-args", "--epochs 30", "--work", str(tmp_path / "work"), "--profile", "3"])
+        "--skip-args", "--epochs 30", "--work", str(tmp_path / "work"), "--profile", "3",
+        "--repeats", "2"])
     out = capsys.readouterr().out
     assert set(results) == {"plain", "kNN exact (Flat)", "kNN IVF4,Flat", "kNN PCA8,IVF4,Flat", "kNN exact + skip",
                             "kNN IVF4,Flat + skip", "kNN PCA8,IVF4,Flat + skip"}
@@ -54,3 +55,23 @@ def test_benchmark_runs_end_to_end_on_a_tiny_lm(tmp_path, capsys):
     assert all(0.0 <= r["recall"] <= 1.0 for r in recalls)
     assert "| kNN exact + skip |" in out and "recall@8" in out and "vs plain" in out
     assert all(f"## profile: {name} (2 batches" in out for name in results)  # --profile: one pass per setting
+    # --repeats 2: a ratio per timed pass, exact search timed once; the table shows the passes' spread
+    assert results["plain"]["ratios"] == [1.0, 1.0] and len(results["kNN exact (Flat)"]["ratios"]) == 1
+    assert all(len(r["ratios"]) == 2 for name, r in results.items() if name != "kNN exact (Flat)")
+    assert "| kNN IVF4,Flat | " in out and "2 timed pass(es)" in out
+
+
+def test_interleaved_timing_alternates_settings_and_records_the_first_pass():
+    b = bench()
+    calls, kept = [], []
+
+    def call(name, i):
+        calls.append((name, i))
+        return None if (name == "short" and i >= 1) else (name, i)
+
+    seconds = b.interleaved(["plain", b.EXACT, "short"], 2, 3, call, lambda name, result: kept.append(result))
+    first = [("plain", 0), (b.EXACT, 0), ("short", 0), ("plain", 1), (b.EXACT, 1), ("short", 1)]
+    assert calls == first + [("plain", 0), ("short", 0), ("plain", 1), ("short", 1)] * 2  # exact: first pass only
+    assert kept == [c for c in first if c != ("short", 1)]  # a missing item is neither timed nor recorded
+    assert [len(seconds[n]) for n in ("plain", b.EXACT, "short")] == [3, 1, 3]
+    assert b.ratios({"plain": [1.0, 2.0], "x": [2.0, 2.0]}, "x") == [0.5, 1.0]
