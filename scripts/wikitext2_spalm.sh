@@ -39,6 +39,7 @@ done
 if [ -n "${VANILLA:-}" ] && [ ! -f "$VANILLA" ]; then echo "VANILLA=$VANILLA: no such checkpoint" >&2; exit 2; fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
+source scripts/lib.sh
 
 scripts/ensure_wikitext2.sh "$DATA" "$RAW"
 
@@ -106,7 +107,7 @@ for v in $VARIANTS; do best_flags "${v}_knn" "$OUT/$v/checkpoint_last.pt"; done
 eval_ppl() {  # name checkpoint split args...
   [ -s "$OUT/ppl_$1_$3" ] || fairseq-eval-lm "$DATA" --user-dir trime_fairseq --task trime_lm --path "$2" \
     --gen-subset "$3" "${EVAL[@]}" "${@:4}" 2>&1 | tee "$OUT/eval_$1_$3.log" \
-    | grep -o "Perplexity: [0-9.]*" | cut -d' ' -f2 > "$OUT/ppl_$1_$3"
+    | perplexity > "$OUT/ppl_$1_$3"
   [ -s "$OUT/ppl_$1_$3" ] || { echo "evaluation $1 $3 failed: see $OUT/eval_$1_$3.log" >&2; exit 1; }
 }
 for split in valid test; do
