@@ -10,7 +10,7 @@
 #      model.spalm_scale_values=true), spalm_detached (no gradient through y_k, model.spalm_detach_values=true)
 #   5. kNN-LM (Transformer-XL + p_kNN over the same neighbours) and SPALM + kNN: T x λ tuned on valid
 #      (trime-tune --eval-memory neighbour_knn)
-#   6. fairseq-eval-lm of the four in stream order (the training memory of 64), valid and test
+#   6. fairseq-eval-lm of every model in stream order (the training memory of 64), valid and test
 #   7. SPALM's gate on valid: mean and histogram (python -m trime_fairseq.cli.spalm_gates)
 # Table in $OUT/results.md (with the neighbour encoder's top-1 / any-of-k hit rates); figures in
 # $OUT/gates_valid_<variant>.png.
