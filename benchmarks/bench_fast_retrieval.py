@@ -36,7 +36,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -51,6 +51,7 @@ DEFAULT_INDEXES = "IVF256,PQ32;OPQ32_128,IVF256,PQ32;PCA64,IVF256,Flat"
 
 
 EXACT = "kNN exact (Flat)"  # the setting every approximate one is compared with
+
 
 def recall_at_k(exact_ids: np.ndarray, approx_ids: np.ndarray) -> float:
     """Mean over queries of |exact top K ∩ approximate top K| / |exact top K|: ids (Q, K) int, -1 = no hit."""
@@ -149,7 +150,7 @@ def lm_measure(args, runs):
         scores[name] += [h[0]["positional_scores"].float().cpu() for h in hypos]
 
     with torch.no_grad():
-        for name, (models, scorer, batches) in runs.items():  # warm-up (first search checks the model), untimed
+        for models, scorer, batches in runs.values():  # warm-up (first search checks the model), untimed
             scorer.generate(models, batches[0])
         reset(runs)
         seconds = interleaved(list(runs), max(len(b) for _, _, b in runs.values()), args.repeats, score, record)
@@ -231,20 +232,19 @@ def mt_measure(args, runs):
 
 # -- both ---------------------------------------------------------------------------------------------------------------
 
-def interleaved(names: List[str], count: int, repeats: int, call, record) -> Dict[str, List[float]]:
+def interleaved(names: List[str], count: int, repeats: int, call, record,
+                once: Tuple[str, ...] = (EXACT,)) -> Dict[str, List[float]]:
     """Seconds of every setting in each of ``repeats`` timed passes over items 0..count-1, the settings alternated
     item by item (load hits them alike). ``call(name, i)`` runs item i (None: the setting has no item i, untimed);
-    ``record(name, result)`` keeps the first pass's results. Exact search is timed in the first pass only (its rate
-    is no target and it is the slowest by far)."""
+    ``record(name, result)`` keeps the first pass's results. The settings in ``once`` are timed in the first pass
+    only (exact search: its rate is no target and it is the slowest by far)."""
     seconds = {name: [] for name in names}
     for r in range(repeats):
-        for name in names:
-            if r == 0 or name != EXACT:
-                seconds[name].append(0.0)
+        timed = [name for name in names if r == 0 or name not in once]
+        for name in timed:
+            seconds[name].append(0.0)
         for i in range(count):
-            for name in names:
-                if r and name == EXACT:
-                    continue
+            for name in timed:
                 start = time.perf_counter()
                 result = call(name, i)
                 if result is None:

@@ -27,8 +27,7 @@ def second_segment_loss(decoder, toks: torch.Tensor, memory: bool) -> torch.Tens
     if not memory:
         decoder.recurrent_memory.reset()
     logits = decoder(toks[:, SEG:-1])[0]  # predicts toks[:, SEG+1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), toks[:, SEG + 1:].reshape(-1))
-    return loss
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), toks[:, SEG + 1:].reshape(-1))
 
 
 @pytest.mark.parametrize("decoder_cls,config_cls", [(TransformerXLDecoder, TransformerXLConfig),
