@@ -47,6 +47,7 @@ setup(
             "trime-train-adaptive-knn = trime_fairseq.cli.train_adaptive_knn:cli_main",
             "trime-recall = trime_fairseq.cli.recall:cli_main",
             "trime-retrieve-pairs = trime_fairseq.cli.retrieve_pairs:cli_main",
+            "trime-retrieval-accuracy = trime_fairseq.cli.retrieval_accuracy:cli_main",
         ],
     },
 )

@@ -7,7 +7,9 @@
 #      vanilla: g keys, L2 (kNN-LM); TRIMELM_ext: g keys, inner product (TRIME's sim)
 #   4. tune on valid                                                     (trime-tune, grids widened off their edges)
 #      kNN-LM: T x λ; kNN-LM + cache: T x λ with the vanilla LM's tuned cache (scripts/wikitext2_compare.sh's,
-#      tuned here when absent); TRIMELM_ext: τ x τ' x λ, without and with the long-term memory
+#      tuned here when absent); TRIMELM_ext: τ x τ' x λ, without and with the long-term memory;
+#      kNN-LM + cache with the same long-term memory as TRIMELM_ext (the cache also over the LONG stream tokens
+#      before each row, its λ_c x θ tuned with them, then T x λ): the matched comparison of TRIME's Table 2
 #   5. fairseq-eval-lm on valid and test with the best options; table in $OUT/results.md
 #
 #   scripts/wikitext2_external.sh                 # UPDATES=200, as scripts/wikitext2_compare.sh
@@ -94,11 +96,17 @@ ext_grid="--temperatures 0.5,1,2 --interpolation-temperatures 1,2,5,10 --interpo
 [ -s "$OUT/best_knn.flags" ] || best_flags knn "$VANILLA" --eval-memory knn $knn $knn_grid > "$OUT/best_knn.flags"
 [ -s "$OUT/best_knn_cache.flags" ] || best_flags knn_cache "$VANILLA" --eval-memory knn $knn $cache_only \
   $knn_grid > "$OUT/best_knn_cache.flags"
+# the cache over the same memory as TRIMELM_ext's long-term memory: the row plus the LONG stream tokens before it
+[ -s "$OUT/best_cache_long.flags" ] || best_flags cache_long "$VANILLA" --eval-memory cache \
+  --long-memory-size "$LONG" > "$OUT/best_cache_long.flags"
+cache_long_only=$(sed 's/^--eval-memory cache //' "$OUT/best_cache_long.flags")
+[ -s "$OUT/best_knn_cache_long.flags" ] || best_flags knn_cache_long "$VANILLA" --eval-memory knn $knn \
+  $cache_long_only --long-memory-size "$LONG" $knn_grid > "$OUT/best_knn_cache_long.flags"
 [ -s "$OUT/best_trime_ext.flags" ] || best_flags trime_ext "$ext" --eval-memory trime_ext $trime_ext \
   $ext_grid > "$OUT/best_trime_ext.flags"
 [ -s "$OUT/best_trime_ext_long.flags" ] || best_flags trime_ext_long "$ext" --eval-memory trime_ext $trime_ext \
   --long-memory-size "$LONG" $ext_grid > "$OUT/best_trime_ext_long.flags"
-for f in knn knn_cache trime_ext trime_ext_long; do
+for f in cache_long knn knn_cache knn_cache_long trime_ext trime_ext_long; do
   [ -s "$OUT/best_$f.flags" ] || { echo "tuning $f failed: see $OUT/tune_$f.err" >&2; exit 1; }
 done
 
@@ -116,6 +124,9 @@ for split in valid test; do
   eval_ppl knn_cache "$VANILLA" $split $(cat "$OUT/best_knn_cache.flags") $knn & p1=$!
   eval_ppl trime_ext_none "$ext" $split & p2=$!
   wait $p1 $p2
+  eval_ppl knn_cache_long "$VANILLA" $split $(cat "$OUT/best_knn_cache_long.flags") $knn \
+    --long-memory-size "$LONG" & p1=$!
+  wait $p1
   eval_ppl trime_ext "$ext" $split $(cat "$OUT/best_trime_ext.flags") $trime_ext & p1=$!
   eval_ppl trime_ext_long "$ext" $split $(cat "$OUT/best_trime_ext_long.flags") $trime_ext \
     --long-memory-size "$LONG" & p2=$!
@@ -132,6 +143,8 @@ row() { echo "| $1 | \`$2\` | $(ppl "$3" valid) | $(ppl "$3" test) |"; }
   row "vanilla" "--eval-memory none" vanilla
   row "vanilla: kNN-LM" "$(cat "$OUT/best_knn.flags")" knn
   row "vanilla: kNN-LM + cache" "$(cat "$OUT/best_knn_cache.flags")" knn_cache
+  row "vanilla: kNN-LM + cache (long memory $LONG)" \
+    "$(cat "$OUT/best_knn_cache_long.flags") --long-memory-size $LONG" knn_cache_long
   row "TRIMELM_ext" "--eval-memory none" trime_ext_none
   row "TRIMELM_ext w/o long memory" "$(cat "$OUT/best_trime_ext.flags")" trime_ext
   row "TRIMELM_ext (long memory $LONG)" "$(cat "$OUT/best_trime_ext_long.flags") --long-memory-size $LONG" \

@@ -10,10 +10,10 @@ import pytest
 
 from conftest import PYTHON, ROOT, perplexity, run_cli
 from test_datastore import _build, _data
-from trime_fairseq.cli import build_datastore, neighbours
+from trime_fairseq.cli import build_datastore, neighbours, retrieval_accuracy
 from trime_fairseq.memory.documents import DocumentBoundaries
 from trime_fairseq.data.neighbours import NeighbourError, NeighbourFile, NeighbourWriter, document_labels
-from trime_fairseq.memory.datastore import Datastore, Exclusion
+from trime_fairseq.memory.datastore import Datastore, Exclusion, target_ranks
 
 ENV = {"OMP_NUM_THREADS": "1"}
 
@@ -195,6 +195,41 @@ def test_training_positions_never_retrieve_their_entry_or_document(pipeline, wik
         assert quality["top1_hit_rate"] == round(float((values[:, 0] == targets).mean()), 4)
         assert quality["any_hit_rate"] == round(float((values == targets[:, None]).any(1).mean()), 4)
     assert by_self.meta["neighbour_quality"]["any_hit_rate"] >= by_doc.meta["neighbour_quality"]["any_hit_rate"]
+
+
+def test_target_ranks_equal_a_loop():
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 5, size=(200, 7))
+    values[rng.random((200, 7)) < 0.1] = -1  # missing hits
+    targets = rng.integers(0, 5, size=200)
+    expected = [next((j for j in range(7) if values[i, j] == targets[i]), 7) for i in range(200)]
+    np.testing.assert_array_equal(target_ranks(values, targets), expected)
+    with pytest.raises(ValueError):
+        target_ranks(values, targets[:5])
+
+
+def test_retrieval_accuracy_equals_the_neighbour_files_hit_rates(pipeline, tmp_path):
+    """trime-retrieval-accuracy (TRIME Table 9) at K 1 and 4 equals the hit rates counted from the stored
+    k = 4 neighbours of the same datastore and split; it grows with K; the datastore's own split is refused."""
+    tmp, _ = pipeline
+    out = tmp_path / "acc.json"
+
+    def measure(*extra):
+        return retrieval_accuracy.main(retrieval_accuracy.get_parser().parse_args([
+            "--datastore", str(tmp / "dstore"), "--cpu", "--no-progress-bar", *extra]))
+
+    result = measure("--gen-subset", "test", "--ks", "4,1,16", "--output-json", str(out))
+    found = NeighbourFile.load(tmp / "nb" / "test")
+    values, targets = np.asarray(found.values), np.asarray(found.targets)
+    assert result["positions"] == len(targets)
+    assert result["accuracy"]["1"] == round(float((values[:, 0] == targets).mean()), 4)
+    assert result["accuracy"]["4"] == round(float((values == targets[:, None]).any(1).mean()), 4)
+    assert result["accuracy"]["1"] <= result["accuracy"]["4"] <= result["accuracy"]["16"]
+    assert json.loads(out.read_text())["accuracy"] == result["accuracy"]
+    with pytest.raises(NeighbourError, match="own entries"):
+        measure("--gen-subset", "valid")
+    with pytest.raises(SystemExit):
+        retrieval_accuracy.get_parser().parse_args(["--datastore", "x", "--ks", "0,8"])
 
 
 def valid_same_doc(ids, query_docs, entry_docs):

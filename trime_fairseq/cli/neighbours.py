@@ -39,7 +39,7 @@ from trime_fairseq.cli import setup_logging
 from trime_fairseq.cli.build_datastore import default_max_tokens, is_translation, load_model, scored_batches, scored_keys
 from trime_fairseq.memory.documents import DocumentBoundaries
 from trime_fairseq.data.neighbours import EXCLUSIONS, NeighbourError, NeighbourWriter, document_labels
-from trime_fairseq.memory.datastore import Datastore, Exclusion, read_metadata
+from trime_fairseq.memory.datastore import Datastore, Exclusion, read_metadata, target_ranks
 
 logger = logging.getLogger("trime_fairseq.cli.neighbours")
 
@@ -55,6 +55,16 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--neighbour-exclude", choices=EXCLUSIONS, default=None,
                    help="on the datastore's own split: 'document' (default) hides every entry of the position's "
                    "document, 'self' only its own entry; not allowed on other splits (nothing to exclude)")
+    add_query_arguments(p)
+    p.add_argument("--commit-every", type=int, default=50, help="record progress every N batches")
+    p.add_argument("--overwrite", action="store_true", help="recompute complete neighbours of the split")
+    p.add_argument("--no-progress-bar", action="store_true")
+    return p
+
+
+def add_query_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of querying a datastore with its own LM over a split (trime-neighbours,
+    trime-retrieval-accuracy)."""
     p.add_argument("--path", default=None, help="checkpoint of the datastore's LM (default: the one it records)")
     p.add_argument("--data", default=None, help="binarized data folder (default: the datastore's)")
     p.add_argument("--nprobe", type=int, default=None, help="inverted lists probed (default: the datastore's)")
@@ -66,10 +76,33 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true", help="run the LM in float16")
     p.add_argument("--use-gpu-index", action="store_true", help="search on the GPU (needs faiss-gpu)")
     p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--commit-every", type=int, default=50, help="record progress every N batches")
-    p.add_argument("--overwrite", action="store_true", help="recompute complete neighbours of the split")
-    p.add_argument("--no-progress-bar", action="store_true")
-    return p
+
+
+def open_query(args):
+    """The datastore's LM set up as its build ran it (its --tokens-per-sample / --context-window, batches)
+    and the datastore, checked against that model and its dictionary: (model, task, store, store_meta, device).
+    Fills ``args.path`` / ``args.data`` / the batching from the datastore's record where not given."""
+    use_cuda = torch.cuda.is_available() and not args.cpu
+    device = torch.device("cuda" if use_cuda else "cpu")
+    store_meta = read_metadata(args.datastore)  # where its keys came from
+    source = store_meta["source"]
+    args.path = args.path or store_meta["model_path"]
+    args.data = args.data or source["data"]
+    args.tokens_per_sample, args.context_window = source["tokens_per_sample"], source["context_window"]
+    if args.max_tokens is None and args.batch_size is None:
+        args.max_tokens, args.batch_size = source.get("max_tokens"), source.get("batch_size")
+    model, task, state = load_model(args)
+    if is_translation(task):
+        raise NeighbourError(f"queries are aligned to a language model's token stream; {args.path} is a "
+                             "translation model")
+    model_sha = loaded_model_checksum(model)  # what the datastore build recorded (before --fp16)
+    del state
+    if args.fp16:
+        model.half()
+    model.to(device).eval()
+    store = Datastore.load(args.datastore, expect_dictionary=task.target_dictionary, expect_model=model_sha,
+                           nprobe=args.nprobe, rescore=args.rescore, use_gpu=args.use_gpu_index)
+    return model, task, store, store_meta, device
 
 
 def exclusion_mode(requested, own_split: bool, split: str) -> str:
@@ -104,28 +137,10 @@ def main(args) -> dict:
     progress = not args.no_progress_bar
     if args.k < 1:
         raise NeighbourError(f"--k must be >= 1, got {args.k}")
-    use_cuda = torch.cuda.is_available() and not args.cpu
-    device = torch.device("cuda" if use_cuda else "cpu")
     t0 = time.time()
-    store_meta = read_metadata(args.datastore)  # where its keys came from
+    model, task, store, store_meta, device = open_query(args)
     source = store_meta["source"]
-    args.path = args.path or store_meta["model_path"]
-    args.data = args.data or source["data"]
-    args.tokens_per_sample, args.context_window = source["tokens_per_sample"], source["context_window"]
-    if args.max_tokens is None and args.batch_size is None:
-        args.max_tokens, args.batch_size = source.get("max_tokens"), source.get("batch_size")
-    model, task, state = load_model(args)
-    if is_translation(task):
-        raise NeighbourError("trime-neighbours aligns neighbours to a language model's token stream; "
-                             f"{args.path} is a translation model")
-    model_sha = loaded_model_checksum(model)  # what the datastore build recorded (before --fp16)
-    del state
-    if args.fp16:
-        model.half()
-    model.to(device).eval()
     dictionary = task.target_dictionary
-    store = Datastore.load(args.datastore, expect_dictionary=dictionary, expect_model=model_sha, nprobe=args.nprobe,
-                           rescore=args.rescore, use_gpu=args.use_gpu_index)
     if args.k > store.size:
         raise NeighbourError(f"--k {args.k} asks for more neighbours than the datastore holds ({store.size})")
 
@@ -185,8 +200,9 @@ def main(args) -> dict:
         searched += len(targets)
         values = np.where(ids >= 0, np.asarray(store.values)[np.where(ids >= 0, ids, 0)], -1)
         short += int((ids < 0).any(axis=1).sum())
-        hits_top1 += int((values[:, 0] == targets).sum())
-        hits_any += int((values == targets[:, None]).any(axis=1).sum())
+        ranks = target_ranks(values, targets)  # (n,): the first neighbour holding the target, k if none
+        hits_top1 += int((ranks == 0).sum())
+        hits_any += int((ranks < args.k).sum())
         writer.add(values, scores, ids, targets)
         if batches % args.commit_every == 0:
             writer.commit(batches)

@@ -241,3 +241,14 @@ class Datastore:
                 sc = -np.square(keys - qb).sum(-1)
             out[s:s + rows] = np.where(valid, sc, -np.inf)
         return out
+
+
+def target_ranks(values: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Rank of the first hit whose value (next token) is the position's target: (Q,) int64, k where none of
+    the (Q, k) ``values`` is (a missing hit's value, -1, never is). Top-K retrieval accuracy is
+    ``(ranks < K).mean()`` for every K <= k (TRIME Table 9)."""
+    values, targets = np.asarray(values), np.asarray(targets)
+    if values.ndim != 2 or targets.shape != (len(values),):
+        raise ValueError(f"values must be (Q, k) and targets (Q,), got {values.shape} and {targets.shape}")
+    match = values == targets[:, None]  # (Q, k)
+    return np.where(match.any(axis=1), match.argmax(axis=1), values.shape[1]).astype(np.int64)
