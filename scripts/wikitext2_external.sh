@@ -10,6 +10,7 @@
 #      tuned here when absent); TRIMELM_ext: τ x τ' x λ, without and with the long-term memory;
 #      kNN-LM + cache with the same long-term memory as TRIMELM_ext (the cache also over the LONG stream tokens
 #      before each row, its λ_c x θ tuned with them, then T x λ): the matched comparison of TRIME's Table 2
+#   3b. top-K retrieval accuracy of each datastore on valid (TRIME's Table 9)  (trime-retrieval-accuracy)
 #   5. fairseq-eval-lm on valid and test with the best options; table in $OUT/results.md
 #
 #   scripts/wikitext2_external.sh                 # UPDATES=200, as scripts/wikitext2_compare.sh
@@ -73,6 +74,17 @@ datastore() {  # checkpoint output metric
 }
 datastore "$VANILLA" "$OUT/dstore_vanilla" l2 & pids=($!)
 datastore "$ext" "$OUT/dstore_trime_ext" ip & pids+=($!)
+for pid in "${pids[@]}"; do wait "$pid"; done
+
+# 3b. top-K retrieval accuracy of each datastore on valid (TRIME's Table 9)
+retrieval() {  # datastore name
+  [ -s "$OUT/retrieval_$2.json" ] || say "top-K retrieval accuracy of $1 on valid -> $OUT/retrieval_$2.json"
+  [ -s "$OUT/retrieval_$2.json" ] || trime-retrieval-accuracy --datastore "$1" --gen-subset valid \
+    --ks 1,8,64,1024 --nprobe "$NPROBE" --cpu --no-progress-bar --output-json "$OUT/retrieval_$2.json" \
+    > "$OUT/retrieval_$2.log" 2>&1
+}
+retrieval "$OUT/dstore_vanilla" vanilla & pids=($!)
+retrieval "$OUT/dstore_trime_ext" trime_ext & pids+=($!)
 for pid in "${pids[@]}"; do wait "$pid"; done
 
 # 4. tuning on valid (one forward pass and one search per batch for the whole grid)
@@ -149,4 +161,14 @@ row() { echo "| $1 | \`$2\` | $(ppl "$3" valid) | $(ppl "$3" test) |"; }
   row "TRIMELM_ext w/o long memory" "$(cat "$OUT/best_trime_ext.flags")" trime_ext
   row "TRIMELM_ext (long memory $LONG)" "$(cat "$OUT/best_trime_ext_long.flags") --long-memory-size $LONG" \
     trime_ext_long
+  echo
+  echo "Top-K retrieval accuracy on valid (% of positions whose target is among the first K entries' tokens)"
+  echo
+  echo "| datastore | K = 1 | K = 8 | K = 64 | K = 1024 |"
+  echo "|---|---|---|---|---|"
+  for d in vanilla trime_ext; do
+    python -c 'import json, sys; r = json.load(open(sys.argv[1])); a, m, n = r["accuracy"], r["metric"], r["positions"]
+print(f"| {sys.argv[2]} ({m}, {n} positions) | "
+      + " | ".join(f"{100 * a[k]:.2f}" for k in ("1", "8", "64", "1024")) + " |")' "$OUT/retrieval_$d.json" "$d"
+  done
 } | tee "$OUT/results.md"
