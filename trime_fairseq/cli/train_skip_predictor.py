@@ -50,6 +50,15 @@ def add_args(parser):
     g.add_argument("--max-positions-for-training", type=int, default=None, help="stop after N scored positions")
 
 
+def get_parser():
+    """fairseq-eval-lm's parser plus this CLI's options (parse with ``options.parse_args_and_arch``)."""
+    from fairseq import options
+
+    parser = options.get_eval_lm_parser()
+    add_args(parser)
+    return parser
+
+
 def translation_batches(cfg, task, models) -> Iterator[dict]:
     """Teacher-forced batches of the split's sentence pairs (fairseq's length order, unshuffled)."""
     from fairseq import utils
