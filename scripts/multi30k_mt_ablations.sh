@@ -19,7 +19,8 @@
 #   top8_bm25       TRIME's released MT objective: the top-8 entries per position, τ_train 10
 #   top8_shuffled   top8_bm25 on fairseq's shuffled batches
 # Environment: UPDATES (1000), OUT (runs/multi30k-mt-ablations-$UPDATES), DATA (data-bin/multi30k), RUNS, JOBS (2),
-# TUNE_SENTENCES (300), BEAM (5).
+# TUNE_SENTENCES (300), BEAM (5), WIDEN (rounds of trime-tune-mt's --widen-edges, 2; 0 stops after the first grid,
+# about 9 decodes of TUNE_SENTENCES sentences per run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 UPDATES=${UPDATES:-1000}
@@ -29,6 +30,7 @@ RUNS=${RUNS:-transformer eq5_bm25 top8_bm25 eq5_shuffled top8_shuffled eq5_bm25_
 JOBS=${JOBS:-2}
 TUNE_SENTENCES=${TUNE_SENTENCES:-300}
 BEAM=${BEAM:-5}
+WIDEN=${WIDEN:-2}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 source scripts/lib.sh
@@ -85,7 +87,7 @@ for run in $RUNS; do
       --output "$dstore" --metric ip --index-factory IVF256,Flat --nprobe 32 --cpu --no-progress-bar > "$dstore.log" 2>&1
   [ -s "$OUT/tune_$run.txt" ] || trime-tune-mt "$DATA" $GEN --path "$ckpt" --gen-subset valid --eval-memory trime_ext \
       --datastore "$dstore" --max-sentences-for-tuning "$TUNE_SENTENCES" --ks 8,16 --temperatures 0.5,1 \
-      --interpolation-temperatures 1 --interpolation-lambdas 0.1,0.3 --results-json "$OUT/tune_$run.json" \
+      --interpolation-temperatures 1 --interpolation-lambdas 0.1,0.3 --widen-edges "$WIDEN" --results-json "$OUT/tune_$run.json" \
       > "$OUT/tune_$run.txt" 2> "$OUT/tune_$run.err"
 done
 

@@ -129,6 +129,14 @@ eval_ppl() {  # name checkpoint split args...
     --gen-subset "$3" --cpu $EVAL_ARGS "${@:4}" 2>&1 | tee "$OUT/eval_$1_$3.log" \
     | perplexity > "$OUT/ppl_$1_$3"
 }
+# the matched pair first (kNN-LM + cache and TRIMELM_ext, both with the LONG-token long-term memory), then the rest
+for split in valid test; do
+  eval_ppl knn_cache_long "$VANILLA" $split $(cat "$OUT/best_knn_cache_long.flags") $knn \
+    --long-memory-size "$LONG" & p1=$!
+  eval_ppl trime_ext_long "$ext" $split $(cat "$OUT/best_trime_ext_long.flags") $trime_ext \
+    --long-memory-size "$LONG" & p2=$!
+  wait $p1 $p2
+done
 for split in valid test; do
   eval_ppl vanilla "$VANILLA" $split & p1=$!
   eval_ppl knn "$VANILLA" $split $(cat "$OUT/best_knn.flags") $knn & p2=$!
@@ -136,13 +144,7 @@ for split in valid test; do
   eval_ppl knn_cache "$VANILLA" $split $(cat "$OUT/best_knn_cache.flags") $knn & p1=$!
   eval_ppl trime_ext_none "$ext" $split & p2=$!
   wait $p1 $p2
-  eval_ppl knn_cache_long "$VANILLA" $split $(cat "$OUT/best_knn_cache_long.flags") $knn \
-    --long-memory-size "$LONG" & p1=$!
-  wait $p1
-  eval_ppl trime_ext "$ext" $split $(cat "$OUT/best_trime_ext.flags") $trime_ext & p1=$!
-  eval_ppl trime_ext_long "$ext" $split $(cat "$OUT/best_trime_ext_long.flags") $trime_ext \
-    --long-memory-size "$LONG" & p2=$!
-  wait $p1 $p2
+  eval_ppl trime_ext "$ext" $split $(cat "$OUT/best_trime_ext.flags") $trime_ext
 done
 ppl() { cat "$OUT/ppl_$1_$2"; }
 row() { echo "| $1 | \`$2\` | $(ppl "$3" valid) | $(ppl "$3" test) |"; }
