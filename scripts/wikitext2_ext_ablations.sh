@@ -10,7 +10,9 @@
 #      top-K retrieval accuracy of that datastore on valid (TRIME Table 9)         (trime-retrieval-accuracy)
 #      valid ppl: the token distribution alone                                     (fairseq-eval-lm)
 #                 the local memory (Eq. 6), τ tuned                                 (trime-tune --eval-memory trime)
-#                 local + external memory, τ × τ' × λ tuned on one fixed grid       (trime-tune --eval-memory trime_ext)
+#                 local + external memory, τ × τ' × λ tuned                        (trime-tune --eval-memory trime_ext)
+#                 the same with LONG tokens of long-term memory                    (... --long-memory-size LONG)
+#      every tune starts from one fixed grid and widens an axis whose best lies on its edge (WIDEN rounds)
 #   3. table -> $OUT/results.md
 #
 #   UPDATES=2000 scripts/wikitext2_ext_ablations.sh
@@ -20,7 +22,8 @@
 #           p05       BM25 batches, p = 0.5
 # Environment: UPDATES (2000), OUT (runs/wikitext2-ext-ablations-$UPDATES), EXT_OUT (runs/wikitext2-ext-$UPDATES:
 # the BM25 order and the reference run), DATA (data-bin/wikitext-2), RUNS ("shuffled p0"), K (1024), INDEX
-# (IVF1024,PQ32), NPROBE (16), NTRAIN (200000), EVAL_ARGS (as wikitext2_external.sh).
+# (IVF1024,PQ32), NPROBE (16), NTRAIN (200000), LONG (1024), WIDEN (trime-tune's --widen-edges, 2), EVAL_ARGS (as
+# wikitext2_external.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 UPDATES=${UPDATES:-2000}
@@ -32,6 +35,8 @@ K=${K:-1024}
 INDEX=${INDEX:-IVF1024,PQ32}
 NPROBE=${NPROBE:-16}
 NTRAIN=${NTRAIN:-200000}
+LONG=${LONG:-1024}
+WIDEN=${WIDEN:-2}
 EVAL_ARGS=${EVAL_ARGS:---tokens-per-sample 256 --context-window 128 --batch-size 8}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
@@ -85,12 +90,15 @@ score() {  # variant
   [ -s "$OUT/ppl_none_$1" ] || fairseq-eval-lm "$DATA" --user-dir trime_fairseq --task trime_lm --path "$c" \
     --gen-subset valid --cpu $EVAL_ARGS 2>&1 | tee "$OUT/eval_none_$1.log" | perplexity > "$OUT/ppl_none_$1"
   local tune="trime-tune $DATA --user-dir trime_fairseq --task trime_lm --path $c --gen-subset valid --cpu
-    --no-progress-bar $EVAL_ARGS --widen-edges 0"
+    --no-progress-bar $EVAL_ARGS --widen-edges $WIDEN"
   [ -s "$OUT/tune_local_$1.txt" ] || $tune --eval-memory trime --temperatures 0.5,1,2,4,8 \
     --results-json "$OUT/tune_local_$1.json" > "$OUT/tune_local_$1.txt" 2> "$OUT/tune_local_$1.err"
-  [ -s "$OUT/tune_ext_$1.txt" ] || $tune --eval-memory trime_ext --datastore "$dstore" --knn-k "$K" \
-    --temperatures 2,4,8 --interpolation-temperatures 0.125,0.25,0.5,1 --interpolation-lambdas 0.1,0.25,0.4 \
-    --results-json "$OUT/tune_ext_$1.json" > "$OUT/tune_ext_$1.txt" 2> "$OUT/tune_ext_$1.err"
+  local ext="--eval-memory trime_ext --datastore $dstore --knn-k $K --temperatures 2,4,8
+    --interpolation-temperatures 0.125,0.25,0.5,1 --interpolation-lambdas 0.1,0.25,0.4"
+  [ -s "$OUT/tune_ext_$1.txt" ] || $tune $ext --results-json "$OUT/tune_ext_$1.json" > "$OUT/tune_ext_$1.txt" \
+    2> "$OUT/tune_ext_$1.err"
+  [ -s "$OUT/tune_long_$1.txt" ] || $tune $ext --long-memory-size "$LONG" --results-json "$OUT/tune_long_$1.json" \
+    > "$OUT/tune_long_$1.txt" 2> "$OUT/tune_long_$1.err"
   say "scored $1"
 }
 pids=()
@@ -114,15 +122,17 @@ describe() {
 }
 {
   echo "TRIMELM_ext ablations, WikiText-2 valid, $UPDATES updates; eval: $EVAL_ARGS; datastore: the training split"
-  echo "(index $INDEX, nprobe $NPROBE, K = $K); tuned on valid: τ of the local memory over {0.5, 1, 2, 4, 8};"
-  echo "τ × τ' × λ of local + external memory over {2, 4, 8} × {0.125, 0.25, 0.5, 1} × {0.1, 0.25, 0.4}"
+  echo "(index $INDEX, nprobe $NPROBE, K = $K); tuned on valid: τ of the local memory from {0.5, 1, 2, 4, 8};"
+  echo "τ × τ' × λ of local + external memory from {2, 4, 8} × {0.125, 0.25, 0.5, 1} × {0.1, 0.25, 0.4};"
+  echo "axes whose best lies on an edge widened ($WIDEN rounds)"
   echo
-  echo "| training | token distribution | local memory | local + external memory | retrieval top-1 / 8 / 64 / 1024 (%) |"
-  echo "|---|---:|---:|---:|---|"
+  echo "| training | token distribution | local memory | local + external memory |" \
+    "local + long ($LONG) + external memory | retrieval top-1 / 8 / 64 / 1024 (%) |"
+  echo "|---|---:|---:|---:|---:|---|"
   for run in ref $RUNS; do
     acc=$(python -c 'import json, sys; a = json.load(open(sys.argv[1]))["accuracy"]
 print(" / ".join(f"{100 * a[k]:.2f}" for k in ("1", "8", "64", "1024")))' "$OUT/retrieval_$run.json")
     echo "| $(describe "$run") | $(cat "$OUT/ppl_none_$run") | $(best "$OUT/tune_local_$run.txt") |" \
-      "$(best "$OUT/tune_ext_$run.txt") | $acc |"
+      "$(best "$OUT/tune_ext_$run.txt") | $(best "$OUT/tune_long_$run.txt") | $acc |"
   done
 } | tee "$OUT/results.md"
