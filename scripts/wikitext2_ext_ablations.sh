@@ -13,6 +13,9 @@
 #                 local + external memory, τ × τ' × λ tuned                        (trime-tune --eval-memory trime_ext)
 #                 the same with LONG tokens of long-term memory                    (... --long-memory-size LONG)
 #      every tune starts from one fixed grid and widens an axis whose best lies on its edge (WIDEN rounds)
+#   2b. control (variants of CONTROL): the same model and memories combined as kNN-LM + cache instead of Eq. 6-8:
+#      the continuous cache over the row + LONG tokens (λ_c × θ tuned), then kNN-LM's T × λ over the variant's
+#      datastore with that cache                                                   (trime-tune --eval-memory cache / knn)
 #   3. table -> $OUT/results.md
 #
 #   UPDATES=2000 scripts/wikitext2_ext_ablations.sh
@@ -22,8 +25,8 @@
 #           p05       BM25 batches, p = 0.5
 # Environment: UPDATES (2000), OUT (runs/wikitext2-ext-ablations-$UPDATES), EXT_OUT (runs/wikitext2-ext-$UPDATES:
 # the BM25 order and the reference run), DATA (data-bin/wikitext-2), RUNS ("shuffled p0"), K (1024), INDEX
-# (IVF1024,PQ32), NPROBE (16), NTRAIN (200000), LONG (1024), WIDEN (trime-tune's --widen-edges, 2), EVAL_ARGS (as
-# wikitext2_external.sh).
+# (IVF1024,PQ32), NPROBE (16), NTRAIN (200000), LONG (1024), WIDEN (trime-tune's --widen-edges, 2), CONTROL
+# ("shuffled"), EVAL_ARGS (as wikitext2_external.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 UPDATES=${UPDATES:-2000}
@@ -37,6 +40,7 @@ NPROBE=${NPROBE:-16}
 NTRAIN=${NTRAIN:-200000}
 LONG=${LONG:-1024}
 WIDEN=${WIDEN:-2}
+CONTROL=${CONTROL:-shuffled}
 EVAL_ARGS=${EVAL_ARGS:---tokens-per-sample 256 --context-window 128 --batch-size 8}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
@@ -108,6 +112,23 @@ for run in ref $RUNS; do
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
 
+# 2b. the control: kNN-LM + cache's combination of the same memories
+control() {  # variant
+  local c tune cache
+  c=$(ckpt "$1")
+  tune="trime-tune $DATA --user-dir trime_fairseq --task trime_lm --path $c --gen-subset valid --cpu
+    --no-progress-bar $EVAL_ARGS --widen-edges $WIDEN --long-memory-size $LONG"
+  [ -s "$OUT/tune_cache_long_$1.txt" ] || $tune --eval-memory cache --results-json "$OUT/tune_cache_long_$1.json" \
+    > "$OUT/tune_cache_long_$1.txt" 2> "$OUT/tune_cache_long_$1.err"
+  cache=$(sed -n 's/^best: --eval-memory cache \(.*\)  (.*/\1/p' "$OUT/tune_cache_long_$1.txt")
+  [ -n "$cache" ] || { echo "tuning the cache of $1 failed: see $OUT/tune_cache_long_$1.err" >&2; return 1; }
+  [ -s "$OUT/tune_knn_cache_long_$1.txt" ] || $tune --eval-memory knn --datastore "$OUT/dstore_$1" --knn-k "$K" \
+    $cache --knn-temperatures 1,2,5,10,20,50 --knn-lambdas 0.05,0.1,0.25,0.4,0.6 \
+    --results-json "$OUT/tune_knn_cache_long_$1.json" > "$OUT/tune_knn_cache_long_$1.txt" \
+    2> "$OUT/tune_knn_cache_long_$1.err"
+}
+for run in $CONTROL; do control "$run"; done
+
 # 3. table
 best() {  # tune output -> "ppl (flags)" from trime-tune's last line "best: FLAGS  (valid perplexity X; ...)"
   sed -n 's/^best: --eval-memory [a-z_]* \(.*\)  (valid perplexity \([0-9.]*\);.*/\2 (`\1`)/p' "$1"
@@ -134,5 +155,11 @@ describe() {
 print(" / ".join(f"{100 * a[k]:.2f}" for k in ("1", "8", "64", "1024")))' "$OUT/retrieval_$run.json")
     echo "| $(describe "$run") | $(cat "$OUT/ppl_none_$run") | $(best "$OUT/tune_local_$run.txt") |" \
       "$(best "$OUT/tune_ext_$run.txt") | $(best "$OUT/tune_long_$run.txt") | $acc |"
+  done
+  for run in $CONTROL; do
+    echo
+    echo "Control, $(describe "$run"): the same memories combined as kNN-LM + cache (cache over the row + $LONG" \
+      "tokens): cache alone $(best "$OUT/tune_cache_long_$run.txt"), kNN-LM + cache" \
+      "$(best "$OUT/tune_knn_cache_long_$run.txt")"
   done
 } | tee "$OUT/results.md"
