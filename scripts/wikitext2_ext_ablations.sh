@@ -26,7 +26,7 @@
 # Environment: UPDATES (2000), OUT (runs/wikitext2-ext-ablations-$UPDATES), EXT_OUT (runs/wikitext2-ext-$UPDATES:
 # the BM25 order and the reference run), DATA (data-bin/wikitext-2), RUNS ("shuffled p0"), K (1024), INDEX
 # (IVF1024,PQ32), NPROBE (16), NTRAIN (200000), LONG (1024), WIDEN (trime-tune's --widen-edges, 2), CONTROL
-# ("shuffled"), EVAL_ARGS (as wikitext2_external.sh).
+# ("shuffled ref"), EVAL_ARGS (as wikitext2_external.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 UPDATES=${UPDATES:-2000}
@@ -40,7 +40,7 @@ NPROBE=${NPROBE:-16}
 NTRAIN=${NTRAIN:-200000}
 LONG=${LONG:-1024}
 WIDEN=${WIDEN:-2}
-CONTROL=${CONTROL:-shuffled}
+CONTROL=${CONTROL:-shuffled ref}
 EVAL_ARGS=${EVAL_ARGS:---tokens-per-sample 256 --context-window 128 --batch-size 8}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
@@ -80,11 +80,12 @@ done
 for pid in "${pids[@]}"; do wait "$pid"; done
 
 ckpt() { if [ "$1" = ref ]; then echo "$ref"; else echo "$OUT/$1/checkpoint_last.pt"; fi; }
+dstore_of() { if [ "$1" = ref ]; then echo "$EXT_OUT/dstore_trime_ext"; else echo "$OUT/dstore_$1"; fi; }
 # 2. per variant: datastore, retrieval accuracy, valid perplexities (two variants at a time)
 score() {  # variant
   local c dstore
   c=$(ckpt "$1")
-  dstore=$([ "$1" = ref ] && echo "$EXT_OUT/dstore_trime_ext" || echo "$OUT/dstore_$1")
+  dstore=$(dstore_of "$1")
   [ -f "$dstore/datastore.json" ] || trime-build-datastore --path "$c" --data "$DATA" --gen-subset train \
     --tokens-per-sample 256 --context-window 128 --batch-size 8 --output "$dstore" --metric ip \
     --index-factory "$INDEX" --ntrain "$NTRAIN" --nprobe "$NPROBE" --cpu --no-progress-bar > "$dstore.log" 2>&1
@@ -122,7 +123,7 @@ control() {  # variant
     > "$OUT/tune_cache_long_$1.txt" 2> "$OUT/tune_cache_long_$1.err"
   cache=$(sed -n 's/^best: --eval-memory cache \(.*\)  (.*/\1/p' "$OUT/tune_cache_long_$1.txt")
   [ -n "$cache" ] || { echo "tuning the cache of $1 failed: see $OUT/tune_cache_long_$1.err" >&2; return 1; }
-  [ -s "$OUT/tune_knn_cache_long_$1.txt" ] || $tune --eval-memory knn --datastore "$OUT/dstore_$1" --knn-k "$K" \
+  [ -s "$OUT/tune_knn_cache_long_$1.txt" ] || $tune --eval-memory knn --datastore "$(dstore_of "$1")" --knn-k "$K" \
     $cache --knn-temperatures 1,2,5,10,20,50 --knn-lambdas 0.05,0.1,0.25,0.4,0.6 \
     --results-json "$OUT/tune_knn_cache_long_$1.json" > "$OUT/tune_knn_cache_long_$1.txt" \
     2> "$OUT/tune_knn_cache_long_$1.err"
