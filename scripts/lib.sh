@@ -24,6 +24,25 @@ watch_training() {  # updates log... : while trainings write their logs, report 
   done
 }
 
+train_runs() {  # CONFIG_DIR CONFIG_NAME JOBS RUNS... : fairseq-hydra-train each run, JOBS at a time, into $OUT/RUN
+  # (log $OUT/train_RUN.log; a run whose log says "done training" is skipped, an interrupted one resumes from its
+  # checkpoint_last.pt). Reads OUT, DATA, UPDATES and the caller's overrides() (run name -> its hydra overrides).
+  local dir=$1 name=$2 jobs=$3 run pids=()
+  shift 3
+  for run in "$@"; do overrides "$run" > /dev/null || return 1; done
+  for run in "$@"; do
+    local log="$OUT/train_$run.log"
+    grep -q "done training" "$log" 2>/dev/null && continue
+    say "training $run ($UPDATES updates) -> $log"
+    # shellcheck disable=SC2046
+    fairseq-hydra-train --config-dir "$dir" --config-name "$name" task.data="$DATA" \
+      optimization.max_update="$UPDATES" checkpoint.save_dir="$OUT/$run" hydra.run.dir="$OUT/hydra_$run" \
+      $(overrides "$run") >> "$log" 2>&1 & pids+=($!)
+    while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do sleep 10; done
+  done
+  for run in "${pids[@]}"; do wait "$run" || return 1; done
+}
+
 tune_progress() {  # label : pass trime-tune's stderr through, showing its progress lines with the label
   tee -a "$1.err" | grep --line-buffered -E "round [0-9]+:" | sed -u "s/^.*| trime_fairseq\.[a-z_]* | /  $(basename "$1"): /" >&2
 }

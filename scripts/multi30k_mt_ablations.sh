@@ -54,24 +54,9 @@ overrides() {  # run name -> its hydra overrides
   esac
 }
 
-train() {  # run name
-  local log="$OUT/train_$1.log"
-  grep -q "done training" "$log" 2>/dev/null && return
-  say "training $1 ($UPDATES updates) -> $log"
-  # shellcheck disable=SC2046
-  fairseq-hydra-train --config-dir configs/trime_mt --config-name multi30k_small task.data="$DATA" \
-    optimization.max_update="$UPDATES" checkpoint.save_dir="$OUT/$1" hydra.run.dir="$OUT/hydra_$1" \
-    $(overrides "$1") >> "$log" 2>&1
-}
-
 # 1. training, JOBS at a time
-pids=()
-for run in $RUNS; do
-  overrides "$run" > /dev/null
-  train "$run" & pids+=($!)
-  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 10; done
-done
-wait "${pids[@]}"
+# shellcheck disable=SC2086
+train_runs configs/trime_mt multi30k_small "$JOBS" $RUNS
 
 GEN="--user-dir trime_fairseq --task trime_translation --cpu --beam $BEAM --max-tokens 8000 --remove-bpe"
 for run in $RUNS; do

@@ -62,25 +62,15 @@ overrides() {  # variant -> its hydra overrides
 }
 
 # 1. training, two at a time
-train() {  # variant
-  local log="$OUT/train_$1.log"
-  grep -q "done training" "$log" 2>/dev/null && return
-  say "training $1 ($UPDATES updates) -> $log"
-  # shellcheck disable=SC2046
-  fairseq-hydra-train --config-dir configs/trime_ext --config-name wikitext2_small task.data="$DATA" \
-    optimization.max_update="$UPDATES" checkpoint.save_dir="$OUT/$1" hydra.run.dir="$OUT/hydra_$1" \
-    $(overrides "$1") >> "$log" 2>&1
-}
-pids=()
-for run in $RUNS; do
-  overrides "$run" > /dev/null
-  train "$run" & pids+=($!)
-  while [ "$(jobs -rp | wc -l)" -ge 2 ]; do sleep 10; done
-done
-for pid in "${pids[@]}"; do wait "$pid"; done
+# shellcheck disable=SC2086
+train_runs configs/trime_ext wikitext2_small 2 $RUNS
 
 tuned() { grep -q "^best: " "$1" 2>/dev/null; }  # a tune's output is complete (an interrupted one is redone)
 ckpt() { if [ "$1" = ref ]; then echo "$ref"; else echo "$OUT/$1/checkpoint_last.pt"; fi; }
+tune_on_valid() {  # variant args... : trime-tune over valid with the variant's checkpoint
+  trime-tune "$DATA" --user-dir trime_fairseq --task trime_lm --path "$(ckpt "$1")" --gen-subset valid --cpu \
+    --no-progress-bar $EVAL_ARGS --widen-edges "$WIDEN" "${@:2}"
+}
 dstore_of() { if [ "$1" = ref ]; then echo "$EXT_OUT/dstore_trime_ext"; else echo "$OUT/dstore_$1"; fi; }
 # 2. per variant: datastore, retrieval accuracy, valid perplexities (two variants at a time)
 score() {  # variant
@@ -95,15 +85,13 @@ score() {  # variant
     > "$OUT/retrieval_$1.log" 2>&1
   [ -s "$OUT/ppl_none_$1" ] || fairseq-eval-lm "$DATA" --user-dir trime_fairseq --task trime_lm --path "$c" \
     --gen-subset valid --cpu $EVAL_ARGS 2>&1 | tee "$OUT/eval_none_$1.log" | perplexity > "$OUT/ppl_none_$1"
-  local tune="trime-tune $DATA --user-dir trime_fairseq --task trime_lm --path $c --gen-subset valid --cpu
-    --no-progress-bar $EVAL_ARGS --widen-edges $WIDEN"
-  tuned "$OUT/tune_local_$1.txt" || $tune --eval-memory trime --temperatures 0.5,1,2,4,8 \
+  tuned "$OUT/tune_local_$1.txt" || tune_on_valid "$1" --eval-memory trime --temperatures 0.5,1,2,4,8 \
     --results-json "$OUT/tune_local_$1.json" > "$OUT/tune_local_$1.txt" 2> "$OUT/tune_local_$1.err"
   local ext="--eval-memory trime_ext --datastore $dstore --knn-k $K --temperatures 2,4,8
     --interpolation-temperatures 0.125,0.25,0.5,1 --interpolation-lambdas 0.1,0.25,0.4"
-  tuned "$OUT/tune_ext_$1.txt" || $tune $ext --results-json "$OUT/tune_ext_$1.json" > "$OUT/tune_ext_$1.txt" \
+  tuned "$OUT/tune_ext_$1.txt" || tune_on_valid "$1" $ext --results-json "$OUT/tune_ext_$1.json" > "$OUT/tune_ext_$1.txt" \
     2> "$OUT/tune_ext_$1.err"
-  tuned "$OUT/tune_long_$1.txt" || $tune $ext --long-memory-size "$LONG" --results-json "$OUT/tune_long_$1.json" \
+  tuned "$OUT/tune_long_$1.txt" || tune_on_valid "$1" $ext --long-memory-size "$LONG" --results-json "$OUT/tune_long_$1.json" \
     > "$OUT/tune_long_$1.txt" 2> "$OUT/tune_long_$1.err"
   say "scored $1"
 }
@@ -116,15 +104,12 @@ for pid in "${pids[@]}"; do wait "$pid"; done
 
 # 2b. the control: kNN-LM + cache's combination of the same memories
 control() {  # variant
-  local c tune cache
-  c=$(ckpt "$1")
-  tune="trime-tune $DATA --user-dir trime_fairseq --task trime_lm --path $c --gen-subset valid --cpu
-    --no-progress-bar $EVAL_ARGS --widen-edges $WIDEN --long-memory-size $LONG"
-  tuned "$OUT/tune_cache_long_$1.txt" || $tune --eval-memory cache --results-json "$OUT/tune_cache_long_$1.json" \
+  local cache tune=(tune_on_valid "$1" --long-memory-size "$LONG")
+  tuned "$OUT/tune_cache_long_$1.txt" || "${tune[@]}" --eval-memory cache --results-json "$OUT/tune_cache_long_$1.json" \
     > "$OUT/tune_cache_long_$1.txt" 2> "$OUT/tune_cache_long_$1.err"
   cache=$(sed -n 's/^best: --eval-memory cache \(.*\)  (.*/\1/p' "$OUT/tune_cache_long_$1.txt")
   [ -n "$cache" ] || { echo "tuning the cache of $1 failed: see $OUT/tune_cache_long_$1.err" >&2; return 1; }
-  tuned "$OUT/tune_knn_cache_long_$1.txt" || $tune --eval-memory knn --datastore "$(dstore_of "$1")" --knn-k "$K" \
+  tuned "$OUT/tune_knn_cache_long_$1.txt" || "${tune[@]}" --eval-memory knn --datastore "$(dstore_of "$1")" --knn-k "$K" \
     $cache --knn-temperatures 1,2,5,10,20,50 --knn-lambdas 0.05,0.1,0.25,0.4,0.6 \
     --results-json "$OUT/tune_knn_cache_long_$1.json" > "$OUT/tune_knn_cache_long_$1.txt" \
     2> "$OUT/tune_knn_cache_long_$1.err"
