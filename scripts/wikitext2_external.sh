@@ -14,19 +14,29 @@
 #   5. fairseq-eval-lm on valid and test with the best options; table in $OUT/results.md
 #
 #   scripts/wikitext2_external.sh                 # UPDATES=200, as scripts/wikitext2_compare.sh
+#   UPDATES=2000 SEED=2 FLAGS_FROM=runs/wikitext2-ext-2000 scripts/wikitext2_external.sh   # another seed, seed 1's flags
 #
-# Environment: UPDATES (200), OUT (runs/wikitext2-ext-$UPDATES), DATA (data-bin/wikitext-2), RAW (as in
-# wikitext2_compare.sh), VANILLA (checkpoint of the vanilla LM; default runs/wikitext2-$UPDATES/vanilla/
-# checkpoint_last.pt, trained when absent), K (neighbours, 1024), INDEX (FAISS factory, IVF1024,PQ32),
+# Environment: UPDATES (200), SEED (1: both models' common.seed), OUT (runs/wikitext2-ext-$UPDATES, with -seed$SEED
+# for SEED != 1), DATA (data-bin/wikitext-2), RAW (as in wikitext2_compare.sh), VANILLA (checkpoint of the vanilla LM;
+# default runs/wikitext2-$UPDATES/vanilla/checkpoint_last.pt for seed 1, else $OUT/vanilla/checkpoint_last.pt;
+# trained when absent), FLAGS_FROM (a finished run's folder: its tuned best_*.flags are used instead of tuning here,
+# so that the seeds of a row share one setting chosen on seed 1's valid), K (neighbours, 1024), INDEX (FAISS factory, IVF1024,PQ32),
 # NPROBE (16), NTRAIN (keys to train the index, 200000), LONG (long-term memory of TRIMELM_ext, 1024),
 # EVAL_ARGS (256-token rows scored with 128 tokens of context, batch 8).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 UPDATES=${UPDATES:-200}
-OUT=${OUT:-runs/wikitext2-ext-$UPDATES}
+SEED=${SEED:-1}
+if [ "$SEED" = 1 ]; then
+  OUT=${OUT:-runs/wikitext2-ext-$UPDATES}
+  VANILLA=${VANILLA:-runs/wikitext2-$UPDATES/vanilla/checkpoint_last.pt}
+else
+  OUT=${OUT:-runs/wikitext2-ext-$UPDATES-seed$SEED}
+  VANILLA=${VANILLA:-$OUT/vanilla/checkpoint_last.pt}
+fi
 DATA=${DATA:-data-bin/wikitext-2}
 RAW=${RAW:-${TRIME_DATA:-../shared/data}/wikitext-2}
-VANILLA=${VANILLA:-runs/wikitext2-$UPDATES/vanilla/checkpoint_last.pt}
+FLAGS_FROM=${FLAGS_FROM:-}
 K=${K:-1024}
 INDEX=${INDEX:-IVF1024,PQ32}
 NPROBE=${NPROBE:-16}
@@ -45,22 +55,20 @@ order="$OUT/bm25-256.order"
 [ -f "$order" ] || trime-bm25-batches --data "$DATA" --tokens-per-sample 256 --output "$order" \
   --workers 2 --no-progress-bar > "$OUT/bm25.log" 2>&1
 
-# 2. training
-hydra_train() {  # name config-dir log overrides...
-  local log="$OUT/train_$1.log"
-  if [ ! -f "$OUT/$1/checkpoint_last.pt" ] || ! grep -q "done training" "$log" 2>/dev/null; then
-    say "training $1 ($UPDATES updates) -> $log"
-    fairseq-hydra-train --config-dir "$2" --config-name wikitext2_small task.data="$DATA" \
-      optimization.max_update="$UPDATES" checkpoint.save_dir="$OUT/$1" hydra.run.dir="$OUT/hydra_$1" "${@:3}" \
-      > "$log" 2>&1
-  fi
+# 2. training (train_runs of scripts/lib.sh: skipped when done, resumed when interrupted)
+overrides() {  # run name -> its hydra overrides
+  case $1 in
+    vanilla) echo "criterion._name=adaptive_loss common.seed=$SEED" ;;
+    trime_ext) echo "task.bm25_order=$order common.seed=$SEED" ;;
+    *) echo "unknown run $1" >&2; return 1 ;;
+  esac
 }
-if [ ! -f "$VANILLA" ]; then
+if [ ! -f "$VANILLA" ] || [ "$VANILLA" = "$OUT/vanilla/checkpoint_last.pt" ]; then  # this run's own: train / resume
   VANILLA="$OUT/vanilla/checkpoint_last.pt"
-  hydra_train vanilla configs/trime criterion._name=adaptive_loss & vanilla_pid=$!
+  train_runs configs/trime wikitext2_small 1 vanilla & vanilla_pid=$!
 fi
 watch_training "$UPDATES" "$OUT/train_trime_ext.log" & watch_pid=$!
-hydra_train trime_ext configs/trime_ext task.bm25_order="$order"
+train_runs configs/trime_ext wikitext2_small 1 trime_ext
 wait ${vanilla_pid:-}
 kill $watch_pid 2>/dev/null || true
 ext="$OUT/trime_ext/checkpoint_last.pt"
@@ -87,7 +95,15 @@ retrieval "$OUT/dstore_vanilla" vanilla & pids=($!)
 retrieval "$OUT/dstore_trime_ext" trime_ext & pids+=($!)
 for pid in "${pids[@]}"; do wait "$pid"; done
 
-# 4. tuning on valid (one forward pass and one search per batch for the whole grid)
+# 4. tuning on valid (one forward pass and one search per batch for the whole grid), or FLAGS_FROM's settings
+if [ -n "$FLAGS_FROM" ]; then
+  for f in cache cache_long knn knn_cache knn_cache_long trime_ext trime_ext_long; do
+    [ -s "$FLAGS_FROM/best_$f.flags" ] || { echo "FLAGS_FROM: no $FLAGS_FROM/best_$f.flags" >&2; exit 1; }
+    [ -s "$OUT/best_$f.flags" ] || cp "$FLAGS_FROM/best_$f.flags" "$OUT/best_$f.flags"
+    cmp -s "$FLAGS_FROM/best_$f.flags" "$OUT/best_$f.flags" || {
+      echo "$OUT/best_$f.flags differs from FLAGS_FROM's: remove it or unset FLAGS_FROM" >&2; exit 1; }
+  done
+fi
 best_flags() {  # name checkpoint args... -> best flags (grids widened until no best value is on an edge)
   say "tuning $1 on valid"
   trime-tune "$DATA" --user-dir trime_fairseq --task trime_lm --path "$2" --gen-subset valid --cpu \
@@ -97,7 +113,8 @@ best_flags() {  # name checkpoint args... -> best flags (grids widened until no 
 knn="--datastore $OUT/dstore_vanilla --knn-k $K"
 trime_ext="--datastore $OUT/dstore_trime_ext --knn-k $K"
 # the vanilla LM's continuous cache, tuned on valid (scripts/wikitext2_compare.sh's when it ran, else here)
-cache_flags=${CACHE_FLAGS:-$(cat "runs/wikitext2-$UPDATES/best_cache.flags" 2>/dev/null || true)}
+cache_flags=${CACHE_FLAGS:-$(cat "$OUT/best_cache.flags" 2>/dev/null || \
+  cat "runs/wikitext2-$UPDATES/best_cache.flags" 2>/dev/null || true)}
 if [ -z "$cache_flags" ]; then
   [ -s "$OUT/best_cache.flags" ] || best_flags cache "$VANILLA" --eval-memory cache > "$OUT/best_cache.flags"
   cache_flags=$(cat "$OUT/best_cache.flags")

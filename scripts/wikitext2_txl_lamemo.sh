@@ -61,24 +61,12 @@ for seed in $SEEDS; do for model in transformer_xl lamemo; do for split in valid
   [ -s "$OUT/ppl/${model}_s$seed.$split" ] || { echo "missing $OUT/ppl/${model}_s$seed.$split: rerun" >&2; exit 1; }
 done; done; done
 
-python - "$OUT" "$UPDATES" $SEEDS > "$OUT/results.md" <<'EOF'
-import statistics as st
-import sys
-
-out, updates, seeds = sys.argv[1], sys.argv[2], sys.argv[3:]
-ppl = {(m, s, sp): float(open(f"{out}/ppl/{m}_s{s}.{sp}").read()) for m in ("transformer_xl", "lamemo")
-       for s in seeds for sp in ("valid", "test")}
-def ms(xs):
-    return f"{st.mean(xs):.2f} ± {st.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
-print(f"WikiText-2, {updates} updates × 512 tokens, seeds {', '.join(seeds)}; fairseq-eval-lm in stream order, memory 64\n")
-print("| model | " + " | ".join(f"seed {s} valid / test" for s in seeds) + " | valid (mean ± sd) | test (mean ± sd) |")
-print("|---|" + "---:|" * (len(seeds) + 2))
-for m, label in (("transformer_xl", "Transformer-XL"), ("lamemo", "LaMemo")):
-    cells = [f"{ppl[m, s, 'valid']:.2f} / {ppl[m, s, 'test']:.2f}" for s in seeds]
-    print(f"| {label} | " + " | ".join(cells) + f" | {ms([ppl[m, s, 'valid'] for s in seeds])} | "
-          f"{ms([ppl[m, s, 'test'] for s in seeds])} |")
-for sp in ("valid", "test"):
-    d = [ppl["lamemo", s, sp] - ppl["transformer_xl", s, sp] for s in seeds]
-    print(f"\nLaMemo − Transformer-XL, {sp}, paired by seed: {', '.join(f'{x:+.2f}' for x in d)}; mean {ms(d)}")
-EOF
+{
+  echo "WikiText-2, $UPDATES updates × 512 tokens, seeds ${SEEDS// /, }; fairseq-eval-lm in stream order, memory 64"
+  echo
+  # shellcheck disable=SC2086
+  python scripts/seed_table.py --ppl "$OUT/ppl/{row}_s{seed}.{split}" --seeds $SEEDS \
+    --row transformer_xl=Transformer-XL --row lamemo=LaMemo --paired lamemo-transformer_xl
+} > "$OUT/results.md.tmp"
+mv "$OUT/results.md.tmp" "$OUT/results.md"
 cat "$OUT/results.md"

@@ -39,3 +39,84 @@ def test_pipelines_parse_and_share_the_perplexity_parser(script):
     text = script.read_text()
     if "fairseq-eval-lm" in text:
         assert 'grep -o "Perplexity' not in text, f"{script.name}: use perplexity from scripts/lib.sh"
+
+
+STUBS = {  # fake CLIs for a dry run of a pipeline: each logs its call and writes the output the script checks for
+    "fairseq-hydra-train": 'for a in "$@"; do case $a in checkpoint.save_dir=*) d=${a#*=};; esac; done\n'
+                           'mkdir -p "$d"; touch "$d/checkpoint_last.pt"; echo "done training in 1.0 seconds"',
+    "trime-bm25-batches": 'while [ $# -gt 0 ]; do [ "$1" = --output ] && echo 0 > "$2"; shift; done',
+    "trime-build-datastore": 'while [ $# -gt 0 ]; do [ "$1" = --output ] && { mkdir -p "$2"; echo {} > "$2/datastore.json"; }; '
+                             'shift; done',
+    "trime-retrieval-accuracy": 'while [ $# -gt 0 ]; do [ "$1" = --output-json ] && echo \'{"accuracy": {"1": 0.1, '
+                                '"8": 0.2, "64": 0.3, "1024": 0.4}, "metric": "l2", "positions": 5}\' > "$2"; shift; done',
+    "fairseq-eval-lm": 'echo "Loss (base 2): 8.0, Perplexity: 256.00"',
+    "trime-tune": "exit 1",  # a seed run with FLAGS_FROM must not tune
+}
+FLAGS = {"cache": "--eval-memory cache --cache-lambda 0.2 --cache-theta 0.05",
+         "cache_long": "--eval-memory cache --cache-lambda 0.3 --cache-theta 0.1",
+         "knn": "--eval-memory knn --knn-temperature 5 --knn-lambda 0.25",
+         "knn_cache": "--eval-memory knn --knn-temperature 5 --knn-lambda 0.4 --cache-lambda 0.2 --cache-theta 0.05",
+         "knn_cache_long": "--eval-memory knn --knn-temperature 5 --knn-lambda 0.4 --cache-lambda 0.3 --cache-theta 0.1",
+         "trime_ext": "--eval-memory trime_ext --memory-temperature 4 --interpolation-temperature 0.25",
+         "trime_ext_long": "--eval-memory trime_ext --memory-temperature 4 --interpolation-temperature 0.25"}
+
+
+def stubbed_run(tmp_path, script: str, env: dict) -> tuple[subprocess.CompletedProcess, list[str]]:
+    import os
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in STUBS.items():
+        stub = bin_dir / name
+        stub.write_text(f'#!/usr/bin/env bash\necho "{name} $*" >> "{log}"\n{body}\n')
+        stub.chmod(0o755)
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    (data / "dict.txt").write_text("a 1\n")
+    full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "DATA": str(data), **env}
+    done = subprocess.run(["bash", f"scripts/{script}"], cwd=ROOT, env=full_env, capture_output=True, text=True)
+    return done, log.read_text().splitlines() if log.exists() else []
+
+
+def test_external_pipeline_runs_another_seed_with_seed_1s_flags(tmp_path):
+    """SEED trains both models with that seed in their own folder; FLAGS_FROM replaces every tuning by seed 1's
+    settings (no trime-tune call), and a run whose own flags disagree with FLAGS_FROM's stops."""
+    ref = tmp_path / "seed1"
+    ref.mkdir()
+    for name, flags in FLAGS.items():
+        (ref / f"best_{name}.flags").write_text(flags + "\n")
+    out = tmp_path / "seed2"
+    env = {"UPDATES": "20", "SEED": "2", "OUT": str(out), "FLAGS_FROM": str(ref)}
+    done, calls = stubbed_run(tmp_path, "wikitext2_external.sh", env)
+    assert done.returncode == 0, done.stderr
+    trainings = [c for c in calls if c.startswith("fairseq-hydra-train")]
+    assert len(trainings) == 2 and all("common.seed=2" in c for c in trainings)
+    assert all(f"checkpoint.save_dir={out}/" in c for c in trainings)
+    assert not [c for c in calls if c.startswith("trime-tune")]
+    evals = [c for c in calls if c.startswith("fairseq-eval-lm")]
+    assert len(evals) == 14  # 7 rows x valid, test
+    assert any(FLAGS["knn_cache_long"] in c and "--long-memory-size 1024" in c for c in evals)
+    assert "| TRIMELM_ext (long memory 1024) |" in (out / "results.md").read_text()
+    # a second run skips everything that is done
+    done, calls_again = stubbed_run(tmp_path, "wikitext2_external.sh", env)
+    assert done.returncode == 0 and calls_again == calls
+    # flags that disagree with FLAGS_FROM's are an error, not silently replaced
+    (out / "best_knn.flags").write_text("--eval-memory knn --knn-temperature 9 --knn-lambda 0.25\n")
+    done, _ = stubbed_run(tmp_path, "wikitext2_external.sh", env)
+    assert done.returncode != 0 and "differs from FLAGS_FROM" in done.stderr
+
+
+def test_seed_table_means_and_refuses_missing_seeds(tmp_path):
+    for seed, (a, b) in {"1": (300.0, 200.0), "2": (310.0, 205.0), "3": (290.0, 195.0)}.items():
+        for split in ("valid", "test"):
+            (tmp_path / f"vanilla_s{seed}.{split}").write_text(f"{a}\n")
+            (tmp_path / f"memory_s{seed}.{split}").write_text(f"{b}\n")
+    args = ["python", "scripts/seed_table.py", "--ppl", f"{tmp_path}/{{row}}_s{{seed}}.{{split}}", "--seeds", "1", "2",
+            "3", "--row", "vanilla=vanilla", "--row", "memory=with memory", "--paired", "memory-vanilla"]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "| vanilla | 300.00 / 300.00 | 310.00 / 310.00 | 290.00 / 290.00 | 300.00 ± 10.00 | 300.00 ± 10.00 |" \
+        in done.stdout
+    assert "with memory − vanilla, test, paired by seed: -100.00, -105.00, -95.00; mean -100.00 ± 5.00" in done.stdout
+    (tmp_path / "memory_s2.test").unlink()
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode != 0 and "memory_s2.test is missing" in done.stderr and not done.stdout
