@@ -31,7 +31,7 @@ def pair(text: str, what: str) -> tuple[str, str]:
     return key, value
 
 
-def main(argv=None) -> int:
+def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ppl", required=True, help="path template with {row}, {split}, {seed}, {dir}")
     parser.add_argument("--seeds", nargs="+", required=True)
@@ -40,7 +40,11 @@ def main(argv=None) -> int:
     parser.add_argument("--paired", action="append", default=[], metavar="A-B",
                         help="per-seed difference of two rows (A minus B), with its mean ± sd")
     parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = get_parser().parse_args(argv)
 
     dirs = dict(pair(d, "--dir") for d in args.dir)
     rows = [pair(r, "--row") for r in args.row]
