@@ -9,9 +9,11 @@ perplexity() {  # [log] : the perplexity fairseq-eval-lm reports (its last "Perp
 }
 
 watch_training() {  # updates log... : while trainings write their logs, report their last update every minute
+  # (run it in the background and kill it when done: its sleep goes with it, and holds no pipe of the caller open)
   local total=$1
   shift
-  while sleep 60; do
+  trap 'kill "$watch_sleep" 2> /dev/null; exit 0' TERM
+  while sleep 60 & watch_sleep=$!; wait "$watch_sleep"; do
     local line="" running=0
     for log in "$@"; do
       grep -q "done training" "$log" 2>/dev/null || running=1
@@ -38,9 +40,15 @@ train_runs() {  # CONFIG_DIR CONFIG_NAME JOBS RUNS... : fairseq-hydra-train each
     fairseq-hydra-train --config-dir "$dir" --config-name "$name" task.data="$DATA" \
       optimization.max_update="$UPDATES" checkpoint.save_dir="$OUT/$run" hydra.run.dir="$OUT/hydra_$run" \
       $(overrides "$run") >> "$log" 2>&1 & pids+=($!)
-    while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do sleep 10; done
+    while [ "$(running "${pids[@]}")" -ge "$jobs" ]; do wait -n "${pids[@]}" 2> /dev/null || true; done
   done
   for run in "${pids[@]}"; do wait "$run" || return 1; done
+}
+
+running() {  # pid... : how many of them still run (the caller's other background jobs, e.g. a watcher, not counted)
+  local n=0 pid
+  for pid in "$@"; do kill -0 "$pid" 2> /dev/null && n=$((n + 1)); done
+  echo "$n"
 }
 
 tune_progress() {  # label : pass trime-tune's stderr through, showing its progress lines with the label

@@ -5,15 +5,20 @@
 #
 #   scripts/wikitext2_compare.sh        # README quickstart and docs/results.md (UPDATES=200)
 #   UPDATES=2000 scripts/wikitext2_compare.sh
+#   UPDATES=2000 SEED=2 FLAGS_FROM=runs/wikitext2-2000 scripts/wikitext2_compare.sh   # another seed, seed 1's flags
 #
-# Environment: UPDATES (default 200), OUT (runs/wikitext2-$UPDATES), DATA (data-bin/wikitext-2),
+# Environment: UPDATES (default 200), SEED (1: both models' common.seed), OUT (runs/wikitext2-$UPDATES, with
+# -seed$SEED for SEED != 1), FLAGS_FROM (a finished run's folder: its best_cache.flags and best_trime.flags are used
+# instead of tuning here, so that the seeds of a row share one setting chosen on seed 1's valid), DATA (data-bin/wikitext-2),
 # RAW (folder with wiki.*.tokens; default $TRIME_DATA/wikitext-2 or ../shared/data/wikitext-2;
 # downloaded when absent), EVAL_ARGS (extra fairseq-eval-lm options, default: 256-token blocks
 # scored with 128 tokens of context).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 UPDATES=${UPDATES:-200}
-OUT=${OUT:-runs/wikitext2-$UPDATES}
+SEED=${SEED:-1}
+OUT=${OUT:-runs/wikitext2-$UPDATES$([ "$SEED" = 1 ] || echo "-seed$SEED")}
+FLAGS_FROM=${FLAGS_FROM:-}
 DATA=${DATA:-data-bin/wikitext-2}
 RAW=${RAW:-${TRIME_DATA:-../shared/data}/wikitext-2}
 EVAL_ARGS=${EVAL_ARGS:---tokens-per-sample 256 --context-window 128 --batch-size 8}
@@ -23,14 +28,12 @@ source scripts/lib.sh
 
 scripts/ensure_wikitext2.sh "$DATA" "$RAW"
 
-train() {  # name criterion
-  local log="$OUT/train_$1.log"
-  if [ ! -f "$OUT/$1/checkpoint_last.pt" ] || ! grep -q "done training" "$log" 2>/dev/null; then
-    say "training $1 ($2, $UPDATES updates) -> $log"
-    fairseq-hydra-train --config-dir configs/trime --config-name wikitext2_small \
-      task.data="$DATA" criterion._name="$2" optimization.max_update="$UPDATES" \
-      checkpoint.save_dir="$OUT/$1" hydra.run.dir="$OUT/hydra_$1" > "$log" 2>&1
-  fi
+overrides() {  # run name -> its hydra overrides (train_runs of scripts/lib.sh)
+  case $1 in
+    vanilla) echo "criterion._name=adaptive_loss common.seed=$SEED" ;;
+    trime) echo "criterion._name=trime_loss common.seed=$SEED" ;;
+    *) echo "unknown run $1" >&2; return 1 ;;
+  esac
 }
 
 eval_ppl() {  # checkpoint split extra-args... -> perplexity
@@ -45,15 +48,20 @@ best_flags() {  # checkpoint mode grid-args... -> best eval-memory flags on vali
     2> >(tune_progress "$name") | tee "$name.txt" | sed -n 's/^best: \(.*\)  (.*/\1/p'
 }
 
-train vanilla adaptive_loss & vanilla_pid=$!  # the two runs in parallel, one core each
-train trime trime_loss & trime_pid=$!
 watch_training "$UPDATES" "$OUT/train_vanilla.log" "$OUT/train_trime.log" & watch_pid=$!
-wait $vanilla_pid
-wait $trime_pid
+train_runs configs/trime wikitext2_small 2 vanilla trime  # the two runs in parallel, one core each
 kill $watch_pid 2>/dev/null || true
 vanilla="$OUT/vanilla/checkpoint_last.pt"
 trime="$OUT/trime/checkpoint_last.pt"
 
+if [ -n "$FLAGS_FROM" ]; then  # seed 1's settings instead of tuning; a disagreeing flags file stops the run
+  for f in cache trime; do
+    [ -s "$FLAGS_FROM/best_$f.flags" ] || { echo "FLAGS_FROM: no $FLAGS_FROM/best_$f.flags" >&2; exit 1; }
+    [ -s "$OUT/best_$f.flags" ] || cp "$FLAGS_FROM/best_$f.flags" "$OUT/best_$f.flags"
+    cmp -s "$FLAGS_FROM/best_$f.flags" "$OUT/best_$f.flags" || {
+      echo "$OUT/best_$f.flags differs from FLAGS_FROM's: remove it or unset FLAGS_FROM" >&2; exit 1; }
+  done
+fi
 say "tuning on valid: the continuous cache of the vanilla LM (λ x θ) and TRIMELM's τ, one pass per grid round"
 [ -s "$OUT/best_cache.flags" ] || best_flags "$vanilla" cache > "$OUT/best_cache.flags" & cache_pid=$!
 [ -s "$OUT/best_trime.flags" ] || best_flags "$trime" trime > "$OUT/best_trime.flags" & trime_pid=$!

@@ -18,22 +18,19 @@
 #
 # Environment: UPDATES (200), SEED (1: both models' common.seed), OUT (runs/wikitext2-ext-$UPDATES, with -seed$SEED
 # for SEED != 1), DATA (data-bin/wikitext-2), RAW (as in wikitext2_compare.sh), VANILLA (checkpoint of the vanilla LM;
-# default runs/wikitext2-$UPDATES/vanilla/checkpoint_last.pt for seed 1, else $OUT/vanilla/checkpoint_last.pt;
-# trained when absent), FLAGS_FROM (a finished run's folder: its tuned best_*.flags are used instead of tuning here,
-# so that the seeds of a row share one setting chosen on seed 1's valid), K (neighbours, 1024), INDEX (FAISS factory, IVF1024,PQ32),
+# default: scripts/wikitext2_compare.sh's of the same UPDATES and SEED, runs/wikitext2-$UPDATES[-seed$SEED]/vanilla/
+# checkpoint_last.pt; trained into $OUT/vanilla when absent), FLAGS_FROM (a finished run's folder: its tuned
+# best_*.flags are used instead of tuning here, so that the seeds of a row share one setting chosen on seed 1's valid),
+# K (neighbours, 1024), INDEX (FAISS factory, IVF1024,PQ32),
 # NPROBE (16), NTRAIN (keys to train the index, 200000), LONG (long-term memory of TRIMELM_ext, 1024),
 # EVAL_ARGS (256-token rows scored with 128 tokens of context, batch 8).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 UPDATES=${UPDATES:-200}
 SEED=${SEED:-1}
-if [ "$SEED" = 1 ]; then
-  OUT=${OUT:-runs/wikitext2-ext-$UPDATES}
-  VANILLA=${VANILLA:-runs/wikitext2-$UPDATES/vanilla/checkpoint_last.pt}
-else
-  OUT=${OUT:-runs/wikitext2-ext-$UPDATES-seed$SEED}
-  VANILLA=${VANILLA:-$OUT/vanilla/checkpoint_last.pt}
-fi
+suffix=$([ "$SEED" = 1 ] || echo "-seed$SEED")
+OUT=${OUT:-runs/wikitext2-ext-$UPDATES$suffix}
+VANILLA=${VANILLA:-runs/wikitext2-$UPDATES$suffix/vanilla/checkpoint_last.pt}
 DATA=${DATA:-data-bin/wikitext-2}
 RAW=${RAW:-${TRIME_DATA:-../shared/data}/wikitext-2}
 FLAGS_FROM=${FLAGS_FROM:-}
@@ -63,13 +60,18 @@ overrides() {  # run name -> its hydra overrides
     *) echo "unknown run $1" >&2; return 1 ;;
   esac
 }
+vanilla_log="$(dirname "$(dirname "$VANILLA")")/train_vanilla.log"  # a pipeline's training log, when it has one
+if [ -f "$VANILLA" ] && [ "$VANILLA" != "$OUT/vanilla/checkpoint_last.pt" ] && [ -f "$vanilla_log" ] \
+    && ! grep -q "done training" "$vanilla_log"; then
+  echo "$VANILLA is still training (no 'done training' in $vanilla_log): finish it first" >&2; exit 1
+fi
 if [ ! -f "$VANILLA" ] || [ "$VANILLA" = "$OUT/vanilla/checkpoint_last.pt" ]; then  # this run's own: train / resume
   VANILLA="$OUT/vanilla/checkpoint_last.pt"
   train_runs configs/trime wikitext2_small 1 vanilla & vanilla_pid=$!
 fi
 watch_training "$UPDATES" "$OUT/train_trime_ext.log" & watch_pid=$!
 train_runs configs/trime_ext wikitext2_small 1 trime_ext
-wait ${vanilla_pid:-}
+[ -z "${vanilla_pid:-}" ] || wait "$vanilla_pid"  # (a bare wait would also wait for the watcher)
 kill $watch_pid 2>/dev/null || true
 ext="$OUT/trime_ext/checkpoint_last.pt"
 

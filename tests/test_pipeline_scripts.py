@@ -77,28 +77,49 @@ def stubbed_run(tmp_path, script: str, env: dict) -> tuple[subprocess.CompletedP
     return done, log.read_text().splitlines() if log.exists() else []
 
 
-def test_external_pipeline_runs_another_seed_with_seed_1s_flags(tmp_path):
-    """SEED trains both models with that seed in their own folder; FLAGS_FROM replaces every tuning by seed 1's
-    settings (no trime-tune call), and a run whose own flags disagree with FLAGS_FROM's stops."""
+def test_pipelines_run_another_seed_with_seed_1s_flags(tmp_path):
+    """SEED trains the models with that seed in their own folder; FLAGS_FROM replaces every tuning by seed 1's
+    settings (no trime-tune call); the external-memory pipeline reuses the comparison's vanilla LM of the same seed
+    (refusing one that is still training); a run whose own flags disagree with FLAGS_FROM's stops."""
     ref = tmp_path / "seed1"
     ref.mkdir()
-    for name, flags in FLAGS.items():
+    for name, flags in {**FLAGS, "trime": "--eval-memory trime --memory-temperature 1"}.items():
         (ref / f"best_{name}.flags").write_text(flags + "\n")
-    out = tmp_path / "seed2"
-    env = {"UPDATES": "20", "SEED": "2", "OUT": str(out), "FLAGS_FROM": str(ref)}
-    done, calls = stubbed_run(tmp_path, "wikitext2_external.sh", env)
+    compare = tmp_path / "compare_seed2"
+    done, calls = stubbed_run(tmp_path, "wikitext2_compare.sh",
+                              {"UPDATES": "20", "SEED": "2", "OUT": str(compare), "FLAGS_FROM": str(ref)})
     assert done.returncode == 0, done.stderr
     trainings = [c for c in calls if c.startswith("fairseq-hydra-train")]
     assert len(trainings) == 2 and all("common.seed=2" in c for c in trainings)
-    assert all(f"checkpoint.save_dir={out}/" in c for c in trainings)
+    assert {"criterion._name=adaptive_loss", "criterion._name=trime_loss"} <= {w for c in trainings for w in c.split()}
+    assert not [c for c in calls if c.startswith("trime-tune")]
+    assert "| TRIMELM | `--eval-memory trime --memory-temperature 1` | 256.00 | 256.00 |" in \
+        (compare / "results.md").read_text()
+
+    compare_calls = calls
+    vanilla = compare / "vanilla" / "checkpoint_last.pt"
+    out = tmp_path / "seed2"
+    env = {"UPDATES": "20", "SEED": "2", "OUT": str(out), "FLAGS_FROM": str(ref), "VANILLA": str(vanilla)}
+    log = (compare / "train_vanilla.log").read_text()
+    (compare / "train_vanilla.log").write_text("epoch 001\n")  # the comparison's vanilla LM still training
+    done, _ = stubbed_run(tmp_path, "wikitext2_external.sh", env)
+    assert done.returncode != 0 and "still training" in done.stderr
+    (compare / "train_vanilla.log").write_text(log)
+    done, calls = stubbed_run(tmp_path, "wikitext2_external.sh", env)
+    assert done.returncode == 0, done.stderr
+    calls = calls[len(compare_calls):]  # the external pipeline's own
+    trainings = [c for c in calls if c.startswith("fairseq-hydra-train")]
+    assert len(trainings) == 1 and "common.seed=2" in trainings[0] and "configs/trime_ext" in trainings[0]
+    assert f"checkpoint.save_dir={out}/trime_ext" in trainings[0]
     assert not [c for c in calls if c.startswith("trime-tune")]
     evals = [c for c in calls if c.startswith("fairseq-eval-lm")]
     assert len(evals) == 14  # 7 rows x valid, test
-    assert any(FLAGS["knn_cache_long"] in c and "--long-memory-size 1024" in c for c in evals)
+    assert any(FLAGS["knn_cache_long"] in c and "--long-memory-size 1024" in c and f"--path {vanilla}" in c
+               for c in evals)
     assert "| TRIMELM_ext (long memory 1024) |" in (out / "results.md").read_text()
     # a second run skips everything that is done
     done, calls_again = stubbed_run(tmp_path, "wikitext2_external.sh", env)
-    assert done.returncode == 0 and calls_again == calls
+    assert done.returncode == 0 and calls_again == compare_calls + calls
     # flags that disagree with FLAGS_FROM's are an error, not silently replaced
     (out / "best_knn.flags").write_text("--eval-memory knn --knn-temperature 9 --knn-lambda 0.25\n")
     done, _ = stubbed_run(tmp_path, "wikitext2_external.sh", env)
