@@ -28,12 +28,18 @@ watch_training() {  # updates log... : while trainings write their logs, report 
 
 train_runs() {  # CONFIG_DIR CONFIG_NAME JOBS RUNS... : fairseq-hydra-train each run, JOBS at a time, into $OUT/RUN
   # (log $OUT/train_RUN.log; a run whose log says "done training" is skipped, an interrupted one resumes from its
-  # checkpoint_last.pt). Reads OUT, DATA, UPDATES and the caller's overrides() (run name -> its hydra overrides).
+  # checkpoint_last.pt, one still running in another process is waited for). Reads OUT, DATA, UPDATES and the caller's overrides() (run name -> its hydra overrides).
   local dir=$1 name=$2 jobs=$3 run pids=()
   shift 3
   for run in "$@"; do overrides "$run" > /dev/null || return 1; done
   for run in "$@"; do
     local log="$OUT/train_$run.log"
+    # a training already running into the same folder (another instance of the pipeline): wait for it, never start a
+    # second one on its checkpoints
+    if pgrep -f -- "checkpoint.save_dir=$OUT/$run( |\$)" > /dev/null; then
+      say "a training into $OUT/$run is already running: waiting for it"
+      while pgrep -f -- "checkpoint.save_dir=$OUT/$run( |\$)" > /dev/null; do sleep 30; done
+    fi
     grep -q "done training" "$log" 2>/dev/null && continue
     say "training $run ($UPDATES updates) -> $log"
     # shellcheck disable=SC2046

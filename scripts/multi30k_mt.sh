@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # kNN-MT and TRIME-MT on Multi30k de->en, on CPU (docs/results_mt.md); every step is skipped when its output exists.
 #   1. data: scripts/prepare_multi30k.sh; BM25 chain of the training target sentences     (trime-bm25-batches)
+#   2-5. one chain per model, the two side by side (a model's chain goes on as soon as its own training is done):
 #   2. train, same budget: Transformer (cross-entropy, fairseq's batches) and TRIME-MT (trime_mt_loss, BM25
 #      batches)                                                                              (fairseq-hydra-train)
 #   3. datastores of Multi30k train: the Transformer's decoder g, L2 (kNN-MT, Khandelwal et al. 2021);
@@ -44,41 +45,28 @@ source scripts/lib.sh
 # 1. data
 order=$(multi30k_data "$DATA" "$OUT")
 
-# 2. training
-train() {  # name overrides...
-  local log="$OUT/train_$1.log"
-  if [ ! -f "$OUT/$1/checkpoint_last.pt" ] || ! grep -q "done training" "$log" 2>/dev/null; then
-    say "training $1 ($UPDATES updates) -> $log"
-    fairseq-hydra-train --config-dir configs/trime_mt --config-name "$CONFIG" task.data="$DATA" common.seed="$SEED" \
-      optimization.max_update="$UPDATES" checkpoint.save_dir="$OUT/$1" hydra.run.dir="$OUT/hydra_$1" "${@:2}" \
-      > "$log" 2>&1
-  fi
+# 2-5. one chain per model, the two side by side (one core each): train -> datastore -> tune on valid -> test2016
+overrides() {  # run name -> its hydra overrides (train_runs of scripts/lib.sh)
+  case $1 in
+    transformer) echo "common.seed=$SEED criterion._name=cross_entropy ~criterion.ce_warmup_ratio" \
+                      "~criterion.memory_block_size ~criterion.train_memory_temperature ~criterion.train_memory_topk" \
+                      "task.batching=shuffled task.bm25_order=null" ;;
+    trime_mt) echo "common.seed=$SEED task.bm25_order=$order $TRIME" ;;
+    *) echo "unknown run $1" >&2; return 1 ;;
+  esac
 }
-train transformer criterion._name=cross_entropy '~criterion.ce_warmup_ratio' '~criterion.memory_block_size' \
-  '~criterion.train_memory_temperature' '~criterion.train_memory_topk' task.batching=shuffled \
-  task.bm25_order=null & p1=$!
-# shellcheck disable=SC2086
-train trime_mt task.bm25_order="$order" $TRIME & p2=$!
-watch_training "$UPDATES" "$OUT/train_transformer.log" "$OUT/train_trime_mt.log" & watch_pid=$!
-wait $p1; wait $p2
-kill $watch_pid 2>/dev/null || true
 transformer="$OUT/transformer/checkpoint_last.pt"
 trime="$OUT/trime_mt/checkpoint_last.pt"
 
-# 3. datastores
 datastore() {  # checkpoint data split output metric
   [ -f "$4/datastore.json" ] && return
   say "datastore of $2/$3 -> $4 (log $4.log)"
   trime-build-datastore --path "$1" --data "$2" --gen-subset "$3" --output "$4" --metric "$5" \
     --index-factory "${INDEX:-IVF256,Flat}" --nprobe 32 --cpu --no-progress-bar > "$4.log" 2>&1
 }
-datastore "$transformer" "$DATA" train "$OUT/dstore_transformer" l2 & p1=$!
-datastore "$trime" "$DATA" train "$OUT/dstore_trime_mt" ip & p2=$!
-wait $p1; wait $p2
 
 GEN="--user-dir trime_fairseq --task trime_translation --cpu --beam $BEAM --max-tokens 8000 --remove-bpe"
-# 4. tuning on valid
-tune() {  # name checkpoint data mode datastore grid... -> best flags
+tune() {  # name checkpoint data mode datastore grid... -> best flags (by BLEU on the first TUNE_SENTENCES of valid)
   local out="$OUT/tune_$1"
   if [ ! -s "$out.flags" ]; then
     say "tuning $1 by BLEU on the first $TUNE_SENTENCES sentences of $3 valid"
@@ -90,17 +78,7 @@ tune() {  # name checkpoint data mode datastore grid... -> best flags
   [ -s "$out.flags" ] || { say "tuning $1 failed: see $out.err"; return 1; }
   cat "$out.flags"
 }
-# the two grids run side by side (one core each); each writes $OUT/tune_<name>.flags
-tune knn "$transformer" "$DATA" knn "$OUT/dstore_transformer" --knn-temperatures 1,10,100 \
-  --knn-lambdas 0.1,0.3,0.5 > /dev/null & p1=$!
-tune trime_ext "$trime" "$DATA" trime_ext "$OUT/dstore_trime_mt" --temperatures 1 \
-  --interpolation-temperatures 1,10 --interpolation-lambdas 0.1,0.3,0.5 > /dev/null & p2=$!
-wait $p1; wait $p2
-knn_flags=$(cat "$OUT/tune_knn.flags")
-trime_flags=$(cat "$OUT/tune_trime_ext.flags")
-say "tuned: kNN-MT $knn_flags; TRIME-MT $trime_flags"
 
-# 5. test2016
 bleu() {  # name checkpoint data split refs args... -> BLEU line
   local out="$OUT/gen_$1"
   if [ ! -s "$out.bleu" ]; then
@@ -111,13 +89,37 @@ bleu() {  # name checkpoint data split refs args... -> BLEU line
   cat "$out.bleu"
 }
 refs="$DATA/bpe/test.raw.en"
-say "decoding Multi30k test2016 (beam $BEAM)"
-bleu transformer "$transformer" "$DATA" test "$refs" > /dev/null & p1=$!
-bleu knn "$transformer" "$DATA" test "$refs" $knn_flags --datastore "$OUT/dstore_transformer" > /dev/null & p2=$!
+
+transformer_chain() {  # the Transformer and kNN-MT (its decoder g, L2: Khandelwal et al. 2021)
+  train_runs configs/trime_mt "$CONFIG" 1 transformer
+  datastore "$transformer" "$DATA" train "$OUT/dstore_transformer" l2
+  tune knn "$transformer" "$DATA" knn "$OUT/dstore_transformer" --knn-temperatures 1,10,100 \
+    --knn-lambdas 0.1,0.3,0.5 > /dev/null
+  say "decoding Multi30k test2016 (beam $BEAM): Transformer, kNN-MT"
+  bleu transformer "$transformer" "$DATA" test "$refs" > /dev/null
+  # shellcheck disable=SC2046
+  bleu knn "$transformer" "$DATA" test "$refs" $(cat "$OUT/tune_knn.flags") --datastore "$OUT/dstore_transformer" \
+    > /dev/null
+}
+trime_chain() {  # TRIME-MT without memory and with its own (g, inner product: Eq. 6)
+  train_runs configs/trime_mt "$CONFIG" 1 trime_mt
+  datastore "$trime" "$DATA" train "$OUT/dstore_trime_mt" ip
+  tune trime_ext "$trime" "$DATA" trime_ext "$OUT/dstore_trime_mt" --temperatures 1 \
+    --interpolation-temperatures 1,10 --interpolation-lambdas 0.1,0.3,0.5 > /dev/null
+  say "decoding Multi30k test2016 (beam $BEAM): TRIME-MT"
+  bleu trime_none "$trime" "$DATA" test "$refs" > /dev/null
+  # shellcheck disable=SC2046
+  bleu trime_ext "$trime" "$DATA" test "$refs" $(cat "$OUT/tune_trime_ext.flags") --datastore "$OUT/dstore_trime_mt" \
+    > /dev/null
+}
+watch_training "$UPDATES" "$OUT/train_transformer.log" "$OUT/train_trime_mt.log" & watch_pid=$!
+transformer_chain & p1=$!
+trime_chain & p2=$!
 wait $p1; wait $p2
-bleu trime_none "$trime" "$DATA" test "$refs" > /dev/null & p1=$!
-bleu trime_ext "$trime" "$DATA" test "$refs" $trime_flags --datastore "$OUT/dstore_trime_mt" > /dev/null & p2=$!
-wait $p1; wait $p2
+kill $watch_pid 2>/dev/null || true
+knn_flags=$(cat "$OUT/tune_knn.flags")
+trime_flags=$(cat "$OUT/tune_trime_ext.flags")
+say "tuned: kNN-MT $knn_flags; TRIME-MT $trime_flags"
 
 # 6. domain adaptation: IWSLT'14 (TED talks) in the Multi30k vocabulary
 domain=""
