@@ -74,3 +74,48 @@ def test_negative_rounds_is_an_error_before_any_scoring():
         search(MemoryOptions("trime"), {"memory_temperature": [1.0]}, score, rounds=-1, metric="perplexity",
                higher_is_better=False)
     assert score.scored == []
+
+
+def test_an_interrupted_search_resumes_from_its_score_log(tmp_path):
+    """ScoreLog: the points scored before an interruption are read back and not scored again; the search's
+    result is the uninterrupted one's. A cut last line is dropped, a log of another tuning is refused."""
+    from trime_fairseq.cli.score_log import ScoreLog
+
+    base = MemoryOptions(mode="knn", datastore="d")
+    axes = {"knn_temperature": [1.0, 2.0, 4.0], "knn_lambda": [0.2, 0.4]}
+    f = lambda p: -abs(p.knn_temperature - 2) - abs(p.knn_lambda - 0.4)  # noqa: E731
+    full = Scorer(f, plain=-10.0)
+    expected, best, _ = search(base, axes, full, rounds=0, metric="m", higher_is_better=True)
+
+    log = ScoreLog(tmp_path / "points.jsonl", {"checkpoint": "a.pt", "sentences": [0, 1, 2]})
+    assert log.load() == {}
+
+    class Interrupted(Exception):
+        pass
+
+    def stops_after_three(points, r):
+        out = {}
+        for p in points:
+            if len(out) == 3:
+                raise Interrupted
+            out[p] = full(([p]), r)[p]
+            log.append(p, out[p])
+        return out
+
+    with pytest.raises(Interrupted):
+        search(base, axes, stops_after_three, rounds=0, metric="m", higher_is_better=True)
+    with open(log.path, "a") as cut:  # an append cut short by the interruption
+        cut.write('{"options": {"mode": "kn')
+    known = ScoreLog(log.path, {"checkpoint": "a.pt", "sentences": [0, 1, 2]}).load()
+    assert len(known) == 3 and log.path.read_text().endswith("}\n")  # the cut line is gone from the file too
+    rest = Scorer(f, plain=-10.0)
+    scores, best_again, _ = search(base, axes, rest, rounds=0, metric="m", higher_is_better=True, known=known)
+    assert scores == expected and best_again == best
+    assert len(rest.scored) == len(expected) - 3 and not set(rest.scored) & set(known)
+
+    with pytest.raises(ValueError, match="another tuning"):
+        ScoreLog(log.path, {"checkpoint": "b.pt", "sentences": [0, 1, 2]}).load()
+    lines = log.path.read_text().splitlines()
+    log.path.write_text("\n".join([lines[0], "not json", *lines[1:]]) + "\n")  # damage inside: refused
+    with pytest.raises(ValueError, match="line 2 is not a scored point"):
+        ScoreLog(log.path, {"checkpoint": "a.pt", "sentences": [0, 1, 2]}).load()

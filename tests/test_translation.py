@@ -355,6 +355,38 @@ def test_cli_train_datastore_generate_on_multi30k(multi30k_bin, tmp_path):
     assert widened["knn_k"] in ([2, 4, 8], [4, 8, 16]) and widened["knn_temperature"] == [5.0, 10.0, 20.0]
     assert widened["knn_lambda"] == pytest.approx([0.25, 0.5, 0.6])
     assert len(report["points"]) == len(results) == 2 + 25 and report["best"] == tune_mt.describe(best)
+    points_log = tmp_path / "tune_mt.json.points.jsonl"
+    assert not points_log.exists()  # removed once the results are written
+    # an interrupted tuning resumes: started again with the same arguments it decodes only the points it lacks,
+    # and their BLEU is the uninterrupted run's
+    short = tune_args[:tune_args.index("--widen-edges")] + ["--widen-edges", "0", "--results-json",
+                                                            str(tmp_path / "short.json")]
+    decoded, real_bleu = [], tune_mt.bleu
+
+    def interrupted(*args):
+        if len(decoded) == 2:
+            raise KeyboardInterrupt
+        decoded.append(real_bleu(*args))
+        return decoded[-1]
+
+    tune_mt.bleu = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tune_mt.main(short)
+    finally:
+        tune_mt.bleu = real_bleu
+    assert len((tmp_path / "short.json.points.jsonl").read_text().splitlines()) == 1 + 2
+    counted = []
+    tune_mt.bleu = lambda *args: counted.append(1) or real_bleu(*args)
+    try:
+        _, resumed = tune_mt.main(short)
+    finally:
+        tune_mt.bleu = real_bleu
+    assert len(counted) == 1 and len(resumed) == 2  # K 4, K 8 (and the plain point): two of the three from the log
+    assert all(resumed[p] == pytest.approx(results[p]) for p in resumed)
+    with pytest.raises(ValueError, match="another tuning"):  # a log of other arguments is not mixed in
+        (tmp_path / "short.json.points.jsonl").write_text('{"score_log": {"checkpoint": "elsewhere"}}\n')
+        tune_mt.main(short)
     valid = run_cli([*generate[:generate.index("--gen-subset") + 1], "valid",
                      *generate[generate.index("--gen-subset") + 2:generate.index("--eval-memory")],
                      *report["best"].split(), "--datastore", dstore], env={"OMP_NUM_THREADS": "1"})

@@ -20,7 +20,7 @@ some registered mode tunes, :func:`grid_axes` reads those of the mode asked for.
 
 import logging
 from dataclasses import replace
-from typing import Callable, Dict, List, Mapping, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from trime_fairseq.memory.modes import REGISTRY, modes_where
 from trime_fairseq.memory.options import MemoryOptions
@@ -131,20 +131,29 @@ def check_rounds(rounds: int) -> None:
 
 
 def search(base: MemoryOptions, axes: Dict[str, List[float]], score: Score, rounds: int, metric: str,
-           higher_is_better: bool, describe: Callable[[MemoryOptions], str] = str):
+           higher_is_better: bool, describe: Callable[[MemoryOptions], str] = str,
+           known: Optional[Mapping[MemoryOptions, float]] = None):
     """Score the grid (the plain model's point included), widening edges up to ``rounds`` times.
 
-    ``score(points, round)`` answers for the points not scored yet. Returns (the score of every
-    point, the best point with memory, one record per round: axes, best, its ``metric``, axes on
-    an edge)."""
+    ``score(points, round)`` answers for the points not scored yet; ``known``: scores of an earlier, interrupted
+    run of the same tuning (:class:`~trime_fairseq.cli.score_log.ScoreLog`), whose points are not scored again
+    (only those of the grid count). Returns (the score of every point of the grids, the best point with memory,
+    one record per round: axes, best, its ``metric``, axes on an edge)."""
     check_rounds(rounds)
+    known = dict(known or {})
     scores: Dict[MemoryOptions, float] = {}
     history = []
     pick = max if higher_is_better else min
     for r in range(1, rounds + 2):
         points = [p for p in grid(base, axes) if p not in scores]
-        logger.info(f"round {r}: {len(points)} new grid points ({', '.join(f'{k}={v}' for k, v in axes.items())})")
-        scores.update(score(points, r))
+        reused = {p: known[p] for p in points if p in known}
+        points = [p for p in points if p not in reused]
+        logger.info(f"round {r}: {len(points)} new grid points"
+                    f"{f' ({len(reused)} more scored by an earlier run)' if reused else ''} "
+                    f"({', '.join(f'{k}={v}' for k, v in axes.items())})")
+        scores.update(reused)
+        if points:
+            scores.update(score(points, r))
         best = pick((p for p in scores if not p.plain), key=scores.get)
         edges = on_edge(axes, best)
         history.append(dict(round=r, axes={k: list(v) for k, v in axes.items()}, best=describe(best),

@@ -25,10 +25,15 @@ keep that search's best-first hits (the same as searching for K).
 an edge of its grid, that axis is extended past the edge (K and temperatures doubled or
 halved, λ towards 0 or 1; :mod:`trime_fairseq.cli.grid_search`) and the new points are
 decoded, at most R more times; the output says when a best value is still on an edge.
+
+With ``--results-json FILE`` every point is also logged to ``FILE.points.jsonl`` as soon as it is
+decoded: an interrupted tuning started again with the same arguments decodes only the points it lacks
+(:mod:`trime_fairseq.cli.score_log`); the log is removed once FILE is written.
 """
 
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -38,6 +43,7 @@ import torch
 from trime_fairseq.atomic import atomic_write_text
 from trime_fairseq.cli import setup_logging
 from trime_fairseq.cli.grid_search import add_grid_args, check_rounds, edge_note, grid_axes, search
+from trime_fairseq.cli.score_log import ScoreLog
 
 logger = logging.getLogger("trime_fairseq.tune_mt")
 
@@ -151,6 +157,20 @@ def main(argv=None):
         raise ValueError(f"no sentences to decode in '{cfg.dataset.gen_subset}'")
     generator = task.build_generator([model], cfg.generation)
     pad = task.target_dictionary.pad()
+    log, known = None, {}
+    if args.results_json:  # what a point's BLEU depends on besides its options: a resumed run must match it
+        from omegaconf import OmegaConf
+
+        checkpoint = os.stat(cfg.common_eval.path)
+        log = ScoreLog(args.results_json + ".points.jsonl", dict(
+            checkpoint=os.path.abspath(cfg.common_eval.path), checkpoint_bytes=checkpoint.st_size,
+            checkpoint_mtime_ns=checkpoint.st_mtime_ns, data=cfg.task.data, split=cfg.dataset.gen_subset,
+            sentences=sorted(int(i) for s in samples for i in s["id"].tolist()), post_process=cfg.common_eval.post_process,
+            model_overrides=cfg.common_eval.model_overrides,
+            generation=OmegaConf.to_container(cfg.generation, resolve=True)))
+        known = log.load()
+        if known:
+            logger.info(f"{len(known)} points already scored in {log.path}: not decoded again")
 
     def score(points, r):
         external = None
@@ -163,12 +183,14 @@ def main(argv=None):
             route_normalized_probs(model, EvalMemory(opt, pad, external=external, local=False,
                                                      sentence_pairs=pairs))  # none: plain
             results[opt] = bleu(cfg, task, model, samples, generator)
+            if log is not None:
+                log.append(opt, results[opt])
             logger.info(f"round {r}: {n + 1}/{len(points)}: BLEU {results[opt]:.2f}  {describe(opt)} "
                         f"({time.time() - start:.0f}s)")
         return results
 
     results, best, history = search(base, axes, score, args.widen_edges, metric="bleu", higher_is_better=True,
-                                    describe=describe)
+                                    describe=describe, known=known)
     plain = results.pop(next(p for p in results if p.plain))
     sentences = sum(len(s["id"]) for s in samples)
     print(f"{'BLEU':>8}  options ({cfg.dataset.gen_subset}, {sentences} sentences)")
@@ -184,6 +206,7 @@ def main(argv=None):
             points=[dict(flags=describe(p), bleu=v, options=asdict(p))
                     for p, v in sorted(results.items(), key=lambda kv: -kv[1])],
         ), indent=2) + "\n")
+        log.remove()
     return best, results
 
 
