@@ -1,6 +1,7 @@
 """The shell pipelines' shared helpers (scripts/lib.sh): one parser of fairseq-eval-lm's perplexity for every script."""
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,13 @@ STUBS = {  # fake CLIs for a dry run of a pipeline: each logs its call and write
                                 '"8": 0.2, "64": 0.3, "1024": 0.4}, "metric": "l2", "positions": 5}\' > "$2"; shift; done',
     "fairseq-eval-lm": 'echo "Loss (base 2): 8.0, Perplexity: 256.00"',
     "trime-tune": "exit 1",  # a seed run with FLAGS_FROM must not tune
+    "trime-tune-mt": 'case "$*" in *"--eval-memory knn"*) f="--eval-memory knn --knn-k 8 --knn-temperature 10 '
+                     '--knn-lambda 0.3";; *) f="--eval-memory trime_ext --knn-k 16 --memory-temperature 1";; esac\n'
+                     'echo "best: $f  (valid BLEU 30.00; without memory 27.00)"',
+    "fairseq-generate": 'echo "H-0\t-0.1\ta hypothesis"',
+    "python": 'if [ "$1" = scripts/sacrebleu_from_generate.py ]; then echo "BLEU = 31.25 60.0/40.0/30.0/20.0 '
+              '(BP = 1.000) | nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.4.0 |"; '
+              'else exec "$REAL_PYTHON" "$@"; fi',
 }
 FLAGS = {"cache": "--eval-memory cache --cache-lambda 0.2 --cache-theta 0.05",
          "cache_long": "--eval-memory cache --cache-lambda 0.3 --cache-theta 0.1",
@@ -67,12 +75,16 @@ def stubbed_run(tmp_path, script: str, env: dict) -> tuple[subprocess.CompletedP
     bin_dir.mkdir(exist_ok=True)
     for name, body in STUBS.items():
         stub = bin_dir / name
-        stub.write_text(f'#!/usr/bin/env bash\necho "{name} $*" >> "{log}"\n{body}\n')
+        logged = "" if name == "python" else f'echo "{name} $*" >> "{log}"\n'  # python: only the stubbed script
+        stub.write_text(f'#!/usr/bin/env bash\n{logged}{body}\n')
         stub.chmod(0o755)
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)
     (data / "dict.txt").write_text("a 1\n")
-    full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "DATA": str(data), **env}
+    (data / "dict.en.txt").write_text("a 1\n")
+    (data / "bm25-target.order").write_text("0\n")
+    full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "DATA": str(data),
+                "REAL_PYTHON": sys.executable, **env}
     done = subprocess.run(["bash", f"scripts/{script}"], cwd=ROOT, env=full_env, capture_output=True, text=True)
     return done, log.read_text().splitlines() if log.exists() else []
 
@@ -141,3 +153,29 @@ def test_seed_table_means_and_refuses_missing_seeds(tmp_path):
     (tmp_path / "memory_s2.test").unlink()
     done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode != 0 and "memory_s2.test is missing" in done.stderr and not done.stdout
+
+
+def test_mt_pipeline_runs_one_chain_per_model(tmp_path):
+    """scripts/multi30k_mt.sh: each model's chain (training, datastore, tuning, test2016) follows its own training;
+    the table holds every row with the tuned flags; a second run redoes nothing."""
+    out = tmp_path / "mt"
+    env = {"UPDATES": "20", "SEED": "2", "OUT": str(out), "IWSLT": "/nonexistent",
+           "TRIME": "criterion.train_memory_topk=8"}
+    done, calls = stubbed_run(tmp_path, "multi30k_mt.sh", env)
+    assert done.returncode == 0, done.stderr
+    trainings = [c for c in calls if c.startswith("fairseq-hydra-train")]
+    assert len(trainings) == 2 and all("common.seed=2" in c for c in trainings)
+    assert any("criterion._name=cross_entropy" in c and "task.batching=shuffled" in c for c in trainings)
+    assert any("criterion.train_memory_topk=8" in c and "task.bm25_order=" in c for c in trainings)
+    for model, memory in (("transformer", "knn"), ("trime_mt", "trime_ext")):
+        chain = [c for c in calls if f"{out}/{model}/" in c or f"checkpoint.save_dir={out}/{model}" in c]
+        kinds = [c.split()[0] for c in chain]
+        assert kinds == ["fairseq-hydra-train", "trime-build-datastore", "trime-tune-mt", "fairseq-generate",
+                         "fairseq-generate"], kinds
+        assert f"--eval-memory {memory}" in chain[2] and f"--results-json {out}/tune_" in chain[2]
+    table = (out / "results.md").read_text()
+    assert "| Transformer: kNN-MT | `--eval-memory knn --knn-k 8 --knn-temperature 10 --knn-lambda 0.3` " \
+           "(Multi30k train) | 31.25 |" in table
+    assert table.count("| 31.25 |") == 4
+    done, again = stubbed_run(tmp_path, "multi30k_mt.sh", env)
+    assert done.returncode == 0 and again == calls
