@@ -555,3 +555,34 @@ def test_diagnosis_statistics_equal_naive_sums_and_autograd():
     (grad,) = torch.autograd.grad(-log_p.sum(), full)
     torch.testing.assert_close(stats["grad_trime"].double(), grad.gather(1, target.unsqueeze(1)).squeeze(1))
     assert stats["memory_share"][0] == 0 and stats["entries"][0] == 0
+
+
+@pytest.mark.parametrize("left_pad_source", [True, False])
+def test_forward_chunks_give_the_one_forward_loss_and_gradients(left_pad_source):
+    """--forward-chunks: the batch's forward in length chunks, each cropped to its own longest sentence, gives
+    the loss terms and gradients of one forward over the padded batch (the memory still spans the batch)."""
+    task = mt_task(left_pad_source=left_pad_source)
+    model = tiny_mt(task)  # eval: no dropout
+    data = pairs(task, n=9, seed=5)
+    data.left_pad_source = left_pad_source
+    sample = batch(data)
+    params = [p for p in model.parameters() if p.requires_grad]
+    outs = {}
+    for chunks in (1, 3, 20):
+        trime, ce, in_memory, valid = mt_criterion(task, forward_chunks=chunks, train_memory_topk=3).token_losses(
+            model, sample)
+        grads = torch.autograd.grad(trime[valid].sum() + 0.5 * ce[valid].sum(), params, allow_unused=True)
+        outs[chunks] = (trime[valid], ce[valid], in_memory[valid], grads)
+    from trime_fairseq.criterions.trime_mt_loss import length_chunks
+
+    pad = task.target_dictionary.pad()
+    crops = [chunk["target"].shape for _, chunk in length_chunks(sample, 3, left_pad_source, pad)]
+    assert sum(b for b, _ in crops) == 9 and min(t for _, t in crops) < sample["target"].size(1)  # really cropped
+    for chunks in (3, 20):
+        for a, b in zip(outs[1][:3], outs[chunks][:3]):
+            torch.testing.assert_close(a, b)
+        for a, b in zip(outs[1][3], outs[chunks][3]):
+            if a is not None or b is not None:
+                torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="--forward-chunks must be >= 1"):
+        mt_criterion(task, forward_chunks=0)

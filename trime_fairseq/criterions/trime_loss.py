@@ -136,15 +136,13 @@ class TrimeLoss(FairseqCriterion):
         ``trime`` / ``in_memory`` are None.
         """
         ensure_key_capture(model)
-        net_output = model(**sample["net_input"])
-        target = model.get_targets(sample, net_output)  # (B, T)
+        token_score, token_lse, keys, target = self.forward_outputs(model, sample)  # (B·T,) (B·T,) (B, T, d) (B, T)
         valid = target.ne(self.padding_idx)
-        token_score, token_lse = target_token_scores(model.decoder, net_output, target)  # (B·T,)
         ce = token_lse - token_score
         if not with_memory:
             return None, ce, None, valid.reshape(-1)
 
-        memory = self.training_memory(get_keys(net_output), target, valid, sample)
+        memory = self.training_memory(keys, target, valid, sample)
         stream_shape = memory.mask.shape[:-1]  # (R, S)
         stream_target = target.reshape(stream_shape)
         log_prob = joint_target_log_prob(
@@ -157,6 +155,14 @@ class TrimeLoss(FairseqCriterion):
         )
         in_memory = (memory.mask & (memory.values == stream_target.unsqueeze(-1))).any(-1)
         return -log_prob.reshape(-1), ce, in_memory.reshape(-1), valid.reshape(-1)
+
+    def forward_outputs(self, model, sample):
+        """The model's forward over the batch: (score of the target, log-partition of the token term), both
+        (B·T,) float32, the keys g (B, T, d) and the target (B, T)."""
+        net_output = model(**sample["net_input"])
+        target = model.get_targets(sample, net_output)  # (B, T)
+        token_score, token_lse = target_token_scores(model.decoder, net_output, target)  # (B·T,)
+        return token_score, token_lse, get_keys(net_output), target
 
     def forward(self, model, sample, reduce=True):
         warmup = self.in_warmup  # plain cross-entropy: the memory is not even built

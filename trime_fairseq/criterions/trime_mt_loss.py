@@ -22,6 +22,15 @@ entries). With every entry at τ_train = 1 (the defaults: Eq. 5 as the paper wri
 token logit receives almost no gradient (it is scaled by the token head's share of the
 numerator) and the token distribution starves: docs/results_mt.md, "Why TRIME-MT collapsed".
 
+``--forward-chunks C`` splits each batch into C sub-batches of sentences of similar lengths for the
+model's forward pass, each cropped to its own longest source and target; the memory still spans the
+whole batch (the keys of every chunk are put back in the batch's order before it is built), so the loss
+and its gradients are the one-forward ones (a transformer treats each sentence alone; with dropout the
+masks differ, not their distribution). A BM25 batch gathers sentences by content, not length: about half
+of its padded tokens are padding (Multi30k, ``--bm25-fill real --max-tokens 3880``: 45% of the target and
+43% of the source tokens are real, against 90% / 100% for fairseq's length-sorted batches), and the
+forward computes them all.
+
 Cross-entropy warm-up and logging as ``trime_loss`` (``in_memory``: share of target
 tokens found among the other sentences' targets). ``--memory-across-workers``: the
 other sentences of every data-parallel worker's batch of the step join the memory
@@ -50,6 +59,12 @@ class TrimeMTLossConfig(TrimeLossConfig):
                   "sentences (TRIME's released MT code: --topk-mem 8); 0: every entry (Eq. 5 as the paper writes "
                   "it). Scores the dense memory, whatever --memory-block-size"},
     )
+    forward_chunks: int = field(
+        default=1,
+        metadata={"help": "run the model's forward on this many sub-batches of sentences of similar lengths, each "
+                  "cropped to its own longest source and target (a BM25 batch is about half padding); the memory "
+                  "still spans the whole batch; 1: one forward over the padded batch"},
+    )
     memory_block_size: int = field(
         default=4096,
         metadata={"help": "batches of more than this many target positions (B·T) are scored in checkpointed "
@@ -63,7 +78,7 @@ class TrimeMTLoss(TrimeLoss):
 
     def __init__(self, task, ce_warmup_ratio, ce_warmup_updates, max_update, sentence_avg,
                  train_memory_temperature=1.0, memory_block_size=4096, memory_across_workers=False,
-                 train_memory_topk=0):
+                 train_memory_topk=0, forward_chunks=1):
         super().__init__(task, ce_warmup_ratio, ce_warmup_updates, max_update, sentence_avg, memory_across_workers)
         if not train_memory_temperature > 0:
             raise ValueError(f"--train-memory-temperature must be > 0, got {train_memory_temperature}")
@@ -74,6 +89,32 @@ class TrimeMTLoss(TrimeLoss):
         self.memory_temperature = float(train_memory_temperature)
         self.memory_block_size = memory_block_size
         self.memory_topk = int(train_memory_topk)
+        if forward_chunks < 1:
+            raise ValueError(f"--forward-chunks must be >= 1, got {forward_chunks}")
+        if forward_chunks > 1 and getattr(task.cfg, "left_pad_target", False):
+            raise ValueError("--forward-chunks crops right-padded targets: it needs --left-pad-target False")
+        self.forward_chunks = int(forward_chunks)
+
+    def forward_outputs(self, model, sample):
+        """TrimeLoss's outputs, from one forward per length chunk with ``--forward-chunks``: the scores (B·T,)
+        and keys (B, T, d) of every chunk put back at their sentences' rows (zero at padding, which no loss term
+        and no memory entry reads)."""
+        target = sample["target"]  # (B, T)
+        if self.forward_chunks == 1 or target.size(0) < 2:
+            return super().forward_outputs(model, sample)
+        bsz, tsz = target.shape
+        score = lse = keys = None
+        for rows, chunk in length_chunks(sample, self.forward_chunks, self.task.cfg.left_pad_source,
+                                         self.padding_idx):
+            chunk_score, chunk_lse, chunk_keys, chunk_target = super().forward_outputs(model, chunk)
+            b, t = chunk_target.shape
+            if keys is None:  # the dtypes of the one-forward outputs (scores float32 at least, keys the model's)
+                score, lse = chunk_score.new_zeros(bsz, tsz), chunk_lse.new_zeros(bsz, tsz)
+                keys = chunk_keys.new_zeros(bsz, tsz, chunk_keys.size(-1))
+            score[rows, :t] = chunk_score.view(b, t)
+            lse[rows, :t] = chunk_lse.view(b, t)
+            keys[rows, :t] = chunk_keys
+        return score.reshape(-1), lse.reshape(-1), keys, target
 
     def training_memory(self, keys, target, valid, sample) -> MemoryBatch:
         """keys (B, T, d) decoder g; target, valid (B, T): one stream of N = B·T target positions,
@@ -92,3 +133,20 @@ class TrimeMTLoss(TrimeLoss):
             raise ValueError(f"--train-memory-topk scores the dense memory, which this batch cannot hold ({e}); "
                              "lower --max-tokens (--memory-block-size does not apply to the top-K)") from e
         return top_entries(memory, self.memory_topk) if self.memory_topk else memory  # (1, N, min(K, M))
+
+
+def length_chunks(sample, chunks: int, left_pad_source: bool, pad: int):
+    """Split a translation batch into at most ``chunks`` sub-batches of equally many sentences, by target then
+    source length, each cropped to its own longest target and source: yields (rows (b,) of the batch, sub-sample
+    with ``net_input`` and ``target``)."""
+    net_input, target = sample["net_input"], sample["target"]  # target, prev_output_tokens: (B, T), right-padded
+    tgt_len = target.ne(pad).sum(1)
+    src_len = net_input["src_lengths"]
+    order = torch.argsort(tgt_len * (int(src_len.max()) + 1) + src_len, descending=True)
+    for rows in order.tensor_split(min(chunks, len(order))):
+        t, s = int(tgt_len[rows].max()), int(src_len[rows].max())
+        src = net_input["src_tokens"][rows]
+        src = src[:, src.size(1) - s:] if left_pad_source else src[:, :s]
+        yield rows, {"net_input": {"src_tokens": src, "src_lengths": src_len[rows],
+                                   "prev_output_tokens": net_input["prev_output_tokens"][rows, :t]},
+                     "target": target[rows, :t]}
