@@ -18,14 +18,18 @@ import time
 import torch
 
 
-def main():
+def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data")
     parser.add_argument("--bm25-order", required=True)
     parser.add_argument("--chunks", default="1,2,4,8")
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--runs", type=int, default=3)
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = get_parser().parse_args()
 
     from fairseq import options, tasks
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf

@@ -28,7 +28,8 @@ watch_training() {  # updates log... : while trainings write their logs, report 
 
 train_runs() {  # CONFIG_DIR CONFIG_NAME JOBS RUNS... : fairseq-hydra-train each run, JOBS at a time, into $OUT/RUN
   # (log $OUT/train_RUN.log; a run whose log says "done training" is skipped, an interrupted one resumes from its
-  # checkpoint_last.pt, one still running in another process is waited for). Reads OUT, DATA, UPDATES and the caller's overrides() (run name -> its hydra overrides).
+  # checkpoint_last.pt, one still running in another process is waited for). Reads OUT, DATA, UPDATES and the
+  # caller's overrides() (run name -> its hydra overrides).
   local dir=$1 name=$2 jobs=$3 run pids=()
   shift 3
   for run in "$@"; do overrides "$run" > /dev/null || return 1; done
