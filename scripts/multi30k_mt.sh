@@ -16,7 +16,7 @@
 #   scripts/multi30k_mt.sh                 # UPDATES=1000
 #
 #   CONFIG=multi30k_d256 UPDATES=2200 SEED=2 TRIME="task.bm25_fill=real dataset.max_tokens=3880 \
-#     criterion.train_memory_topk=8 criterion.train_memory_temperature=10" scripts/multi30k_mt.sh   # one seed of item 4
+#     criterion.train_memory_topk=8 criterion.train_memory_temperature=10 +criterion.forward_chunks=4" scripts/multi30k_mt.sh   # one seed of item 4
 #
 # Environment: UPDATES (1000), CONFIG (configs/trime_mt/CONFIG.yaml: multi30k_small), SEED (1), TRIME (extra hydra
 # overrides of the TRIME-MT run), OUT (runs/multi30k-mt-$UPDATES for multi30k_small seed 1, else
