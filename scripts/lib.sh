@@ -58,6 +58,22 @@ running() {  # pid... : how many of them still run (the caller's other backgroun
   echo "$n"
 }
 
+best_flags_of() {  # [tune output] : the flags of a trime-tune / trime-tune-mt "best: FLAGS  (...)" line (file or stdin)
+  sed -n 's/^best: \(.*\)  (.*/\1/p' "$@"
+}
+
+flags_from() {  # FROM NAME... : FROM/best_NAME.flags into $OUT (settings chosen on another run, e.g. seed 1's valid,
+  # instead of tuning here); a flags file of $OUT that disagrees with FROM's is an error, never replaced
+  local from=$1 name
+  shift
+  for name in "$@"; do
+    [ -s "$from/best_$name.flags" ] || { echo "FLAGS_FROM: no $from/best_$name.flags" >&2; return 1; }
+    [ -s "$OUT/best_$name.flags" ] || cp "$from/best_$name.flags" "$OUT/best_$name.flags"
+    cmp -s "$from/best_$name.flags" "$OUT/best_$name.flags" || {
+      echo "$OUT/best_$name.flags differs from FLAGS_FROM's: remove it or unset FLAGS_FROM" >&2; return 1; }
+  done
+}
+
 tune_progress() {  # label : pass trime-tune's stderr through, showing its progress lines with the label
   tee -a "$1.err" | grep --line-buffered -E "round [0-9]+:" | sed -u "s/^.*| trime_fairseq\.[a-z_]* | /  $(basename "$1"): /" >&2
 }

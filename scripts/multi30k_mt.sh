@@ -73,7 +73,7 @@ tune() {  # name checkpoint data mode datastore grid... -> best flags (by BLEU o
     trime-tune-mt "$3" $GEN --path "$2" --gen-subset valid --eval-memory "$4" --datastore "$5" \
       --max-sentences-for-tuning "$TUNE_SENTENCES" --ks "$KS" --results-json "$out.json" "${@:6}" \
       > "$out.txt" 2> "$out.err"
-    sed -n 's/^best: \(.*\)  (.*/\1/p' "$out.txt" > "$out.flags"
+    best_flags_of "$out.txt" > "$out.flags"
   fi
   [ -s "$out.flags" ] || { say "tuning $1 failed: see $out.err"; return 1; }
   cat "$out.flags"

@@ -45,7 +45,7 @@ best_flags() {  # checkpoint mode grid-args... -> best eval-memory flags on vali
   local name="$OUT/tune_$(basename "$(dirname "$1")")_$2"
   trime-tune "$DATA" --user-dir trime_fairseq --task trime_lm --path "$1" --gen-subset valid \
     --cpu --no-progress-bar $EVAL_ARGS --eval-memory "$2" --widen-edges 3 --results-json "$name.json" "${@:3}" \
-    2> >(tune_progress "$name") | tee "$name.txt" | sed -n 's/^best: \(.*\)  (.*/\1/p'
+    2> >(tune_progress "$name") | tee "$name.txt" | best_flags_of
 }
 
 watch_training "$UPDATES" "$OUT/train_vanilla.log" "$OUT/train_trime.log" & watch_pid=$!
@@ -54,14 +54,7 @@ kill $watch_pid 2>/dev/null || true
 vanilla="$OUT/vanilla/checkpoint_last.pt"
 trime="$OUT/trime/checkpoint_last.pt"
 
-if [ -n "$FLAGS_FROM" ]; then  # seed 1's settings instead of tuning; a disagreeing flags file stops the run
-  for f in cache trime; do
-    [ -s "$FLAGS_FROM/best_$f.flags" ] || { echo "FLAGS_FROM: no $FLAGS_FROM/best_$f.flags" >&2; exit 1; }
-    [ -s "$OUT/best_$f.flags" ] || cp "$FLAGS_FROM/best_$f.flags" "$OUT/best_$f.flags"
-    cmp -s "$FLAGS_FROM/best_$f.flags" "$OUT/best_$f.flags" || {
-      echo "$OUT/best_$f.flags differs from FLAGS_FROM's: remove it or unset FLAGS_FROM" >&2; exit 1; }
-  done
-fi
+[ -z "$FLAGS_FROM" ] || flags_from "$FLAGS_FROM" cache trime  # seed 1's settings instead of tuning
 say "tuning on valid: the continuous cache of the vanilla LM (λ x θ) and TRIMELM's τ, one pass per grid round"
 [ -s "$OUT/best_cache.flags" ] || best_flags "$vanilla" cache > "$OUT/best_cache.flags" & cache_pid=$!
 [ -s "$OUT/best_trime.flags" ] || best_flags "$trime" trime > "$OUT/best_trime.flags" & trime_pid=$!

@@ -107,7 +107,7 @@ control() {  # variant
   local cache tune=(tune_on_valid "$1" --long-memory-size "$LONG")
   tuned "$OUT/tune_cache_long_$1.txt" || "${tune[@]}" --eval-memory cache --results-json "$OUT/tune_cache_long_$1.json" \
     > "$OUT/tune_cache_long_$1.txt" 2> "$OUT/tune_cache_long_$1.err"
-  cache=$(sed -n 's/^best: --eval-memory cache \(.*\)  (.*/\1/p' "$OUT/tune_cache_long_$1.txt")
+  cache=$(best_flags_of "$OUT/tune_cache_long_$1.txt" | sed 's/^--eval-memory cache //')
   [ -n "$cache" ] || { echo "tuning the cache of $1 failed: see $OUT/tune_cache_long_$1.err" >&2; return 1; }
   tuned "$OUT/tune_knn_cache_long_$1.txt" || "${tune[@]}" --eval-memory knn --datastore "$(dstore_of "$1")" --knn-k "$K" \
     $cache --knn-temperatures 1,2,5,10,20,50 --knn-lambdas 0.05,0.1,0.25,0.4,0.6 \

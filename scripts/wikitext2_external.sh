@@ -98,19 +98,12 @@ retrieval "$OUT/dstore_trime_ext" trime_ext & pids+=($!)
 for pid in "${pids[@]}"; do wait "$pid"; done
 
 # 4. tuning on valid (one forward pass and one search per batch for the whole grid), or FLAGS_FROM's settings
-if [ -n "$FLAGS_FROM" ]; then
-  for f in cache cache_long knn knn_cache knn_cache_long trime_ext trime_ext_long; do
-    [ -s "$FLAGS_FROM/best_$f.flags" ] || { echo "FLAGS_FROM: no $FLAGS_FROM/best_$f.flags" >&2; exit 1; }
-    [ -s "$OUT/best_$f.flags" ] || cp "$FLAGS_FROM/best_$f.flags" "$OUT/best_$f.flags"
-    cmp -s "$FLAGS_FROM/best_$f.flags" "$OUT/best_$f.flags" || {
-      echo "$OUT/best_$f.flags differs from FLAGS_FROM's: remove it or unset FLAGS_FROM" >&2; exit 1; }
-  done
-fi
+[ -z "$FLAGS_FROM" ] || flags_from "$FLAGS_FROM" cache cache_long knn knn_cache knn_cache_long trime_ext trime_ext_long
 best_flags() {  # name checkpoint args... -> best flags (grids widened until no best value is on an edge)
   say "tuning $1 on valid"
   trime-tune "$DATA" --user-dir trime_fairseq --task trime_lm --path "$2" --gen-subset valid --cpu \
     --no-progress-bar $EVAL_ARGS --widen-edges 3 --results-json "$OUT/tune_$1.json" "${@:3}" \
-    2> >(tune_progress "$OUT/tune_$1") | tee "$OUT/tune_$1.txt" | sed -n 's/^best: \(.*\)  (.*/\1/p'
+    2> >(tune_progress "$OUT/tune_$1") | tee "$OUT/tune_$1.txt" | best_flags_of
 }
 knn="--datastore $OUT/dstore_vanilla --knn-k $K"
 trime_ext="--datastore $OUT/dstore_trime_ext --knn-k $K"

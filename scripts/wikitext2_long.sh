@@ -44,7 +44,7 @@ tune() {  # name mode -> best eval-memory flags on valid (local memory)
   [ -s "$out" ] || python -m trime_fairseq.cli.tune "$DATA" --user-dir trime_fairseq --task trime_lm \
     --path "$OUT/$1/checkpoint_last.pt" --gen-subset valid --cpu --no-progress-bar $EVAL_ARGS \
     --eval-memory "$2" --widen-edges 3 --results-json "$OUT/tune_$1.json" > "$out" 2> >(tune_progress "$OUT/tune_$1")
-  sed -n 's/^best: \(.*\)  (.*/\1/p' "$out"
+  best_flags_of "$out"
 }
 
 trime_long_flags=$(tune trime_long trime)

@@ -75,7 +75,7 @@ tune="$OUT/tune_cache.txt"
 [ -s "$tune" ] || python -m trime_fairseq.cli.tune "$DATA" $EVAL --path "$BACKBONE" --gen-subset valid \
   --batch-size 8 --eval-memory cache --long-memory-size "$TUNE_SIZE" --memory-reset document \
   --cache-lambdas 0.02,0.05,0.1,0.2 --cache-thetas 0.05,0.1,0.3,0.5 > "$tune" 2> "$OUT/tune_cache.err"
-cache_flags=$(sed -n 's/^best: \(.*\)  (.*/\1/p' "$tune")
+cache_flags=$(best_flags_of "$tune")
 
 {
   echo "| model | M | valid ppl | test ppl |"

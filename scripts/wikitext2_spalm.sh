@@ -97,7 +97,7 @@ best_flags() {  # name checkpoint -> best flags
     --path "$2" --gen-subset valid --neighbours "$neighbours" "${EVAL[@]}" --no-progress-bar \
     --eval-memory neighbour_knn --knn-temperatures 0.5,1,2,5,10 --knn-lambdas 0.05,0.1,0.2,0.3,0.4 \
     --results-json "$OUT/tune_$1.json" 2> "$OUT/tune_$1.err" | tee "$OUT/tune_$1.txt" \
-    | sed -n 's/^best: \(.*\)  (.*/\1/p' > "$OUT/best_$1.flags"
+    | best_flags_of > "$OUT/best_$1.flags"
   [ -s "$OUT/best_$1.flags" ] || { echo "tuning $1 failed: see $OUT/tune_$1.err" >&2; exit 1; }
 }
 best_flags knn_lm "$txl"

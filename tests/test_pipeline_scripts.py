@@ -28,6 +28,14 @@ def test_perplexity_reads_a_log_file_or_stdin(tmp_path):
     assert helper("perplexity", EVAL_LM_LOG + EVAL_LM_LOG.replace("293.18", "290.5")).stdout == "290.5\n"
 
 
+def test_best_flags_of_reads_the_tuners_best_line(tmp_path):
+    out = tmp_path / "tune.txt"
+    out.write_text("  212.10  --eval-memory cache --cache-lambda 0.1\nbest: --eval-memory cache --cache-lambda 0.2 "
+                   "--cache-theta 0.05  (valid perplexity 213.22; without memory 287.61)\n")
+    assert helper(f"best_flags_of {out}").stdout == "--eval-memory cache --cache-lambda 0.2 --cache-theta 0.05\n"
+    assert helper("best_flags_of", "no best line: the tune was interrupted\n").stdout == ""
+
+
 def test_perplexity_fails_on_a_log_without_one():
     """Under the pipelines' ``set -o pipefail`` a crashed evaluation is an error, not an empty number."""
     done = helper("perplexity", "Traceback (most recent call last):\n")
