@@ -1,6 +1,8 @@
 """Datastore build time, search throughput and recall of IVF-PQ against exact search at K=1024.
 
-Keys are synthetic (no trained WikiText-103 model offline): a Gaussian mixture of
+Keys are a real datastore's (``--keys DATASTORE``, metric from its datastore.json) with queries drawn from
+another datastore of the same model (``--queries-from``, e.g. the valid split's), or else synthetic (no trained
+WikiText-103 model offline): a Gaussian mixture of
 ``--clusters`` anisotropic clusters in ``--dim`` dimensions, stored as float16 like
 real keys; queries are fresh draws from the same mixture. Recall@K is the share of
 the exact top-K (flat index over the same float16 keys) that the approximate search
@@ -10,6 +12,8 @@ threads), not wall time, so that a shared machine does not inflate them. Prints
 markdown tables (docs/results_datastore.md).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_datastore.py --n 200000 --dim 128
+    OMP_NUM_THREADS=1 python benchmarks/bench_datastore.py --keys runs/X/dstore_transformer \
+        --queries-from runs/X/dstore_valid --k 64 --factories "IVF256,Flat;IVF1024,Flat" --nprobes 16,32 --no-rescore
 """
 
 import argparse
@@ -18,6 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -60,6 +65,15 @@ def build(path, keys, values, factory, metric, ntrain, nprobe):
     return times
 
 
+def real_keys(path):
+    """(keys float16 [N, d], values int64 [N], metric) of a complete datastore."""
+    from trime_fairseq.memory.datastore.reading import open_entries, read_metadata
+
+    meta = read_metadata(path)
+    keys, values, _ = open_entries(Path(path), meta)
+    return np.asarray(keys, dtype=np.float16), np.asarray(values, dtype=np.int64), meta["metric"]
+
+
 def recall(approx, exact):
     return float(np.mean([len(set(a[a >= 0]) & set(e)) / len(e) for a, e in zip(approx, exact)]))
 
@@ -76,6 +90,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--nprobes", default="8,32,128")
     p.add_argument("--ntrain", type=int, default=1_000_000)
     p.add_argument("--dir", default=None, help="work folder (default: a temporary one, removed)")
+    p.add_argument("--keys", default=None, help="datastore folder whose keys (and metric) are indexed")
+    p.add_argument("--queries-from", default=None, help="datastore folder whose keys are the queries (with --keys)")
+    p.add_argument("--no-rescore", action="store_true", help="measure without exact re-scoring only")
     return p
 
 
@@ -85,14 +102,27 @@ def main():
 
     print(f"# bench_datastore ({time.strftime('%Y-%m-%d %H:%M')}, load average {os.getloadavg()[0]:.1f}, "
           f"{os.cpu_count()} CPUs, FAISS threads {faiss.omp_get_max_threads()}, faiss {faiss.__version__})\n")
-    print(f"N = {args.n:,} synthetic keys, d = {args.dim}, metric {args.metric}, {args.queries} queries, "
-          f"K = {args.k}\n")
-    all_keys = mixture(args.n + args.queries, args.dim, args.clusters, seed=0).astype(np.float16)
-    keys, queries = all_keys[:args.n], all_keys[args.n:].astype(np.float32)
-    values = np.random.default_rng(1).integers(0, 267_744, args.n)
+    if args.keys:
+        if not args.queries_from:
+            raise SystemExit("--keys needs --queries-from (queries held out of the indexed keys)")
+        keys, values, args.metric = real_keys(args.keys)
+        held_out, _, _ = real_keys(args.queries_from)
+        if held_out.shape[1] != keys.shape[1]:
+            raise SystemExit(f"--queries-from has dimension {held_out.shape[1]}, --keys {keys.shape[1]}")
+        pick = np.random.default_rng(0).choice(len(held_out), min(args.queries, len(held_out)), replace=False)
+        queries = held_out[np.sort(pick)].astype(np.float32)
+        print(f"N = {len(keys):,} keys of {args.keys}, d = {keys.shape[1]}, metric {args.metric}, {len(queries)} "
+              f"queries from {args.queries_from}, K = {args.k}\n")
+    else:
+        print(f"N = {args.n:,} synthetic keys, d = {args.dim}, metric {args.metric}, {args.queries} queries, "
+              f"K = {args.k}\n")
+        all_keys = mixture(args.n + args.queries, args.dim, args.clusters, seed=0).astype(np.float16)
+        keys, queries = all_keys[:args.n], all_keys[args.n:].astype(np.float32)
+        values = np.random.default_rng(1).integers(0, 267_744, args.n)
     work = args.dir or tempfile.mkdtemp(prefix="bench_datastore_")
 
-    flat = faiss.IndexFlatIP(args.dim) if args.metric == "ip" else faiss.IndexFlatL2(args.dim)
+    dim = keys.shape[1]
+    flat = faiss.IndexFlatIP(dim) if args.metric == "ip" else faiss.IndexFlatL2(dim)
     flat.add(keys.astype(np.float32))
     t = clock()
     _, exact = flat.search(queries, args.k)
@@ -104,7 +134,7 @@ def main():
         times = build(path, keys, values, factory, args.metric, args.ntrain, nprobe=32)
         build_rows.append((factory, times))
         for nprobe in [int(x) for x in args.nprobes.split(",")]:
-            for rescore in (False, True):
+            for rescore in (False,) if args.no_rescore else (False, True):
                 store = Datastore.load(path, nprobe=nprobe, rescore=rescore)
                 store.search_ids(queries[:8], args.k)  # warm-up
                 t = clock()

@@ -86,3 +86,13 @@ multi30k_data() {  # DATA OUT : Multi30k binarised in DATA and the BM25 chain of
       --no-progress-bar > "$out/bm25.log" 2>&1 || { say "trime-bm25-batches failed: see $out/bm25.log"; return 1; }; }
   echo "$order"
 }
+
+build_datastore() {  # CHECKPOINT DATA SPLIT OUTPUT METRIC INDEX NPROBE [trime-build-datastore args...] : a datastore of
+  # DATA's SPLIT under OUTPUT (log OUTPUT.log), skipped when OUTPUT is complete (an interrupted build resumes)
+  [ -f "$4/datastore.json" ] && return
+  say "datastore of $2/$3 -> $4 (log $4.log)"
+  trime-build-datastore --path "$1" --data "$2" --gen-subset "$3" --output "$4" --metric "$5" --index-factory "$6" \
+    --nprobe "$7" --cpu --no-progress-bar "${@:8}" > "$4.log" 2>&1
+}
+# the rows a WikiText-2 datastore is built from: those of the evaluation (256 tokens, 128 of them context)
+WT2_DSTORE_ROWS="--tokens-per-sample 256 --context-window 128 --batch-size 8"

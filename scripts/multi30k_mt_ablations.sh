@@ -68,8 +68,7 @@ for run in $RUNS; do
   # (the Transformer's BLEU on the same sentences: the plain point of scripts/multi30k_mt.sh's kNN-MT tuning)
   [ "$run" = transformer ] && continue
   dstore="$OUT/dstore_$run"
-  [ -f "$dstore/datastore.json" ] || trime-build-datastore --path "$ckpt" --data "$DATA" --gen-subset train \
-      --output "$dstore" --metric ip --index-factory IVF256,Flat --nprobe 32 --cpu --no-progress-bar > "$dstore.log" 2>&1
+  build_datastore "$ckpt" "$DATA" train "$dstore" ip IVF256,Flat 32
   [ -s "$OUT/tune_$run.txt" ] || trime-tune-mt "$DATA" $GEN --path "$ckpt" --gen-subset valid --eval-memory trime_ext \
       --datastore "$dstore" --max-sentences-for-tuning "$TUNE_SENTENCES" --ks 8,16 --temperatures 0.5,1 \
       --interpolation-temperatures 1 --interpolation-lambdas 0.1,0.3 --widen-edges "$WIDEN" --results-json "$OUT/tune_$run.json" \

@@ -77,9 +77,7 @@ score() {  # variant
   local c dstore
   c=$(ckpt "$1")
   dstore=$(dstore_of "$1")
-  [ -f "$dstore/datastore.json" ] || trime-build-datastore --path "$c" --data "$DATA" --gen-subset train \
-    --tokens-per-sample 256 --context-window 128 --batch-size 8 --output "$dstore" --metric ip \
-    --index-factory "$INDEX" --ntrain "$NTRAIN" --nprobe "$NPROBE" --cpu --no-progress-bar > "$dstore.log" 2>&1
+  build_datastore "$c" "$DATA" train "$dstore" ip "$INDEX" "$NPROBE" --ntrain "$NTRAIN" $WT2_DSTORE_ROWS
   [ -s "$OUT/retrieval_$1.json" ] || trime-retrieval-accuracy --datastore "$dstore" --gen-subset valid \
     --ks 1,8,64,1024 --nprobe "$NPROBE" --cpu --no-progress-bar --output-json "$OUT/retrieval_$1.json" \
     > "$OUT/retrieval_$1.log" 2>&1

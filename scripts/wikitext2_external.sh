@@ -77,10 +77,7 @@ ext="$OUT/trime_ext/checkpoint_last.pt"
 
 # 3. datastores over the training split (the evaluation's rows: 256 tokens, 128 of context)
 datastore() {  # checkpoint output metric
-  [ -f "$2/datastore.json" ] || say "datastore of the training split -> $2 (log: $2.log)"
-  [ -f "$2/datastore.json" ] || trime-build-datastore --path "$1" --data "$DATA" --gen-subset train \
-    --tokens-per-sample 256 --context-window 128 --batch-size 8 --output "$2" --metric "$3" \
-    --index-factory "$INDEX" --ntrain "$NTRAIN" --nprobe "$NPROBE" --cpu --no-progress-bar > "$2.log" 2>&1
+  build_datastore "$1" "$DATA" train "$2" "$3" "$INDEX" "$NPROBE" --ntrain "$NTRAIN" $WT2_DSTORE_ROWS
 }
 datastore "$VANILLA" "$OUT/dstore_vanilla" l2 & pids=($!)
 datastore "$ext" "$OUT/dstore_trime_ext" ip & pids+=($!)

@@ -132,6 +132,10 @@ def test_pipelines_run_another_seed_with_seed_1s_flags(tmp_path):
     assert len(trainings) == 1 and "common.seed=2" in trainings[0] and "configs/trime_ext" in trainings[0]
     assert f"checkpoint.save_dir={out}/trime_ext" in trainings[0]
     assert not [c for c in calls if c.startswith("trime-tune")]
+    dstores = [c for c in calls if c.startswith("trime-build-datastore")]  # the evaluation's rows (lib.sh)
+    assert len(dstores) == 2 and all("--tokens-per-sample 256 --context-window 128 --batch-size 8" in c
+                                     and "--gen-subset train" in c for c in dstores)
+    assert {c.split("--metric ")[1].split()[0] for c in dstores} == {"l2", "ip"}
     evals = [c for c in calls if c.startswith("fairseq-eval-lm")]
     assert len(evals) == 14  # 7 rows x valid, test
     assert any(FLAGS["knn_cache_long"] in c and "--long-memory-size 1024" in c and f"--path {vanilla}" in c
@@ -181,6 +185,8 @@ def test_mt_pipeline_runs_one_chain_per_model(tmp_path):
         assert kinds == ["fairseq-hydra-train", "trime-build-datastore", "trime-tune-mt", "fairseq-generate",
                          "fairseq-generate"], kinds
         assert f"--eval-memory {memory}" in chain[2] and f"--results-json {out}/tune_" in chain[2]
+        metric = "l2" if model == "transformer" else "ip"
+        assert f"--metric {metric} --index-factory IVF1024,Flat --nprobe 32" in chain[1], chain[1]
     table = (out / "results.md").read_text()
     assert "| Transformer: kNN-MT | `--eval-memory knn --knn-k 8 --knn-temperature 10 --knn-lambda 0.3` " \
            "(Multi30k train) | 31.25 |" in table

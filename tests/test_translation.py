@@ -387,6 +387,24 @@ def test_cli_train_datastore_generate_on_multi30k(multi30k_bin, tmp_path):
     with pytest.raises(ValueError, match="another tuning"):  # a log of other arguments is not mixed in
         (tmp_path / "short.json.points.jsonl").write_text('{"score_log": {"checkpoint": "elsewhere"}}\n')
         tune_mt.main(short)
+    # nor one scored against an earlier build of the datastore at the same path
+    (tmp_path / "short.json.points.jsonl").unlink()
+    def stopped(*args):  # before its first point
+        raise KeyboardInterrupt
+
+    tune_mt.bleu = stopped
+    meta_path = dstore / "datastore.json"
+    built = meta_path.read_text()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tune_mt.main(short)
+        assert (tmp_path / "short.json.points.jsonl").exists()
+        meta_path.write_text(json.dumps({**json.loads(built), "created": "rebuilt"}))
+        with pytest.raises(ValueError, match="differs in: datastore"):
+            tune_mt.main(short)
+    finally:
+        tune_mt.bleu = real_bleu
+        meta_path.write_text(built)
     valid = run_cli([*generate[:generate.index("--gen-subset") + 1], "valid",
                      *generate[generate.index("--gen-subset") + 2:generate.index("--eval-memory")],
                      *report["best"].split(), "--datastore", dstore], env={"OMP_NUM_THREADS": "1"})

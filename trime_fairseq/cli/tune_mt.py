@@ -161,13 +161,17 @@ def main(argv=None):
     if args.results_json:  # what a point's BLEU depends on besides its options: a resumed run must match it
         from omegaconf import OmegaConf
 
+        from trime_fairseq.memory.datastore.reading import read_metadata
+
         checkpoint = os.stat(cfg.common_eval.path)
         log = ScoreLog(args.results_json + ".points.jsonl", dict(
             checkpoint=os.path.abspath(cfg.common_eval.path), checkpoint_bytes=checkpoint.st_size,
             checkpoint_mtime_ns=checkpoint.st_mtime_ns, data=cfg.task.data, split=cfg.dataset.gen_subset,
             sentences=sorted(int(i) for s in samples for i in s["id"].tolist()), post_process=cfg.common_eval.post_process,
             model_overrides=cfg.common_eval.model_overrides,
-            generation=OmegaConf.to_container(cfg.generation, resolve=True)))
+            generation=OmegaConf.to_container(cfg.generation, resolve=True),
+            # a datastore rebuilt at the same path (another index, another model) scores differently
+            datastore=read_metadata(args.datastore) if getattr(args, "datastore", None) else None))
         known = log.load()
         if known:
             logger.info(f"{len(known)} points already scored in {log.path}: not decoded again")
