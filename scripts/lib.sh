@@ -62,15 +62,15 @@ best_flags_of() {  # [tune output] : the flags of a trime-tune / trime-tune-mt "
   sed -n 's/^best: \(.*\)  (.*/\1/p' "$@"
 }
 
-flags_from() {  # FROM NAME... : FROM/best_NAME.flags into $OUT (settings chosen on another run, e.g. seed 1's valid,
-  # instead of tuning here); a flags file of $OUT that disagrees with FROM's is an error, never replaced
-  local from=$1 name
+flags_from() {  # FROM FILE... : FROM/FILE into $OUT for each flags FILE (settings chosen on another run, e.g. seed 1's
+  # valid, instead of tuning here); a flags file of $OUT that disagrees with FROM's is an error, never replaced
+  local from=$1 file
   shift
-  for name in "$@"; do
-    [ -s "$from/best_$name.flags" ] || { echo "FLAGS_FROM: no $from/best_$name.flags" >&2; return 1; }
-    [ -s "$OUT/best_$name.flags" ] || cp "$from/best_$name.flags" "$OUT/best_$name.flags"
-    cmp -s "$from/best_$name.flags" "$OUT/best_$name.flags" || {
-      echo "$OUT/best_$name.flags differs from FLAGS_FROM's: remove it or unset FLAGS_FROM" >&2; return 1; }
+  for file in "$@"; do
+    [ -s "$from/$file" ] || { echo "FLAGS_FROM: no $from/$file" >&2; return 1; }
+    [ -s "$OUT/$file" ] || cp "$from/$file" "$OUT/$file"
+    cmp -s "$from/$file" "$OUT/$file" || {
+      echo "$OUT/$file differs from FLAGS_FROM's: remove it or unset FLAGS_FROM" >&2; return 1; }
   done
 }
 

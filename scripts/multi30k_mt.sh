@@ -15,12 +15,13 @@
 #
 #   scripts/multi30k_mt.sh                 # UPDATES=1000
 #
-#   CONFIG=multi30k_d256 UPDATES=2200 SEED=2 TRIME="task.bm25_fill=real dataset.max_tokens=3880 \
+#   CONFIG=multi30k_d256 UPDATES=2200 SEED=2 FLAGS_FROM=runs/multi30k-mt-multi30k_d256-2200-seed1 TRIME="task.bm25_fill=real dataset.max_tokens=3880 \
 #     criterion.train_memory_topk=8 criterion.train_memory_temperature=10 +criterion.forward_chunks=4" scripts/multi30k_mt.sh   # one seed of item 4
 #
 # Environment: UPDATES (1000), CONFIG (configs/trime_mt/CONFIG.yaml: multi30k_small), SEED (1), TRIME (extra hydra
 # overrides of the TRIME-MT run), OUT (runs/multi30k-mt-$UPDATES for multi30k_small seed 1, else
-# runs/multi30k-mt-$CONFIG-$UPDATES-seed$SEED), DATA (data-bin/multi30k), BEAM (5), TUNE_SENTENCES (300),
+# runs/multi30k-mt-$CONFIG-$UPDATES-seed$SEED), FLAGS_FROM (a finished run's folder: its Multi30k settings, tuned on
+# its valid, instead of tuning here: the seeds of a row share seed 1's setting), DATA (data-bin/multi30k), BEAM (5), TUNE_SENTENCES (300),
 # IWSLT (../shared/data/iwslt14.tokenized.de-en; skipped when absent), IWSLT_TEST (1000), TED_TUNE_SENTENCES (1000), KS (K grid,
 # 1,2,4,8,16,32,64 as the paper after Zheng et al. 2021), INDEX (FAISS factory of the datastores, IVF1024,Flat:
 # recall@8 0.987 of exact search at nprobe 32, 3.6x faster than IVF256,Flat's 0.996 on the d256 Transformer's keys:
@@ -31,6 +32,7 @@ UPDATES=${UPDATES:-1000}
 CONFIG=${CONFIG:-multi30k_small}
 SEED=${SEED:-1}
 TRIME=${TRIME:-}
+FLAGS_FROM=${FLAGS_FROM:-}
 if [ "$CONFIG" = multi30k_small ] && [ "$SEED" = 1 ]; then OUT=${OUT:-runs/multi30k-mt-$UPDATES}
 else OUT=${OUT:-runs/multi30k-mt-$CONFIG-$UPDATES-seed$SEED}; fi
 DATA=${DATA:-data-bin/multi30k}
@@ -46,6 +48,7 @@ source scripts/lib.sh
 
 # 1. data
 order=$(multi30k_data "$DATA" "$OUT")
+[ -z "$FLAGS_FROM" ] || flags_from "$FLAGS_FROM" tune_knn.flags tune_trime_ext.flags  # seed 1's settings
 
 # 2-5. one chain per model, the two side by side (one core each): train -> datastore -> tune on valid -> test2016
 overrides() {  # run name -> its hydra overrides (train_runs of scripts/lib.sh)
@@ -157,6 +160,7 @@ fi
 score() { sed -n 's/^BLEU = \([0-9.]*\) .*/\1/p' "$OUT/gen_$1.bleu"; }
 {
   echo "Multi30k de->en, configs/trime_mt/$CONFIG.yaml, seed $SEED, $UPDATES updates; TRIME-MT overrides: ${TRIME:-none}; beam $BEAM;"
+  [ -z "$FLAGS_FROM" ] || echo "Multi30k settings tuned on $FLAGS_FROM's valid (FLAGS_FROM), not on this seed's;"
   echo "detokenised sacreBLEU: $(sed -n 's/.* | \(nrefs[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*\) | .*/\1/p' "$OUT/gen_transformer.bleu")"
   echo
   echo "| model | evaluation memory (tuned on valid) | test2016 BLEU |$([ -n "$domain" ] && echo " IWSLT'14 test BLEU (memory: IWSLT'14 valid) |")"

@@ -54,7 +54,7 @@ kill $watch_pid 2>/dev/null || true
 vanilla="$OUT/vanilla/checkpoint_last.pt"
 trime="$OUT/trime/checkpoint_last.pt"
 
-[ -z "$FLAGS_FROM" ] || flags_from "$FLAGS_FROM" cache trime  # seed 1's settings instead of tuning
+[ -z "$FLAGS_FROM" ] || flags_from "$FLAGS_FROM" best_cache.flags best_trime.flags  # seed 1's settings instead of tuning
 say "tuning on valid: the continuous cache of the vanilla LM (λ x θ) and TRIMELM's τ, one pass per grid round"
 [ -s "$OUT/best_cache.flags" ] || best_flags "$vanilla" cache > "$OUT/best_cache.flags" & cache_pid=$!
 [ -s "$OUT/best_trime.flags" ] || best_flags "$trime" trime > "$OUT/best_trime.flags" & trime_pid=$!

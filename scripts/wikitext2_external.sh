@@ -95,7 +95,7 @@ retrieval "$OUT/dstore_trime_ext" trime_ext & pids+=($!)
 for pid in "${pids[@]}"; do wait "$pid"; done
 
 # 4. tuning on valid (one forward pass and one search per batch for the whole grid), or FLAGS_FROM's settings
-[ -z "$FLAGS_FROM" ] || flags_from "$FLAGS_FROM" cache cache_long knn knn_cache knn_cache_long trime_ext trime_ext_long
+[ -z "$FLAGS_FROM" ] || flags_from "$FLAGS_FROM" best_{cache,cache_long,knn,knn_cache,knn_cache_long,trime_ext,trime_ext_long}.flags
 best_flags() {  # name checkpoint args... -> best flags (grids widened until no best value is on an edge)
   say "tuning $1 on valid"
   trime-tune "$DATA" --user-dir trime_fairseq --task trime_lm --path "$2" --gen-subset valid --cpu \

@@ -193,3 +193,26 @@ def test_mt_pipeline_runs_one_chain_per_model(tmp_path):
     assert table.count("| 31.25 |") == 4
     done, again = stubbed_run(tmp_path, "multi30k_mt.sh", env)
     assert done.returncode == 0 and again == calls
+
+
+def test_mt_pipeline_runs_another_seed_with_seed_1s_flags(tmp_path):
+    """scripts/multi30k_mt.sh with FLAGS_FROM: both models are trained with the seed, their datastores built and
+    test2016 decoded with the first run's tuned flags; nothing is tuned; disagreeing flags stop the run."""
+    first = tmp_path / "seed1"
+    done, _ = stubbed_run(tmp_path, "multi30k_mt.sh", {"UPDATES": "20", "OUT": str(first), "IWSLT": "/nonexistent"})
+    assert done.returncode == 0, done.stderr
+    (first / "tune_knn.flags").write_text("--eval-memory knn --knn-k 4 --knn-temperature 100 --knn-lambda 0.5\n")
+    (tmp_path / "calls.log").unlink()
+    out = tmp_path / "seed2"
+    env = {"UPDATES": "20", "SEED": "2", "OUT": str(out), "IWSLT": "/nonexistent", "FLAGS_FROM": str(first)}
+    done, calls = stubbed_run(tmp_path, "multi30k_mt.sh", env)
+    assert done.returncode == 0, done.stderr
+    assert not [c for c in calls if c.startswith("trime-tune-mt")]
+    assert [c.split()[0] for c in calls].count("trime-build-datastore") == 2
+    assert all("common.seed=2" in c for c in calls if c.startswith("fairseq-hydra-train"))
+    assert any("--eval-memory knn --knn-k 4 --knn-temperature 100 --knn-lambda 0.5" in c and "gen-subset test" in c
+               for c in calls if c.startswith("fairseq-generate"))
+    assert f"tuned on {first}'s valid" in (out / "results.md").read_text()
+    (out / "tune_trime_ext.flags").write_text("--eval-memory trime_ext --knn-k 64\n")
+    done, _ = stubbed_run(tmp_path, "multi30k_mt.sh", env)
+    assert done.returncode != 0 and "differs from FLAGS_FROM" in done.stderr
