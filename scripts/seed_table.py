@@ -1,18 +1,26 @@
 #!/usr/bin/env python
-"""One markdown table of perplexities over seeds: per-seed valid / test, mean ± sd, paired differences.
+"""One markdown table of a score over seeds (perplexity, BLEU): per-seed valid / test, mean ± sd, paired differences.
 
-The pipelines write one perplexity per file (``perplexity`` of scripts/lib.sh); this reads them back::
+The WikiText-2 pipelines write one perplexity per file (``perplexity`` of scripts/lib.sh); this reads them back::
 
     python scripts/seed_table.py --ppl '{dir}/ppl_{row}_{split}' --seeds 1 2 3 \
         --dir 1=runs/wikitext2-ext-2000 --dir 2=runs/wikitext2-ext-2000-seed2 --dir 3=runs/wikitext2-ext-2000-seed3 \
         --row 'knn_cache_long=vanilla: kNN-LM + cache (long memory 1024)' --row 'trime_ext_long=TRIMELM_ext' \
         --paired trime_ext_long-knn_cache_long
 
-``--ppl`` is a template with ``{row}``, ``{split}``, ``{seed}`` and ``{dir}`` (the seed's ``--dir``). A missing or
-empty file is an error naming it: a table never has a blank or a mean over fewer seeds than its header says.
+``--file`` (or ``--ppl``) is a template with ``{row}``, ``{split}``, ``{seed}`` and ``{dir}`` (the seed's ``--dir``).
+With ``--number REGEX`` the score is the regex's first group in the file (e.g. the BLEU of the
+scripts/sacrebleu_from_generate.py output that scripts/multi30k_mt.sh writes per row)::
+
+    python scripts/seed_table.py --file '{dir}/gen_{row}.bleu' --number '^BLEU = ([0-9.]+)' --splits test \
+        --seeds 1 2 3 --dir 1=runs/multi30k-mt-multi30k_d256-2200-seed1 ... --row transformer=Transformer
+
+A missing or empty file, or one without the number, is an error naming it: a table never has a blank or a mean over
+fewer seeds than its header says.
 """
 
 import argparse
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -33,7 +41,10 @@ def pair(text: str, what: str) -> tuple[str, str]:
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ppl", required=True, help="path template with {row}, {split}, {seed}, {dir}")
+    parser.add_argument("--file", "--ppl", dest="file", required=True,
+                        help="path template with {row}, {split}, {seed}, {dir}")
+    parser.add_argument("--number", default=None, metavar="REGEX",
+                        help="the score is this regex's first group (multiline) in the file (default: the whole file)")
     parser.add_argument("--seeds", nargs="+", required=True)
     parser.add_argument("--dir", action="append", default=[], metavar="SEED=DIR", help="{dir} of one seed")
     parser.add_argument("--row", action="append", required=True, metavar="NAME=LABEL")
@@ -48,7 +59,7 @@ def main(argv=None) -> int:
 
     dirs = dict(pair(d, "--dir") for d in args.dir)
     rows = [pair(r, "--row") for r in args.row]
-    if "{dir}" in args.ppl and (missing := [s for s in args.seeds if s not in dirs]):
+    if "{dir}" in args.file and (missing := [s for s in args.seeds if s not in dirs]):
         raise SystemExit(f"seed_table.py: no --dir for seed(s) {', '.join(missing)}")
     names = {name for name, _ in rows}
     paired = []
@@ -62,10 +73,15 @@ def main(argv=None) -> int:
     for name, _ in rows:
         for seed in args.seeds:
             for split in args.splits:
-                path = Path(args.ppl.format(row=name, split=split, seed=seed, dir=dirs.get(seed, "")))
+                path = Path(args.file.format(row=name, split=split, seed=seed, dir=dirs.get(seed, "")))
                 text = path.read_text().strip() if path.is_file() else ""
                 if not text:
                     raise SystemExit(f"seed_table.py: {path} is missing or empty (row {name}, seed {seed}, {split})")
+                if args.number is not None:
+                    found = re.search(args.number, text, re.MULTILINE)
+                    if not found:
+                        raise SystemExit(f"seed_table.py: {path} has no match of --number {args.number!r}")
+                    text = found.group(1)
                 ppl[name, seed, split] = float(text)
 
     splits = " / ".join(args.splits)

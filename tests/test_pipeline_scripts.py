@@ -167,6 +167,20 @@ def test_seed_table_means_and_refuses_missing_seeds(tmp_path):
     assert done.returncode != 0 and "memory_s2.test is missing" in done.stderr and not done.stdout
 
 
+def test_seed_table_reads_a_bleu_line(tmp_path):
+    """--number: the score is a regex group of the file (the BLEU line multi30k_mt.sh writes per row)."""
+    for seed, bleu in {"1": 36.1, "2": 35.7}.items():
+        (tmp_path / f"gen_knn_s{seed}.bleu").write_text(f"BLEU = {bleu} 70.1/45.0/30.2/20.9 (BP = 1.000) | nrefs:1 |\n")
+    args = ["python", "scripts/seed_table.py", "--file", f"{tmp_path}/gen_{{row}}_s{{seed}}.bleu", "--number",
+            "^BLEU = ([0-9.]+)", "--splits", "test", "--seeds", "1", "2", "--row", "knn=kNN-MT"]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "| kNN-MT | 36.10 | 35.70 | 35.90 ± 0.28 |" in done.stdout
+    (tmp_path / "gen_knn_s2.bleu").write_text("Traceback: sacrebleu failed\n")
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode != 0 and "gen_knn_s2.bleu has no match" in done.stderr and not done.stdout
+
+
 def test_mt_pipeline_runs_one_chain_per_model(tmp_path):
     """scripts/multi30k_mt.sh: each model's chain (training, datastore, tuning, test2016) follows its own training;
     the table holds every row with the tuned flags; a second run redoes nothing."""
