@@ -23,7 +23,8 @@
 # runs/multi30k-mt-$CONFIG-$UPDATES-seed$SEED), FLAGS_FROM (a finished run's folder: its Multi30k settings, tuned on
 # its valid, instead of tuning here: the seeds of a row share seed 1's setting), DATA (data-bin/multi30k), BEAM (5), TUNE_SENTENCES (300),
 # IWSLT (../shared/data/iwslt14.tokenized.de-en; skipped when absent), IWSLT_TEST (1000), TED_TUNE_SENTENCES (1000), KS (K grid,
-# 1,2,4,8,16,32,64 as the paper after Zheng et al. 2021), INDEX (FAISS factory of the datastores, IVF1024,Flat:
+# 1,2,4,8,16,32,64 as the paper after Zheng et al. 2021), TEMPERATURES (TRIME-MT's τ grid: 1 and the
+# criterion.train_memory_temperature of TRIME when given), INDEX (FAISS factory of the datastores, IVF1024,Flat:
 # nprobe 32 finds 0.973 of the exact top 64 and the nearest entry for 0.991 of the queries, at 4.2x the queries per
 # CPU second of IVF256,Flat (0.990, 1.000) on the d256 Transformer's keys: docs/results_mt.md).
 set -euo pipefail
@@ -103,10 +104,15 @@ transformer_chain() {  # the Transformer and kNN-MT (its decoder g, L2: Khandelw
   bleu knn "$transformer" "$DATA" test "$refs" $(cat "$OUT/tune_knn.flags") --datastore "$OUT/dstore_transformer" \
     > /dev/null
 }
+# TRIME-MT's memory temperatures τ: the paper's 1 and, when it differs, the one the model was trained with
+# (criterion.train_memory_temperature in TRIME: the released objective's 10 makes its sims 10x sharper at τ 1)
+train_tau=$(sed -n 's/.*criterion\.train_memory_temperature=\([0-9.]*\).*/\1/p' <<< "$TRIME")
+if [ -z "$train_tau" ] || [ "$train_tau" = 1 ]; then TEMPERATURES=${TEMPERATURES:-1}
+else TEMPERATURES=${TEMPERATURES:-1,$train_tau}; fi
 trime_chain() {  # TRIME-MT without memory and with its own (g, inner product: Eq. 6)
   train_runs configs/trime_mt "$CONFIG" 1 trime_mt
   datastore "$trime" "$DATA" train "$OUT/dstore_trime_mt" ip
-  tune trime_ext "$trime" "$DATA" trime_ext "$OUT/dstore_trime_mt" --temperatures 1 \
+  tune trime_ext "$trime" "$DATA" trime_ext "$OUT/dstore_trime_mt" --temperatures "$TEMPERATURES" \
     --interpolation-temperatures 1,10 --interpolation-lambdas 0.1,0.3,0.5 > /dev/null
   say "decoding Multi30k test2016 (beam $BEAM): TRIME-MT"
   bleu trime_none "$trime" "$DATA" test "$refs" > /dev/null

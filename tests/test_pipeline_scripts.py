@@ -200,6 +200,8 @@ def test_mt_pipeline_runs_one_chain_per_model(tmp_path):
                          "fairseq-generate"], kinds
         assert f"--eval-memory {memory}" in chain[2] and f"--results-json {out}/tune_" in chain[2]
         metric = "l2" if model == "transformer" else "ip"
+        if model == "trime_mt":  # τ: the paper's 1 and none other (TRIME sets no training temperature here)
+            assert "--temperatures 1 " in chain[2], chain[2]
         assert f"--metric {metric} --index-factory IVF1024,Flat --nprobe 32" in chain[1], chain[1]
     table = (out / "results.md").read_text()
     assert "| Transformer: kNN-MT | `--eval-memory knn --knn-k 8 --knn-temperature 10 --knn-lambda 0.3` " \
@@ -230,3 +232,14 @@ def test_mt_pipeline_runs_another_seed_with_seed_1s_flags(tmp_path):
     (out / "tune_trime_ext.flags").write_text("--eval-memory trime_ext --knn-k 64\n")
     done, _ = stubbed_run(tmp_path, "multi30k_mt.sh", env)
     assert done.returncode != 0 and "differs from FLAGS_FROM" in done.stderr
+
+
+def test_mt_pipeline_tunes_trime_at_its_training_temperature_too(tmp_path):
+    """TRIME-MT trained with criterion.train_memory_temperature=10 (the released objective) has sims scaled for τ 10:
+    its evaluation grid holds the paper's τ 1 and 10."""
+    env = {"UPDATES": "20", "OUT": str(tmp_path / "mt"), "IWSLT": "/nonexistent",
+           "TRIME": "criterion.train_memory_topk=8 criterion.train_memory_temperature=10 +criterion.forward_chunks=4"}
+    done, calls = stubbed_run(tmp_path, "multi30k_mt.sh", env)
+    assert done.returncode == 0, done.stderr
+    tunes = [c for c in calls if c.startswith("trime-tune-mt") and "trime_ext" in c]
+    assert len(tunes) == 1 and "--temperatures 1,10 " in tunes[0], tunes
