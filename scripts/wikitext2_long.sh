@@ -5,15 +5,18 @@
 # LM's continuous cache extended to the long-term memory; TRIMELM with a long memory for comparison).
 #
 #   scripts/wikitext2_long.sh                      # UPDATES=300, OUT=runs/trime_long_wt2
+#   SEED=2 RESETS=document SIZES=0,16384 scripts/wikitext2_long.sh   # another seed (tuned on its own valid)
 #
-# Environment: UPDATES (300), OUT (runs/trime_long_wt2), DATA (data-bin/wikitext-2; binarized when missing, as
+# Environment: UPDATES (300), SEED (1: the three models' common.seed), OUT (runs/trime_long_wt2, with -seed$SEED
+# for SEED != 1), DATA (data-bin/wikitext-2; binarized when missing, as
 # scripts/prepare_wikitext.sh wikitext-2 data-bin/wikitext-2 ../shared/data/wikitext-2), SIZES
 # (0,1024,4096,16384), EVAL_ARGS (256-token rows, 128 scored with 128 tokens of context, batch 8), RESETS (the
 # --memory-reset settings swept, "never document"; RESETS=document reruns only the reset-at-articles sweeps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 UPDATES=${UPDATES:-300}
-OUT=${OUT:-runs/trime_long_wt2}
+SEED=${SEED:-1}
+OUT=${OUT:-runs/trime_long_wt2$([ "$SEED" = 1 ] || echo "-seed$SEED")}
 DATA=${DATA:-data-bin/wikitext-2}
 SIZES=${SIZES:-0,1024,4096,16384}
 RESETS=${RESETS:-never document}
@@ -22,7 +25,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 source scripts/lib.sh
 scripts/ensure_wikitext2.sh "$DATA" "${RAW:-${TRIME_DATA:-../shared/data}/wikitext-2}"
-CONFIG="--config-dir configs/trime_long --config-name wikitext2_small task.data=$DATA optimization.max_update=$UPDATES dataset.validate_interval_updates=0"
+CONFIG="--config-dir configs/trime_long --config-name wikitext2_small task.data=$DATA optimization.max_update=$UPDATES dataset.validate_interval_updates=0 common.seed=$SEED"
 SHUFFLED="task.batching=shuffled task.consecutive_segments=1 ~criterion.memory_block_size"
 
 train() {  # name hydra-overrides...
@@ -41,7 +44,7 @@ train vanilla $SHUFFLED criterion._name=adaptive_loss '~criterion.ce_warmup_rati
 tune() {  # name mode -> best eval-memory flags on valid (local memory)
   local out="$OUT/tune_$1.txt"
   [ -s "$out" ] || say "tuning $1 ($2) on valid"
-  [ -s "$out" ] || python -m trime_fairseq.cli.tune "$DATA" --user-dir trime_fairseq --task trime_lm \
+  [ -s "$out" ] || trime-tune "$DATA" --user-dir trime_fairseq --task trime_lm \
     --path "$OUT/$1/checkpoint_last.pt" --gen-subset valid --cpu --no-progress-bar $EVAL_ARGS \
     --eval-memory "$2" --widen-edges 3 --results-json "$OUT/tune_$1.json" > "$out" 2> >(tune_progress "$OUT/tune_$1")
   best_flags_of "$out"
@@ -57,7 +60,7 @@ theta=$(echo "$cache_flags" | sed -n 's/.*--cache-theta \([0-9.]*\).*/\1/p')
 
 sweep() {  # split out-name path tau [baseline args...]
   [ -s "$OUT/$2/sweep.csv" ] || say "long-memory sweep $2 (sizes $SIZES; log $OUT/$2.log)"
-  [ -s "$OUT/$2/sweep.csv" ] || python -m trime_fairseq.cli.sweep_memory "$DATA" --user-dir trime_fairseq \
+  [ -s "$OUT/$2/sweep.csv" ] || trime-sweep-memory "$DATA" --user-dir trime_fairseq \
     --task trime_lm --path "$3" --eval-memory trime --memory-temperature "$4" --gen-subset "$1" --cpu \
     --no-progress-bar $EVAL_ARGS --sizes "$SIZES" --out-dir "$OUT/$2" "${@:5}" > "$OUT/$2.log" 2>&1
 }
@@ -71,9 +74,26 @@ for split in valid test; do
   done
 done
 
-eval_ppl() {  # checkpoint split extra-args... -> perplexity (fairseq-eval-lm)
-  fairseq-eval-lm "$DATA" --user-dir trime_fairseq --task trime_lm --path "$1" --gen-subset "$2" \
-    --cpu --no-progress-bar $EVAL_ARGS "${@:3}" 2>&1 | perplexity
+eval_ppl() {  # name split -> perplexity of $OUT/NAME without memory (fairseq-eval-lm), kept in $OUT/ppl_NAME_none_SPLIT
+  local file="$OUT/ppl_$1_none_$2"
+  [ -s "$file" ] || fairseq-eval-lm "$DATA" --user-dir trime_fairseq --task trime_lm --path "$OUT/$1/checkpoint_last.pt" \
+    --gen-subset "$2" --cpu --no-progress-bar $EVAL_ARGS 2>&1 | perplexity > "$file"
+  cat "$file"
+}
+
+sweep_ppl_files() {  # split tag : one file per sweep row, $OUT/ppl_{trime_long,cache,trime}_{TAG}N<size>_SPLIT, for
+  # scripts/seed_table.py (e.g. ppl_trime_long_reset_N16384_test)
+  local model size ppl rest
+  for csv in "$OUT/sweep_$2$1/sweep.csv" "$OUT/sweep_trime_$2$1/sweep.csv"; do
+    [ -s "$csv" ] || continue
+    tail -n +2 "$csv" | while IFS=, read -r model size ppl rest; do
+      case $model in
+        TRIMELM_long) model=trime_long ;; TRIMELM) model=trime ;; "Transformer + cache") model=cache ;;
+        *) echo "sweep_ppl_files: unknown model '$model' in $csv" >&2; return 1 ;;
+      esac
+      echo "$ppl" > "$OUT/ppl_${model}_$2N${size}_$1"
+    done
+  done
 }
 
 {
@@ -82,12 +102,13 @@ eval_ppl() {  # checkpoint split extra-args... -> perplexity (fairseq-eval-lm)
   echo
   echo "| model | evaluation memory | valid ppl | test ppl |"
   echo "|---|---|---|---|"
-  echo "| vanilla | none | $(eval_ppl "$OUT/vanilla/checkpoint_last.pt" valid) | $(eval_ppl "$OUT/vanilla/checkpoint_last.pt" test) |"
-  echo "| TRIMELM | none | $(eval_ppl "$OUT/trime/checkpoint_last.pt" valid) | $(eval_ppl "$OUT/trime/checkpoint_last.pt" test) |"
-  echo "| TRIMELM_long | none | $(eval_ppl "$OUT/trime_long/checkpoint_last.pt" valid) | $(eval_ppl "$OUT/trime_long/checkpoint_last.pt" test) |"
+  echo "| vanilla | none | $(eval_ppl vanilla valid) | $(eval_ppl vanilla test) |"
+  echo "| TRIMELM | none | $(eval_ppl trime valid) | $(eval_ppl trime test) |"
+  echo "| TRIMELM_long | none | $(eval_ppl trime_long valid) | $(eval_ppl trime_long test) |"
   for split in valid test; do
     for tag in "" reset_; do
       [ -s "$OUT/sweep_$tag$split/sweep.md" ] || continue  # a setting left out of RESETS
+      sweep_ppl_files $split "$tag"
       echo
       echo "$split, long-term memory sweep$([ -n "$tag" ] && echo ", memory reset at article ends"):"
       cat "$OUT/sweep_$tag$split/sweep.md" | tail -n +3

@@ -77,11 +77,12 @@ FLAGS = {"cache": "--eval-memory cache --cache-lambda 0.2 --cache-theta 0.05",
          "trime_ext_long": "--eval-memory trime_ext --memory-temperature 4 --interpolation-temperature 0.25"}
 
 
-def stubbed_run(tmp_path, script: str, env: dict) -> tuple[subprocess.CompletedProcess, list[str]]:
+def stubbed_run(tmp_path, script: str, env: dict, stubs: dict = None) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run scripts/SCRIPT with the STUBS (updated by ``stubs``) in front of PATH; returns its result and the calls."""
     import os
     bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
     bin_dir.mkdir(exist_ok=True)
-    for name, body in STUBS.items():
+    for name, body in {**STUBS, **(stubs or {})}.items():
         stub = bin_dir / name
         logged = "" if name == "python" else f'echo "{name} $*" >> "{log}"\n'  # python: only the stubbed script
         stub.write_text(f'#!/usr/bin/env bash\n{logged}{body}\n')
@@ -243,3 +244,47 @@ def test_mt_pipeline_tunes_trime_at_its_training_temperature_too(tmp_path):
     assert done.returncode == 0, done.stderr
     tunes = [c for c in calls if c.startswith("trime-tune-mt") and "trime_ext" in c]
     assert len(tunes) == 1 and "--temperatures 1,10 " in tunes[0], tunes
+
+
+LONG_STUBS = {  # scripts/wikitext2_long.sh's tuner and sweep: a best line; a sweep.csv with one row per size and model
+    "trime-tune": 'case "$*" in *"--eval-memory cache"*) f="--eval-memory cache --cache-lambda 0.2 --cache-theta 0.05";; '
+                  '*) f="--eval-memory trime --memory-temperature 1";; esac\n'
+                  'echo "best: $f  (valid perplexity 300.00; without memory 500.00)"',
+    "trime-sweep-memory": 'base=""; label=TRIMELM_long\n'
+                          'while [ $# -gt 0 ]; do case $1 in --out-dir) d=$2;; --sizes) sizes=$2;; --label) label=$2;; '
+                          '--baseline-path) base=1;; esac; shift; done\n'
+                          'mkdir -p "$d"; echo "model,long_memory_size,perplexity,loss_base2,tokens,tokens_per_second" '
+                          '> "$d/sweep.csv"\n'
+                          'for n in ${sizes//,/ }; do echo "$label,$n,$((400 - n / 100)).5000,8.6,10,1.0" >> "$d/sweep.csv"; '
+                          '[ -z "$base" ] || echo "Transformer + cache,$n,$((450 - n / 200)).2500,8.8,10,1.0" >> "$d/sweep.csv"; '
+                          'done\nprintf "x\\n\\n| N | %s |\\n" "$label" > "$d/sweep.md"',
+}
+
+
+def test_long_pipeline_runs_another_seed_and_keeps_one_file_per_sweep_row(tmp_path):
+    """SEED trains the three models with that seed in their own folder; each sweep row (model, reset, N, split) and
+    each plain perplexity lands in a file of its own, which scripts/seed_table.py reads back across seeds."""
+    outs = {}
+    for seed in ("1", "2"):
+        outs[seed] = tmp_path / f"long_seed{seed}"
+        done, calls = stubbed_run(tmp_path, "wikitext2_long.sh", {
+            "UPDATES": "20", "SEED": seed, "OUT": str(outs[seed]), "RESETS": "document", "SIZES": "0,16384"},
+            LONG_STUBS)
+        assert done.returncode == 0, done.stderr
+    calls = calls[len(calls) // 2:]  # seed 2's
+    trainings = [c for c in calls if c.startswith("fairseq-hydra-train")]
+    assert len(trainings) == 3 and all("common.seed=2" in c for c in trainings)
+    sweeps = [c for c in calls if c.startswith("trime-sweep-memory")]
+    assert len(sweeps) == 4 and all("--memory-reset document" in c and "--sizes 0,16384" in c for c in sweeps)
+    out = outs["2"]
+    assert (out / "ppl_trime_long_reset_N16384_test").read_text() == "237.5000\n"
+    assert (out / "ppl_cache_reset_N16384_valid").read_text() == "369.2500\n"
+    assert (out / "ppl_trime_reset_N0_valid").read_text() == "400.5000\n"
+    assert (out / "ppl_vanilla_none_test").read_text() == "256.00\n"
+    table = subprocess.run(
+        [sys.executable, "scripts/seed_table.py", "--ppl", "{dir}/ppl_{row}_{split}", "--seeds", "1", "2",
+         "--dir", f"1={outs['1']}", "--dir", f"2={outs['2']}", "--row", "trime_long_reset_N16384=TRIMELM_long",
+         "--row", "cache_reset_N16384=cache", "--paired", "trime_long_reset_N16384-cache_reset_N16384"],
+        cwd=ROOT, capture_output=True, text=True)
+    assert table.returncode == 0, table.stderr
+    assert "237.50 ± 0.00" in table.stdout
