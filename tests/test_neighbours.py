@@ -218,13 +218,16 @@ def test_retrieval_accuracy_equals_the_neighbour_files_hit_rates(pipeline, tmp_p
         return retrieval_accuracy.main(retrieval_accuracy.get_parser().parse_args([
             "--datastore", str(tmp / "dstore"), "--cpu", "--no-progress-bar", *extra]))
 
-    result = measure("--gen-subset", "test", "--ks", "4,1,16", "--output-json", str(out))
+    # the same K as the neighbour files' k = 4: a search for more entries may order entries of equal score at the
+    # 4th place differently (FAISS keeps ties in heap order), so the comparison searches for the same K
+    result = measure("--gen-subset", "test", "--ks", "4,1", "--output-json", str(out))
     found = NeighbourFile.load(tmp / "nb" / "test")
     values, targets = np.asarray(found.values), np.asarray(found.targets)
     assert result["positions"] == len(targets)
     assert result["accuracy"]["1"] == round(float((values[:, 0] == targets).mean()), 4)
     assert result["accuracy"]["4"] == round(float((values == targets[:, None]).any(1).mean()), 4)
-    assert result["accuracy"]["1"] <= result["accuracy"]["4"] <= result["accuracy"]["16"]
+    wider = measure("--gen-subset", "test", "--ks", "1,4,16")
+    assert wider["accuracy"]["1"] <= wider["accuracy"]["4"] <= wider["accuracy"]["16"]
     assert json.loads(out.read_text())["accuracy"] == result["accuracy"]
     with pytest.raises(NeighbourError, match="own entries"):
         measure("--gen-subset", "valid")
