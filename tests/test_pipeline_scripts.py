@@ -264,14 +264,14 @@ LONG_STUBS = {  # scripts/wikitext2_long.sh's tuner and sweep: a best line; a sw
 def test_long_pipeline_runs_another_seed_and_keeps_one_file_per_sweep_row(tmp_path):
     """SEED trains the three models with that seed in their own folder; each sweep row (model, reset, N, split) and
     each plain perplexity lands in a file of its own, which scripts/seed_table.py reads back across seeds."""
-    outs = {}
+    outs, seen = {}, 0
     for seed in ("1", "2"):
         outs[seed] = tmp_path / f"long_seed{seed}"
         done, calls = stubbed_run(tmp_path, "wikitext2_long.sh", {
             "UPDATES": "20", "SEED": seed, "OUT": str(outs[seed]), "RESETS": "document", "SIZES": "0,16384"},
             LONG_STUBS)
         assert done.returncode == 0, done.stderr
-    calls = calls[len(calls) // 2:]  # seed 2's
+        calls, seen = calls[seen:], len(calls)  # the log accumulates over runs: this seed's calls only
     trainings = [c for c in calls if c.startswith("fairseq-hydra-train")]
     assert len(trainings) == 3 and all("common.seed=2" in c for c in trainings)
     sweeps = [c for c in calls if c.startswith("trime-sweep-memory")]
