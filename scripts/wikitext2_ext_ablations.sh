@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # TRIME §6 ablations of TRIMELM_ext on WikiText-2 (docs/results.md, "TRIME §6's ablations"): the batching (BM25 vs
-# random, TRIME Table 6) and the local-memory drop p (Table 13), each variant trained with the budget and config of
+# random vs consecutive, TRIME Table 6) and the local-memory drop p (Table 13), each variant trained with the budget and config of
 # scripts/wikitext2_external.sh's TRIMELM_ext (configs/trime_ext/wikitext2_small.yaml, UPDATES updates) and scored
 # on valid only (never on test: these are ablations, no row of them is reported on test).
 # Every step is skipped when its output exists; an interrupted training resumes from its checkpoint_last.pt.
@@ -21,6 +21,8 @@
 #   UPDATES=2000 scripts/wikitext2_ext_ablations.sh
 #
 # Variants: shuffled  random batches (task.batching=shuffled): the other 7 segments of a batch are unrelated text
+#           consecutive  runs of 4 consecutive segments of one document, 2 runs per batch (TRIMELM_long's batching,
+#                     Table 6's middle row; same objective: the other 7 segments are the memory)
 #           p0        BM25 batches, the local memory never dropped (criterion.local_drop_prob=0)
 #           p05       BM25 batches, p = 0.5
 # Environment: UPDATES (2000), OUT (runs/wikitext2-ext-ablations-$UPDATES), EXT_OUT (runs/wikitext2-ext-$UPDATES:
@@ -55,6 +57,7 @@ done
 overrides() {  # variant -> its hydra overrides
   case $1 in
     shuffled) echo "task.batching=shuffled task.bm25_order=null" ;;
+    consecutive) echo "task.batching=consecutive +task.consecutive_segments=4 task.bm25_order=null" ;;
     p0) echo "task.bm25_order=$order criterion.local_drop_prob=0" ;;
     p05) echo "task.bm25_order=$order criterion.local_drop_prob=0.5" ;;
     *) echo "unknown variant $1" >&2; return 1 ;;
@@ -122,6 +125,7 @@ describe() {
   case $1 in
     ref) echo "BM25 batches, p = 0.9 (the reference: $ref)" ;;
     shuffled) echo "random batches, p = 0.9" ;;
+    consecutive) echo "consecutive segments (m = 4), p = 0.9" ;;
     p0) echo "BM25 batches, p = 0" ;;
     p05) echo "BM25 batches, p = 0.5" ;;
   esac

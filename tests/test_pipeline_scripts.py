@@ -288,3 +288,25 @@ def test_long_pipeline_runs_another_seed_and_keeps_one_file_per_sweep_row(tmp_pa
         cwd=ROOT, capture_output=True, text=True)
     assert table.returncode == 0, table.stderr
     assert "237.50 ± 0.00" in table.stdout
+
+
+def test_ext_ablations_train_the_consecutive_variant_with_trimelm_longs_batching(tmp_path):
+    """RUNS=consecutive trains TRIMELM_ext's config on runs of 4 consecutive segments (TRIME Table 6's middle row),
+    scores it beside the reference like every variant, and names it in the table; an unknown variant stops."""
+    ext = tmp_path / "ext"
+    (ext / "trime_ext").mkdir(parents=True)
+    (ext / "bm25-256.order").write_text("0\n")
+    (ext / "trime_ext" / "checkpoint_last.pt").write_text("")
+    out = tmp_path / "ablations"
+    env = {"UPDATES": "20", "OUT": str(out), "EXT_OUT": str(ext), "RUNS": "consecutive", "CONTROL": "", "WIDEN": "0"}
+    done, calls = stubbed_run(tmp_path, "wikitext2_ext_ablations.sh", env, {"trime-tune": LONG_STUBS["trime-tune"]})
+    assert done.returncode == 0, done.stderr
+    trainings = [c for c in calls if c.startswith("fairseq-hydra-train")]
+    assert len(trainings) == 1 and "--config-dir configs/trime_ext" in trainings[0]
+    assert "task.batching=consecutive +task.consecutive_segments=4 task.bm25_order=null" in trainings[0]
+    assert f"checkpoint.save_dir={out}/consecutive" in trainings[0]
+    tunes = [c for c in calls if c.startswith("trime-tune ")]
+    assert sum(f"{out}/consecutive/checkpoint_last.pt" in c for c in tunes) == 3  # local, + external, + long
+    assert "| consecutive segments (m = 4), p = 0.9 | 256.00 |" in (out / "results.md").read_text()
+    done, _ = stubbed_run(tmp_path, "wikitext2_ext_ablations.sh", {**env, "RUNS": "sequential"})
+    assert done.returncode != 0 and "unknown variant sequential" in done.stderr
