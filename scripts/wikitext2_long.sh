@@ -11,7 +11,9 @@
 # for SEED != 1), DATA (data-bin/wikitext-2; binarized when missing, as
 # scripts/prepare_wikitext.sh wikitext-2 data-bin/wikitext-2 ../shared/data/wikitext-2), SIZES
 # (0,1024,4096,16384), EVAL_ARGS (256-token rows, 128 scored with 128 tokens of context, batch 8), RESETS (the
-# --memory-reset settings swept, "never document"; RESETS=document reruns only the reset-at-articles sweeps).
+# --memory-reset settings swept, "never document"; RESETS=document reruns only the reset-at-articles sweeps),
+# SWEEP_SUFFIX (empty; e.g. _mid: a further sweep of the same models and tunings into sweep_[trime_][reset_]SPLIT_mid,
+# its table in results_mid.md, so that other SIZES do not meet the finished sweep folders, which are never rerun).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 UPDATES=${UPDATES:-300}
@@ -19,6 +21,7 @@ SEED=${SEED:-1}
 OUT=${OUT:-runs/trime_long_wt2$([ "$SEED" = 1 ] || echo "-seed$SEED")}
 DATA=${DATA:-data-bin/wikitext-2}
 SIZES=${SIZES:-0,1024,4096,16384}
+SWEEP_SUFFIX=${SWEEP_SUFFIX:-}
 RESETS=${RESETS:-never document}
 EVAL_ARGS=${EVAL_ARGS:---tokens-per-sample 256 --context-window 128 --batch-size 8}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -68,9 +71,9 @@ sweep() {  # split out-name path tau [baseline args...]
 for split in valid test; do
   for reset in $RESETS; do  # memory across article ends or not (docs/results_long.md: both)
     tag=$([ $reset = never ] && echo "" || echo "reset_")
-    sweep $split sweep_$tag$split "$OUT/trime_long/checkpoint_last.pt" "$tau_long" --memory-reset $reset \
+    sweep $split sweep_$tag$split$SWEEP_SUFFIX "$OUT/trime_long/checkpoint_last.pt" "$tau_long" --memory-reset $reset \
       --baseline-path "$OUT/vanilla/checkpoint_last.pt" --baseline-lambda "$lam" --baseline-theta "$theta"
-    sweep $split sweep_trime_$tag$split "$OUT/trime/checkpoint_last.pt" "$tau" --memory-reset $reset --label TRIMELM
+    sweep $split sweep_trime_$tag$split$SWEEP_SUFFIX "$OUT/trime/checkpoint_last.pt" "$tau" --memory-reset $reset --label TRIMELM
   done
 done
 
@@ -84,7 +87,7 @@ eval_ppl() {  # name split -> perplexity of $OUT/NAME without memory (fairseq-ev
 sweep_ppl_files() {  # split tag : one file per sweep row, $OUT/ppl_{trime_long,cache,trime}_{TAG}N<size>_SPLIT, for
   # scripts/seed_table.py (e.g. ppl_trime_long_reset_N16384_test)
   local model size ppl rest
-  for csv in "$OUT/sweep_$2$1/sweep.csv" "$OUT/sweep_trime_$2$1/sweep.csv"; do
+  for csv in "$OUT/sweep_$2$1$SWEEP_SUFFIX/sweep.csv" "$OUT/sweep_trime_$2$1$SWEEP_SUFFIX/sweep.csv"; do
     [ -s "$csv" ] || continue
     tail -n +2 "$csv" | while IFS=, read -r model size ppl rest; do
       case $model in
@@ -107,13 +110,13 @@ sweep_ppl_files() {  # split tag : one file per sweep row, $OUT/ppl_{trime_long,
   echo "| TRIMELM_long | none | $(eval_ppl trime_long valid) | $(eval_ppl trime_long test) |"
   for split in valid test; do
     for tag in "" reset_; do
-      [ -s "$OUT/sweep_$tag$split/sweep.md" ] || continue  # a setting left out of RESETS
+      [ -s "$OUT/sweep_$tag$split$SWEEP_SUFFIX/sweep.md" ] || continue  # a setting left out of RESETS
       sweep_ppl_files $split "$tag"
       echo
       echo "$split, long-term memory sweep$([ -n "$tag" ] && echo ", memory reset at article ends"):"
-      cat "$OUT/sweep_$tag$split/sweep.md" | tail -n +3
+      cat "$OUT/sweep_$tag$split$SWEEP_SUFFIX/sweep.md" | tail -n +3
       echo  # a blank line: two markdown tables, not one
-      cat "$OUT/sweep_trime_$tag$split/sweep.md" | tail -n +3
+      cat "$OUT/sweep_trime_$tag$split$SWEEP_SUFFIX/sweep.md" | tail -n +3
     done
   done
-} | tee "$OUT/results.md"
+} | tee "$OUT/results$SWEEP_SUFFIX.md"

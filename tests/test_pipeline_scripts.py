@@ -290,6 +290,29 @@ def test_long_pipeline_runs_another_seed_and_keeps_one_file_per_sweep_row(tmp_pa
     assert "237.50 ± 0.00" in table.stdout
 
 
+def test_long_pipeline_sweeps_other_sizes_into_suffixed_folders(tmp_path):
+    """SWEEP_SUFFIX sweeps the finished models again with other SIZES into folders of their own (the finished sweep
+    folders are never rerun, so without it other sizes would be silently skipped), one file per new row, and its
+    table in results_SUFFIX.md, leaving the first sweep's results.md as it was."""
+    out = tmp_path / "long"
+    env = {"UPDATES": "20", "OUT": str(out), "RESETS": "document", "SIZES": "0,16384"}
+    done, calls = stubbed_run(tmp_path, "wikitext2_long.sh", env, LONG_STUBS)
+    assert done.returncode == 0, done.stderr
+    first_table, seen = (out / "results.md").read_text(), len(calls)
+    done, calls = stubbed_run(tmp_path, "wikitext2_long.sh", {**env, "SIZES": "1024,4096", "SWEEP_SUFFIX": "_mid"},
+                              LONG_STUBS)
+    assert done.returncode == 0, done.stderr
+    calls = calls[seen:]
+    assert not [c for c in calls if c.startswith(("fairseq-hydra-train", "trime-tune "))]  # same models, same tuning
+    sweeps = [c for c in calls if c.startswith("trime-sweep-memory")]
+    assert len(sweeps) == 4 and all("--sizes 1024,4096" in c and "_mid" in c for c in sweeps)
+    assert (out / "ppl_trime_long_reset_N1024_valid").read_text() == "390.5000\n"
+    assert (out / "ppl_cache_reset_N4096_test").read_text() == "430.2500\n"
+    assert (out / "ppl_trime_reset_N16384_test").exists()  # the first sweep's rows stay
+    assert (out / "results.md").read_text() == first_table
+    assert "valid, long-term memory sweep, memory reset at article ends" in (out / "results_mid.md").read_text()
+
+
 def test_ext_ablations_train_the_consecutive_variant_with_trimelm_longs_batching(tmp_path):
     """RUNS=consecutive trains TRIMELM_ext's config on runs of 4 consecutive segments (TRIME Table 6's middle row),
     scores it beside the reference like every variant, and names it in the table; an unknown variant stops."""
