@@ -13,7 +13,7 @@
 # (0,1024,4096,16384), EVAL_ARGS (256-token rows, 128 scored with 128 tokens of context, batch 8), RESETS (the
 # --memory-reset settings swept, "never document"; RESETS=document reruns only the reset-at-articles sweeps),
 # SWEEP_SUFFIX (empty; e.g. _mid: a further sweep of the same models and tunings into sweep_[trime_][reset_]SPLIT_mid,
-# its table in results_mid.md, so that other SIZES do not meet the finished sweep folders, which are never rerun).
+# its table in results_mid.md: a finished sweep folder is never rerun, and one that lacks a size of SIZES is an error).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 UPDATES=${UPDATES:-300}
@@ -61,19 +61,31 @@ tau=$(echo "$trime_flags" | sed -n 's/.*--memory-temperature \([0-9.]*\).*/\1/p'
 lam=$(echo "$cache_flags" | sed -n 's/.*--cache-lambda \([0-9.]*\).*/\1/p')
 theta=$(echo "$cache_flags" | sed -n 's/.*--cache-theta \([0-9.]*\).*/\1/p')
 
-sweep() {  # split out-name path tau [baseline args...]
-  [ -s "$OUT/$2/sweep.csv" ] || say "long-memory sweep $2 (sizes $SIZES; log $OUT/$2.log)"
-  [ -s "$OUT/$2/sweep.csv" ] || trime-sweep-memory "$DATA" --user-dir trime_fairseq \
+sweep_dir() {  # [trime_][reset_]SPLIT -> the folder of that sweep
+  echo "$OUT/sweep_$1$SWEEP_SUFFIX"
+}
+
+sweep() {  # split [trime_][reset_]SPLIT path tau [baseline args...]
+  local dir missing
+  dir=$(sweep_dir "$2")
+  if [ -s "$dir/sweep.csv" ]; then  # finished: never rerun, but it must hold every size asked for
+    missing=$(comm -23 <(tr , '\n' <<< "$SIZES" | sort -u) <(tail -n +2 "$dir/sweep.csv" | cut -d, -f2 | sort -u))
+    [ -z "$missing" ] || { echo "$dir holds no N = $(echo $missing | tr ' ' ,) of SIZES=$SIZES:" \
+      "sweep into other folders (SWEEP_SUFFIX) or remove it" >&2; return 1; }
+    return 0
+  fi
+  say "long-memory sweep $(basename "$dir") (sizes $SIZES; log $dir.log)"
+  trime-sweep-memory "$DATA" --user-dir trime_fairseq \
     --task trime_lm --path "$3" --eval-memory trime --memory-temperature "$4" --gen-subset "$1" --cpu \
-    --no-progress-bar $EVAL_ARGS --sizes "$SIZES" --out-dir "$OUT/$2" "${@:5}" > "$OUT/$2.log" 2>&1
+    --no-progress-bar $EVAL_ARGS --sizes "$SIZES" --out-dir "$dir" "${@:5}" > "$dir.log" 2>&1
 }
 
 for split in valid test; do
   for reset in $RESETS; do  # memory across article ends or not (docs/results_long.md: both)
     tag=$([ $reset = never ] && echo "" || echo "reset_")
-    sweep $split sweep_$tag$split$SWEEP_SUFFIX "$OUT/trime_long/checkpoint_last.pt" "$tau_long" --memory-reset $reset \
+    sweep $split $tag$split "$OUT/trime_long/checkpoint_last.pt" "$tau_long" --memory-reset $reset \
       --baseline-path "$OUT/vanilla/checkpoint_last.pt" --baseline-lambda "$lam" --baseline-theta "$theta"
-    sweep $split sweep_trime_$tag$split$SWEEP_SUFFIX "$OUT/trime/checkpoint_last.pt" "$tau" --memory-reset $reset --label TRIMELM
+    sweep $split trime_$tag$split "$OUT/trime/checkpoint_last.pt" "$tau" --memory-reset $reset --label TRIMELM
   done
 done
 
@@ -87,7 +99,7 @@ eval_ppl() {  # name split -> perplexity of $OUT/NAME without memory (fairseq-ev
 sweep_ppl_files() {  # split tag : one file per sweep row, $OUT/ppl_{trime_long,cache,trime}_{TAG}N<size>_SPLIT, for
   # scripts/seed_table.py (e.g. ppl_trime_long_reset_N16384_test)
   local model size ppl rest
-  for csv in "$OUT/sweep_$2$1$SWEEP_SUFFIX/sweep.csv" "$OUT/sweep_trime_$2$1$SWEEP_SUFFIX/sweep.csv"; do
+  for csv in "$(sweep_dir "$2$1")/sweep.csv" "$(sweep_dir "trime_$2$1")/sweep.csv"; do
     [ -s "$csv" ] || continue
     tail -n +2 "$csv" | while IFS=, read -r model size ppl rest; do
       case $model in
@@ -110,13 +122,13 @@ sweep_ppl_files() {  # split tag : one file per sweep row, $OUT/ppl_{trime_long,
   echo "| TRIMELM_long | none | $(eval_ppl trime_long valid) | $(eval_ppl trime_long test) |"
   for split in valid test; do
     for tag in "" reset_; do
-      [ -s "$OUT/sweep_$tag$split$SWEEP_SUFFIX/sweep.md" ] || continue  # a setting left out of RESETS
+      [ -s "$(sweep_dir "$tag$split")/sweep.md" ] || continue  # a setting left out of RESETS
       sweep_ppl_files $split "$tag"
       echo
       echo "$split, long-term memory sweep$([ -n "$tag" ] && echo ", memory reset at article ends"):"
-      cat "$OUT/sweep_$tag$split$SWEEP_SUFFIX/sweep.md" | tail -n +3
+      tail -n +3 "$(sweep_dir "$tag$split")/sweep.md"
       echo  # a blank line: two markdown tables, not one
-      cat "$OUT/sweep_trime_$tag$split$SWEEP_SUFFIX/sweep.md" | tail -n +3
+      tail -n +3 "$(sweep_dir "trime_$tag$split")/sweep.md"
     done
   done
 } | tee "$OUT/results$SWEEP_SUFFIX.md"

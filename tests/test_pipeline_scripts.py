@@ -292,13 +292,17 @@ def test_long_pipeline_runs_another_seed_and_keeps_one_file_per_sweep_row(tmp_pa
 
 def test_long_pipeline_sweeps_other_sizes_into_suffixed_folders(tmp_path):
     """SWEEP_SUFFIX sweeps the finished models again with other SIZES into folders of their own (the finished sweep
-    folders are never rerun, so without it other sizes would be silently skipped), one file per new row, and its
-    table in results_SUFFIX.md, leaving the first sweep's results.md as it was."""
+    folders are never rerun, and asking one for a size it lacks is an error, not a skip), one file per new row, and
+    its table in results_SUFFIX.md, leaving the first sweep's results.md as it was."""
     out = tmp_path / "long"
     env = {"UPDATES": "20", "OUT": str(out), "RESETS": "document", "SIZES": "0,16384"}
     done, calls = stubbed_run(tmp_path, "wikitext2_long.sh", env, LONG_STUBS)
     assert done.returncode == 0, done.stderr
-    first_table, seen = (out / "results.md").read_text(), len(calls)
+    first_table = (out / "results.md").read_text()
+    refused, calls = stubbed_run(tmp_path, "wikitext2_long.sh", {**env, "SIZES": "0,1024"}, LONG_STUBS)
+    assert refused.returncode != 0 and "holds no N = 1024 of SIZES=0,1024" in refused.stderr  # not a silent skip
+    assert (out / "results.md").read_text() == first_table
+    seen = len(calls)
     done, calls = stubbed_run(tmp_path, "wikitext2_long.sh", {**env, "SIZES": "1024,4096", "SWEEP_SUFFIX": "_mid"},
                               LONG_STUBS)
     assert done.returncode == 0, done.stderr
