@@ -28,3 +28,5 @@ logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 torch.serialization.add_safe_globals([argparse.Namespace])
 
 from trime_fairseq import criterions, data, models, tasks  # noqa: F401,E402  (registration)
+# joins fairseq's data prefetch threads at exit (a thread left fetching aborts the process as it ends)
+from trime_fairseq.data import prefetch_shutdown  # noqa: F401,E402
