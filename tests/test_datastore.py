@@ -540,3 +540,24 @@ def test_fp16_key_storage_halves_the_disk_and_is_checked_on_reading(tmp_path):
     os.rename(f16, tmp_path / "float16" / "keys.f32")
     with pytest.raises(DatastoreError, match="has 64000 bytes, expected 128000"):
         Datastore.load(tmp_path / "float16")
+
+
+def test_a_model_trained_in_any_order_can_build_a_datastore(tmp_path):
+    """A checkpoint's task config keeps its training order; the builder reads the split in its own order, so it must
+    reset every option of every order (TRIMELM_long's --batching consecutive --consecutive-segments 4 failed with
+    '--consecutive-segments needs --batching consecutive')."""
+    from tiny_checkpoint import tiny_corpus, tiny_lm_checkpoint
+
+    from trime_fairseq.cli import build_datastore
+    from trime_fairseq.data.batching import EVALUATION_ORDER
+
+    data = tiny_corpus(tmp_path / "data")
+    path = tiny_lm_checkpoint(tmp_path / "ckpt.pt", data)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state["cfg"]["task"].update(batching="consecutive", consecutive_segments=4, cross_documents=True)
+    torch.save(state, path)
+    args = build_datastore.get_parser().parse_args(
+        ["--path", str(path), "--data", str(data), "--gen-subset", "valid", "--output", str(tmp_path / "out"), "--cpu"])
+    _, task, _ = build_datastore.load_model(args)
+    kept = {key: task.args[key] for key in EVALUATION_ORDER if key in task.args}  # bm25_fill: translation's
+    assert kept == {key: EVALUATION_ORDER[key] for key in kept} and {"consecutive_segments", "cross_documents"} <= set(kept)

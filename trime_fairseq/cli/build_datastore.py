@@ -118,6 +118,7 @@ def load_model(args):
     from omegaconf import open_dict
 
     import trime_fairseq  # noqa: F401  (registers the tasks)
+    from trime_fairseq.data.batching import EVALUATION_ORDER
 
     if not os.path.isfile(args.path):
         raise FileNotFoundError(f"checkpoint not found: {args.path}")
@@ -144,8 +145,7 @@ def load_model(args):
             if args.context_window < 0 or args.context_window >= length:
                 raise ValueError(f"--context-window must lie in [0, {length}), got {args.context_window}")
             task_cfg.tokens_per_sample = length - args.context_window  # as fairseq-eval-lm
-        for key, value in (("batching", "shuffled"), ("bm25_order", None), ("bm25_fill", "padded"),
-                           ("eval_memory", "none")):
+        for key, value in {**EVALUATION_ORDER, "eval_memory": "none"}.items():
             if key in task_cfg:
                 task_cfg[key] = value
     task = tasks.setup_task(task_cfg)

@@ -20,6 +20,13 @@ from trime_fairseq.memory.gathered import DUMMY_BATCH
 
 logger = logging.getLogger(__name__)
 
+#: The task options that choose a training order (``--batching`` and the options of its orders), at the values that
+#: read a split in its own order. A tool that rebuilds a trained model's task from its checkpoint to read a split
+#: (``trime-build-datastore``, ``trime-neighbours``) sets them, whatever order the model was trained with: the
+#: tasks refuse an order's option without its order (``--consecutive-segments`` without ``--batching consecutive``).
+EVALUATION_ORDER = {"batching": "shuffled", "bm25_order": None, "bm25_fill": "padded", "consecutive_segments": 1,
+                    "cross_documents": False}
+
 _SIGNATURE = inspect.signature(FairseqTask.get_batch_iterator)
 
 
