@@ -42,7 +42,7 @@ NPROBE=${NPROBE:-16}
 NTRAIN=${NTRAIN:-200000}
 LONG=${LONG:-1024}
 WIDEN=${WIDEN:-2}
-CONTROL=${CONTROL:-shuffled ref}
+CONTROL=${CONTROL-shuffled ref}  # set and empty: no control
 EVAL_ARGS=${EVAL_ARGS:---tokens-per-sample 256 --context-window 128 --batch-size 8}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"

@@ -335,5 +335,7 @@ def test_ext_ablations_train_the_consecutive_variant_with_trimelm_longs_batching
     tunes = [c for c in calls if c.startswith("trime-tune ")]
     assert sum(f"{out}/consecutive/checkpoint_last.pt" in c for c in tunes) == 3  # local, + external, + long
     assert "| consecutive segments (m = 4), p = 0.9 | 256.00 |" in (out / "results.md").read_text()
+    # CONTROL= (empty) runs no control (it ran the default "shuffled ref" control on a model never trained)
+    assert not [c for c in tunes if "--eval-memory cache" in c] and "Control" not in (out / "results.md").read_text()
     done, _ = stubbed_run(tmp_path, "wikitext2_ext_ablations.sh", {**env, "RUNS": "sequential"})
     assert done.returncode != 0 and "unknown variant sequential" in done.stderr
