@@ -23,14 +23,17 @@
 # SMOKE (0; 1: the first 300 / 200 lines, gaps 0,8,64,300, memories 512/1024, one-layer-sized runs),
 # SYSTEMS (all; a subset of "vanilla trime trime_long trime_ext transformer_xl lamemo spalm longmem" trains and
 # scores only those -- spalm needs vanilla; the report then covers them alone and DOCS=1 is refused),
-# TXL_TRAIN_FLAGS (extra hydra overrides of the transformer_xl / lamemo trainings, e.g. model.mem_len=512).
+# TXL_TRAIN_FLAGS (extra hydra overrides of the transformer_xl / lamemo trainings, e.g. model.mem_len=512),
+# MODEL_SEED (1: every training's common.seed, the configs' own value; SEED seeds the corpus only, so seeds of the
+# models on one corpus are MODEL_SEED=2, 3 with OUT defaulting to runs/recall-$UPDATES-seedN).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 SMOKE=${SMOKE:-0}
 UPDATES=${UPDATES:-1200}
 BACKBONE_UPDATES=${BACKBONE_UPDATES:-$UPDATES}
-OUT=${OUT:-runs/recall-$UPDATES}
+MODEL_SEED=${MODEL_SEED:-1}
+if [ "$MODEL_SEED" = 1 ]; then OUT=${OUT:-runs/recall-$UPDATES}; else OUT=${OUT:-runs/recall-$UPDATES-seed$MODEL_SEED}; fi
 RAW=${RAW:-${TRIME_DATA:-../shared/data}/wikitext-2}
 SEED=${SEED:-1}
 SPLIT=${SPLIT:-test}
@@ -99,7 +102,8 @@ train() {  # name config-dir config-name overrides...
   want "${1/backbone/longmem}" || return 0
   say "training $1 ($3, $UPDATES updates) -> $OUT/train_$1.log"
   fairseq-hydra-train --config-dir "$2" --config-name "$3" task.data="$DATA" checkpoint.save_dir="$OUT/$1" \
-    hydra.run.dir="$OUT/hydra_$1" optimization.max_update="$UPDATES" $(small_vocabulary "$2" "$3") "${@:4}" \
+    hydra.run.dir="$OUT/hydra_$1" optimization.max_update="$UPDATES" common.seed="$MODEL_SEED" \
+    $(small_vocabulary "$2" "$3") "${@:4}" \
     > "$OUT/train_$1.log" 2>&1
 }
 background() {  # command...: run in the background, at most $JOBS at a time
@@ -219,7 +223,7 @@ $RECALL report "${files[@]}" --output "$OUT/report.md" > /dev/null
 $RECALL plot "${files[@]}" --output "$OUT/recall.png" > /dev/null
 {
   echo "$SPLIT split of the recall corpus (seed $SEED; $(python -c "import json,sys; s=json.load(open(sys.argv[1]))['settings']; print(f\"S={s['span_length']}, keys={s['key_length']}, gaps={s['gaps']}, {s['episodes']} episodes per bucket\")" "$DATA/recall.json")),"
-  echo "models trained $UPDATES updates; memory flags: cache \`$CACHE_FLAGS\`, TRIME \`$TRIME_FLAGS\`, kNN \`--knn-k $K $KNN_FLAGS\`, TRIMELM_ext \`$EXT_FLAGS\`"
+  echo "models trained $UPDATES updates (model seed $MODEL_SEED); memory flags: cache \`$CACHE_FLAGS\`, TRIME \`$TRIME_FLAGS\`, kNN \`--knn-k $K $KNN_FLAGS\`, TRIMELM_ext \`$EXT_FLAGS\`"
   echo
   cat "$OUT/report.md"
 } > "$OUT/results.md"

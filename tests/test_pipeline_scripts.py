@@ -1,5 +1,6 @@
 """The shell pipelines' shared helpers (scripts/lib.sh): one parser of fairseq-eval-lm's perplexity for every script."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -339,3 +340,33 @@ def test_ext_ablations_train_the_consecutive_variant_with_trimelm_longs_batching
     assert not [c for c in tunes if "--eval-memory cache" in c] and "Control" not in (out / "results.md").read_text()
     done, _ = stubbed_run(tmp_path, "wikitext2_ext_ablations.sh", {**env, "RUNS": "sequential"})
     assert done.returncode != 0 and "unknown variant sequential" in done.stderr
+
+
+def test_recall_benchmark_trains_every_model_with_the_model_seed(tmp_path):
+    """MODEL_SEED seeds every training (common.seed; SEED seeds only the corpus), the report names it; without it the
+    trainings keep the configs' seed 1. A dry run of the vanilla system: corpus and binarisation present, CLIs stubbed."""
+    log = tmp_path / "calls.log"
+    python = ('case "$1 $2" in\n'
+              '  "-m trime_fairseq.cli.build_datastore") while [ $# -gt 0 ]; do [ "$1" = --output ] && '
+              '{ mkdir -p "$2"; echo {} > "$2/datastore.json"; }; shift; done;;\n'
+              f'  "-m trime_fairseq.cli.recall") echo "recall $*" >> "{log}"; while [ $# -gt 0 ]; do '
+              '[ "$1" = --output ] && echo {} > "$2"; shift; done;;\n'
+              '  *) exec "$REAL_PYTHON" "$@";;\n'
+              'esac')
+    for seed in ("2", None):
+        out = tmp_path / f"recall-{seed}"
+        (out / "raw").mkdir(parents=True)
+        (out / "raw" / "recall.json").write_text("{}")
+        (out / "data-bin").mkdir()
+        (out / "data-bin" / "test_memory.idx").write_text("")
+        (out / "data-bin" / "recall.json").write_text(json.dumps(
+            {"settings": {"span_length": 30, "key_length": 8, "gaps": [0, 8], "episodes": 8}}))
+        env = {"UPDATES": "3", "OUT": str(out), "SYSTEMS": "vanilla", **({"MODEL_SEED": seed} if seed else {})}
+        log.unlink(missing_ok=True)
+        done, calls = stubbed_run(tmp_path, "recall_benchmark.sh", env, {"python": python})
+        assert done.returncode == 0, done.stderr[-3000:]
+        trainings = [c for c in calls if c.startswith("fairseq-hydra-train")]
+        assert len(trainings) == 1 and f"checkpoint.save_dir={out}/vanilla" in trainings[0]
+        assert f"common.seed={seed or 1}" in trainings[0].split()
+        assert sum(c.startswith("recall -m trime_fairseq.cli.recall score") for c in calls) == 5  # 1 + cache + 2 long + kNN
+        assert f"models trained 3 updates (model seed {seed or 1})" in (out / "results.md").read_text()
