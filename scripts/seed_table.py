@@ -15,6 +15,9 @@ scripts/sacrebleu_from_generate.py output that scripts/multi30k_mt.sh writes per
     python scripts/seed_table.py --file '{dir}/gen_{row}.bleu' --number '^BLEU = ([0-9.]+)' --splits test \
         --seeds 1 2 3 --dir 1=runs/multi30k-mt-multi30k_d256-2200-seed1 ... --row transformer=Transformer
 
+``--scale 100`` multiplies every score (fractions as percent: the top-K retrieval accuracies of
+``trime-retrieval-accuracy``'s JSON, ``--number '"8": ([0-9.]+)'``).
+
 A missing or empty file, or one without the number, is an error naming it: a table never has a blank or a mean over
 fewer seeds than its header says.
 """
@@ -51,6 +54,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--paired", action="append", default=[], metavar="A-B",
                         help="per-seed difference of two rows (A minus B), with its mean ± sd")
     parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every score by this (100: percent)")
     return parser
 
 
@@ -82,7 +86,7 @@ def main(argv=None) -> int:
                     if not found:
                         raise SystemExit(f"seed_table.py: {path} has no match of --number {args.number!r}")
                     text = found.group(1)
-                ppl[name, seed, split] = float(text)
+                ppl[name, seed, split] = float(text) * args.scale
 
     splits = " / ".join(args.splits)
     print(f"| model | " + " | ".join(f"seed {s} {splits}" for s in args.seeds) + " | "

@@ -183,6 +183,20 @@ def test_seed_table_reads_a_bleu_line(tmp_path):
     assert done.returncode != 0 and "gen_knn_s2.bleu has no match" in done.stderr and not done.stdout
 
 
+def test_seed_table_scales_fractions_to_percent(tmp_path):
+    """--scale 100: the retrieval accuracies of trime-retrieval-accuracy's JSON (fractions) as percent, paired too."""
+    for seed, (a, b) in {"1": (0.1008, 0.0881), "2": (0.1004, 0.0870)}.items():
+        for row, acc in (("vanilla", a), ("trime_ext", b)):
+            (tmp_path / f"retrieval_{row}_s{seed}.json").write_text(json.dumps({"accuracy": {"1": acc, "8": 0.3}}))
+    done = subprocess.run(["python", "scripts/seed_table.py", "--file", f"{tmp_path}/retrieval_{{row}}_s{{seed}}.json",
+                           "--number", '"1": ([0-9.]+)', "--scale", "100", "--splits", "valid", "--seeds", "1", "2",
+                           "--row", "vanilla=vanilla", "--row", "trime_ext=TRIMELM_ext", "--paired", "trime_ext-vanilla"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "| vanilla | 10.08 | 10.04 | 10.06 ± 0.03 |" in done.stdout
+    assert "paired by seed: -1.27, -1.34; mean -1.31 ± 0.05" in done.stdout
+
+
 def test_mt_pipeline_runs_one_chain_per_model(tmp_path):
     """scripts/multi30k_mt.sh: each model's chain (training, datastore, tuning, test2016) follows its own training;
     the table holds every row with the tuned flags; a second run redoes nothing."""
