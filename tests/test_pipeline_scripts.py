@@ -361,8 +361,7 @@ def test_recall_benchmark_trains_every_model_with_the_model_seed(tmp_path):
     trainings keep the configs' seed 1. A dry run of the vanilla system: corpus and binarisation present, CLIs stubbed."""
     log = tmp_path / "calls.log"
     python = ('case "$1 $2" in\n'
-              '  "-m trime_fairseq.cli.build_datastore") while [ $# -gt 0 ]; do [ "$1" = --output ] && '
-              '{ mkdir -p "$2"; echo {} > "$2/datastore.json"; }; shift; done;;\n'
+              f'  "-m trime_fairseq.cli.build_datastore") {STUBS["trime-build-datastore"]};;\n'
               f'  "-m trime_fairseq.cli.recall") echo "recall $*" >> "{log}"; while [ $# -gt 0 ]; do '
               '[ "$1" = --output ] && echo {} > "$2"; shift; done;;\n'
               '  *) exec "$REAL_PYTHON" "$@";;\n'
